@@ -1,0 +1,290 @@
+"""Typed configuration: dataclasses registered with Hydra's ConfigStore, and validation.
+
+The dataclasses are the schema: Hydra merges the YAML profiles in `conf/` onto them, so an unknown
+key or a value of the wrong type is rejected by OmegaConf before anything starts. `validate`
+adds the semantic checks (ranges, cross-field rules) and names the offending key in one line,
+because a user sweeping hundreds of runs needs to see at once which override was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key."""
+
+
+@dataclass
+class AvailabilityConfig:
+    """When a phone is idle, charging and on an unmetered network (Bonawitz et al. 2019)."""
+
+    model: str = "diurnal"  # diurnal | markov | trace | always
+    # diurnal: a share of devices charge at night (start ~ N(mean, std) local hour), the rest
+    # at a uniformly random hour; each night the window happens with a per-device probability.
+    night_share: float = 0.6
+    start_hour_mean: float = 22.5
+    start_hour_std: float = 1.5
+    window_hours_median: float = 6.0
+    window_hours_sigma: float = 0.3
+    nightly_prob_min: float = 0.5
+    nightly_prob_max: float = 1.0
+    # markov: alternating exponential on/off durations
+    on_hours_mean: float = 2.0
+    off_hours_mean: float = 6.0
+    # trace: Parquet with columns device_id, start, end (simulated seconds)
+    trace_path: str | None = None
+
+
+@dataclass
+class FleetConfig:
+    """The population of phones and the round protocol that runs over it."""
+
+    name: str = "small"
+    population: int = 100_000
+    path: str | None = None  # Parquet population (bring your own fleet)
+    id_mode: str = "index"  # index | random (large random 63-bit ids)
+    timezones: list[float] = field(default_factory=lambda: [1.0])  # UTC offsets, hours
+    timezone_weights: list[float] = field(default_factory=list)
+    compute_flops_median: float = 5e9  # achieved FLOP/s of on-device training
+    compute_flops_sigma: float = 0.7  # lognormal: heavy-tailed speeds
+    downlink_median: float = 2.5e6  # bytes/s
+    downlink_sigma: float = 0.8
+    uplink_median: float = 6e5  # bytes/s
+    uplink_sigma: float = 0.8
+    memory_gb_median: float = 4.0
+    memory_gb_sigma: float = 0.4
+    low_memory_share: float = 0.1  # share of devices under min_memory_gb (ineligible)
+    min_memory_gb: float = 2.0
+    failure_prob_mean: float = 0.05  # per-job failure probability, Beta-distributed per device
+    examples_median: float = 48.0
+    examples_sigma: float = 1.0  # lognormal: heavy-tailed example counts
+    examples_max: int = 256
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
+    # round protocol
+    goal: int = 100
+    overselect: float = 1.3  # select ceil(goal * overselect)
+    deadline_s: float = 600.0
+    min_reports: int | None = None  # default: 80% of the goal
+    min_separation_hours: float = 24.0
+    round_interval_s: float = 120.0  # simulated gap between rounds
+    start_hour: float = 0.0  # UTC hour of day when the simulated clock starts
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifg_small"
+    cell: str = "cifg"  # cifg | lstm
+    vocab_size: int = 2000  # words, without the 4 special tokens
+    embed_dim: int = 32
+    hidden_dim: int = 96
+    proj_dim: int = 32
+    seq_len: int = 20
+    engine: str = "auto"  # auto | fused | reference
+    init_scale: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | arrow
+    path: str | None = None  # arrow: corpus folder written by fleet-ingest
+    ngram_order: int = 2
+    zipf_a: float = 1.1
+    branching: int = 24  # successors per context in the hidden language
+    device_topics: int = 8  # non-IID: per-device preferences over topics
+    eval_devices: int = 200
+    eval_examples: int = 4000
+
+
+@dataclass
+class TaskConfig:
+    """What is trained. The round does not know; tasks plug in (fleet.tasks)."""
+
+    name: str = "nwp"  # nwp | mean
+    mean_dim: int = 8
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 100
+    client_epochs: int = 1
+    batch_size: int = 16
+    client_lr: float = 0.5
+    server_optimizer: str = "sgdm"  # sgd | sgdm (Nesterov) | adam
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    eval_every: int = 10
+    max_wall_seconds: float | None = None
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "dp_fedavg"
+    enabled: bool = True
+    noise_multiplier: float = 1.0
+    clip_norm: float = 0.5
+    delta: float | None = None  # default: 1 / population^1.1
+    target_epsilon: float | None = None  # stop before this would be passed
+    sampling: str = "poisson"  # poisson | fixed_size
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    initial_clip: float = 0.1
+    count_noise: float | None = None  # sigma_b; default goal / 20
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray; "auto" or ray://... to join a cluster
+    num_cpus: int | None = None  # local Ray only; default: all cores
+    shards: int = 0  # 0: one per CPU
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float = 0.0
+    dashboard: bool = False
+    log_to_driver: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "fleet"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    fleet: FleetConfig = MISSING
+    model: ModelConfig = MISSING
+    privacy: PrivacyConfig = MISSING
+    data: DataConfig = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    rng: str = "reproducible"  # reproducible | secure
+    progress: bool = True
+    verbose: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="fleet", name="base_fleet", node=FleetConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="privacy", name="base_privacy", node=PrivacyConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+
+
+AVAILABILITY_MODELS = ("diurnal", "markov", "trace", "always")
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
+
+
+def min_reports(fleet: FleetConfig) -> int:
+    if fleet.min_reports is None:
+        return max(1, math.ceil(0.8 * fleet.goal))
+    return fleet.min_reports
+
+
+def validate_fleet(f: FleetConfig, key: str = "fleet") -> None:
+    """Semantic checks on a fleet; raises ConfigError naming the key."""
+    _check(f.population >= 1, f"{key}.population", f"must be >= 1 (got {f.population})")
+    _check(f.goal >= 1, f"{key}.goal", f"must be >= 1 (got {f.goal})")
+    _check(
+        f.goal <= f.population,
+        f"{key}.goal",
+        f"must be <= {key}.population ({f.goal} > {f.population})",
+    )
+    _check(f.overselect >= 1.0, f"{key}.overselect", f"must be >= 1.0 (got {f.overselect})")
+    _check(f.deadline_s > 0, f"{key}.deadline_s", f"must be > 0 (got {f.deadline_s})")
+    mr = min_reports(f)
+    _check(1 <= mr <= f.goal, f"{key}.min_reports", f"must be in [1, goal={f.goal}] (got {mr})")
+    _check(f.min_separation_hours >= 0, f"{key}.min_separation_hours", "must be >= 0")
+    _check(f.round_interval_s >= 0, f"{key}.round_interval_s", "must be >= 0")
+    _choice(f.id_mode, f"{key}.id_mode", ("index", "random"))
+    for name in (
+        "compute_flops_median",
+        "downlink_median",
+        "uplink_median",
+        "memory_gb_median",
+        "examples_median",
+    ):
+        v = getattr(f, name)
+        _check(v > 0, f"{key}.{name}", f"must be > 0 (got {v})")
+    for name in (
+        "compute_flops_sigma",
+        "downlink_sigma",
+        "uplink_sigma",
+        "memory_gb_sigma",
+        "examples_sigma",
+    ):
+        v = getattr(f, name)
+        _check(v >= 0, f"{key}.{name}", f"must be >= 0 (got {v})")
+    for name in ("low_memory_share", "failure_prob_mean"):
+        v = getattr(f, name)
+        _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1] (got {v})")
+    _check(f.failure_prob_mean < 1.0, f"{key}.failure_prob_mean", "must be < 1")
+    _check(f.examples_max >= 1, f"{key}.examples_max", "must be >= 1")
+    _check(len(f.timezones) >= 1, f"{key}.timezones", "needs at least one offset")
+    if f.timezone_weights:
+        _check(
+            len(f.timezone_weights) == len(f.timezones)
+            and all(w >= 0 for w in f.timezone_weights)
+            and sum(f.timezone_weights) > 0,
+            f"{key}.timezone_weights",
+            "must be non-negative, one per time zone, not all zero",
+        )
+    a = f.availability
+    ak = f"{key}.availability"
+    _choice(a.model, f"{ak}.model", AVAILABILITY_MODELS)
+    _check(0 <= a.night_share <= 1, f"{ak}.night_share", "must be in [0, 1]")
+    _check(
+        0 <= a.nightly_prob_min <= a.nightly_prob_max <= 1,
+        f"{ak}.nightly_prob_min",
+        "need 0 <= nightly_prob_min <= nightly_prob_max <= 1",
+    )
+    _check(0 < a.window_hours_median < 24, f"{ak}.window_hours_median", "must be in (0, 24)")
+    _check(a.on_hours_mean > 0, f"{ak}.on_hours_mean", "must be > 0")
+    _check(a.off_hours_mean > 0, f"{ak}.off_hours_mean", "must be > 0")
+    if a.model == "trace":
+        _check(bool(a.trace_path), f"{ak}.trace_path", "required when availability.model=trace")
+
+
+def validate(cfg: Any) -> None:
+    """Check a composed config (dataclass or DictConfig) before anything is started."""
+    validate_fleet(cfg.fleet)
+    _choice(cfg.rng, "rng", ("reproducible", "secure"))
+    _choice(cfg.task.name, "task.name", ("nwp", "mean"))
+    p = cfg.privacy
+    if p.enabled:
+        _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
+        _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
+        _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
+        if p.delta is not None:
+            _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+        if p.target_epsilon is not None:
+            _check(p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+    t = cfg.train
+    _check(t.rounds >= 0, "train.rounds", f"must be >= 0 (got {t.rounds})")
+    _check(t.client_epochs >= 1, "train.client_epochs", "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.client_lr > 0, "train.client_lr", f"must be > 0 (got {t.client_lr})")
+    _check(t.server_lr > 0, "train.server_lr", f"must be > 0 (got {t.server_lr})")
+    _choice(t.server_optimizer, "train.server_optimizer", ("sgd", "sgdm", "adam"))
+    _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
+    _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))

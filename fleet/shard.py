@@ -1,0 +1,161 @@
+"""FleetShard: a Ray actor owning a contiguous range of devices as columnar state.
+
+The shard is where device identities live and stay. It answers check-in with a count, maps the
+coordinator's ranks to its own available devices, plans their jobs, trains the accepted ones one
+after another, clips each update and returns ONE sum. Nothing that leaves it names a device:
+counts, arrival times by rank, sums and aggregate statistics only (DESIGN.md invariant 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+
+from fleet import availability, population, rng
+from fleet.config import FleetConfig
+from fleet.privacy.clipping import clip
+from fleet.tasks import make_task
+from fleet.timing import Reason, job_seconds, plan
+
+# Fixed log-spaced bins for the update-norm histogram that shards release (mergeable exactly).
+NORM_BINS = np.concatenate([[0.0], np.logspace(-4, 4, 33), [np.inf]])
+
+
+class ShardCore:
+    """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor."""
+
+    def __init__(self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0):
+        import torch
+
+        torch.set_num_threads(1)  # one thread per shard process: measured faster on CPU
+        self.cfg = cfg
+        self.index = index
+        self.start, self.stop = start, stop
+        f: FleetConfig = cfg.fleet
+        if f.path:
+            self.cols = population.load(f.path, start, stop, f.availability.model)
+        else:
+            self.cols = population.generate(f, cfg.seed, start, stop)
+        self.n = stop - start
+        self.avail = availability.make(f.availability, self.cols, cfg.seed, t0)
+        self.eligible = self.cols["memory_bytes"] >= f.min_memory_gb * population.GB
+        self.last_participation = np.full(self.n, -np.inf, dtype=np.float32)
+        self.participations = np.zeros(self.n, dtype=np.uint16)
+        self.sep_s = f.min_separation_hours * 3600.0
+        self.task = make_task(cfg, role="client")
+        self.seed = cfg.seed
+        self._round: int | None = None
+        self._available: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._selected: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    # ---- round protocol ------------------------------------------------------------------
+    def check_in(self, round_idx: int, t: float) -> int:
+        """Count devices available, eligible and outside their participation-limit window."""
+        ok = self.avail.available(t)
+        ok &= self.eligible
+        if self.sep_s > 0:
+            ok &= self.last_participation <= t - self.sep_s
+        self._round = round_idx
+        self._available = np.flatnonzero(ok)
+        self._selected = self._available[:0]
+        return int(len(self._available))
+
+    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> dict:
+        """Map ranks to devices and plan their jobs; returns arrays in rank order, no ids."""
+        if round_idx != self._round:
+            raise RuntimeError(f"shard {self.index}: plan for round {round_idx} without check-in")
+        idx = self._available[np.asarray(local_ranks, dtype=np.int64)]
+        self._selected = idx
+        ids = self.cols["device_id"][idx]
+        flops = self.task.job_flops(self.cols["num_examples"][idx])
+        duration = job_seconds(
+            self.task.cost, flops, self.cols["downlink"][idx], self.cols["uplink"][idx], self.cols["flops"][idx]
+        )
+        fail = rng.uniform(self.seed, "failure", round_idx, ids) < self.cols["failure_prob"][idx]
+        fail_frac = rng.uniform(self.seed, "failure_at", round_idx, ids)
+        window_end = self.avail.window_end(t, idx)
+        arrival, reason = plan(t, deadline, duration, window_end, fail, fail_frac)
+        return {"arrival": arrival, "reason": reason, "flops": flops}
+
+    def train(
+        self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
+    ) -> dict:
+        """Train the accepted devices, clip each update, return one sum and aggregate stats."""
+        if round_idx != self._round:
+            raise RuntimeError(f"shard {self.index}: train for round {round_idx} without plan")
+        accepted = np.asarray(accepted, dtype=bool)
+        idx = self._selected[accepted]
+        total = np.zeros(len(params), dtype=np.float64)
+        counted: list[int] = []
+        loss_sum, norm_sum, unclipped, invalid = 0.0, 0.0, 0, 0
+        norm_hist = np.zeros(len(NORM_BINS) - 1, dtype=np.int64)
+        ids = self.cols["device_id"][idx]
+        updates = self.task.client_updates(params, ids, self.cols["num_examples"][idx], round_idx)
+        for pos, (delta, loss) in zip(range(len(idx)), updates, strict=False):
+            delta = np.asarray(delta, dtype=np.float32)
+            if delta.shape != params.shape or not np.all(np.isfinite(delta)):
+                invalid += 1  # dropped with reason `invalid`: never reaches the sum
+                continue
+            clipped, norm = clip(delta, clip_norm)
+            total += clipped
+            counted.append(pos)
+            loss_sum += float(loss) if np.isfinite(loss) else 0.0
+            norm_sum += norm
+            unclipped += int(clip_norm is None or norm <= clip_norm)
+            norm_hist[np.searchsorted(NORM_BINS, norm, side="right") - 1] += 1
+        done = idx[np.asarray(counted, dtype=np.int64)]
+        self.last_participation[done] = t
+        self.participations[done] = np.minimum(self.participations[done].astype(np.int64) + 1, 65535)
+        return {
+            "sum": total,
+            "count": len(done),
+            "invalid": invalid,
+            "loss_sum": loss_sum,
+            "norm_sum": norm_sum,
+            "unclipped": unclipped,
+            "norm_hist": norm_hist,
+        }
+
+    # ---- introspection (aggregates only) -------------------------------------------------
+    def info(self) -> dict:
+        return {
+            "index": self.index,
+            "devices": self.n,
+            "state_bytes": int(
+                sum(v.nbytes for v in self.cols.values())
+                + self.last_participation.nbytes
+                + self.participations.nbytes
+                + self.eligible.nbytes
+            ),
+            "node_id": _node_id(),
+            "pid": os.getpid(),
+        }
+
+    def availability_counts(self, times: list[float]) -> list[int]:
+        """How many devices are available (eligible, ignoring participation) at each time.
+
+        Asked of a copy, so a stateful model (markov) is not advanced past the run's clock.
+        """
+        avail = copy.deepcopy(self.avail)
+        return [int(np.count_nonzero(avail.available(t) & self.eligible)) for t in sorted(times)]
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside a Ray worker
+        return None
+
+
+def remote_shard_class(num_cpus: float, num_gpus: float) -> Any:
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(ShardCore)
+
+
+__all__ = ["ShardCore", "Reason", "remote_shard_class", "NORM_BINS"]
