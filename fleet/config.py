@@ -27,7 +27,7 @@ class AvailabilityConfig:
     model: str = "diurnal"  # diurnal | markov | trace | always
     # diurnal: a share of devices charge at night (start ~ N(mean, std) local hour), the rest
     # at a uniformly random hour; each night the window happens with a per-device probability.
-    night_share: float = 0.6
+    night_share: float = 0.45
     start_hour_mean: float = 22.5
     start_hour_std: float = 1.5
     window_hours_median: float = 6.0
@@ -97,6 +97,9 @@ class DataConfig:
     zipf_a: float = 1.1
     branching: int = 24  # successors per context in the hidden language
     device_topics: int = 8  # non-IID: per-device preferences over topics
+    topic_alpha: float = 0.3  # Dirichlet concentration of a device's topic mix (small: skewed)
+    topic_strength: float = 0.5  # 0: topics change nothing (IID); 1: each topic its own weights
+    max_examples_per_device: int = 256  # synthetic: examples(n=None); arrow: cap on stored ones
     eval_devices: int = 200
     eval_examples: int = 4000
 
@@ -271,7 +274,9 @@ def validate(cfg: Any) -> None:
     _choice(cfg.task.name, "task.name", ("nwp", "mean"))
     p = cfg.privacy
     if p.enabled:
-        _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
+        _check(
+            p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})"
+        )
         _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
         _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
         if p.delta is not None:

@@ -86,7 +86,10 @@ class Coordinator:
         self.population = population
         self.task = make_task(cfg, role="server")
         self.server = ServerOptimizer(
-            self.task.init_params(), cfg.train.server_optimizer, cfg.train.server_lr, cfg.train.server_momentum
+            self.task.init_params(),
+            cfg.train.server_optimizer,
+            cfg.train.server_lr,
+            cfg.train.server_momentum,
         )
         self.params = self.server.params()
         self.sampler = Sampler(cfg.rng, cfg.seed)

@@ -85,9 +85,12 @@ def generate(cfg: FleetConfig, seed: int, start: int, stop: int) -> dict[str, np
 
     low = rng.uniform(seed, "low_memory", 0, idx) < cfg.low_memory_share
     low_mem = (0.5 + (cfg.min_memory_gb - 0.5) * rng.uniform(seed, "memory_low", 0, idx)) * GB
-    high_mem = np.maximum(
-        _lognormal(seed, "memory", idx, cfg.memory_gb_median, cfg.memory_gb_sigma), cfg.min_memory_gb
-    ) * GB
+    high_mem = (
+        np.maximum(
+            _lognormal(seed, "memory", idx, cfg.memory_gb_median, cfg.memory_gb_sigma), cfg.min_memory_gb
+        )
+        * GB
+    )
     cols["memory_bytes"] = np.where(low, np.minimum(low_mem, cfg.min_memory_gb * GB * 0.999), high_mem)
 
     # Exponential per-device failure probability with the configured mean (heavy right tail).

@@ -72,7 +72,11 @@ class ShardCore:
         ids = self.cols["device_id"][idx]
         flops = self.task.job_flops(self.cols["num_examples"][idx])
         duration = job_seconds(
-            self.task.cost, flops, self.cols["downlink"][idx], self.cols["uplink"][idx], self.cols["flops"][idx]
+            self.task.cost,
+            flops,
+            self.cols["downlink"][idx],
+            self.cols["uplink"][idx],
+            self.cols["flops"][idx],
         )
         fail = rng.uniform(self.seed, "failure", round_idx, ids) < self.cols["failure_prob"][idx]
         fail_frac = rng.uniform(self.seed, "failure_at", round_idx, ids)

@@ -1,0 +1,112 @@
+"""The round: funnel accounting, over-selection, deadline, goal, min_reports, abandonment."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import tiny_mean
+
+from fleet import timing
+from fleet.coordinator import Coordinator
+from fleet.population import shard_ranges
+from fleet.shard import ShardCore
+from fleet.timing import Reason
+
+
+def _fleet(cfg, shards: int = 2):
+    pop = cfg.fleet.population
+    sh = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
+    return sh, Coordinator(cfg, sh, pop)
+
+
+def _funnel_ok(line: dict) -> None:
+    assert line["selected"] == line["reported"] + sum(line["dropped"].values())
+
+
+def test_funnel_sums_and_overselection():
+    cfg = tiny_mean("fleet.failure_prob_mean=0.2", "fleet.goal=40", "fleet.overselect=1.5")
+    _, coord = _fleet(cfg)
+    for _ in range(5):
+        line = coord.run_round()
+        _funnel_ok(line)
+        assert line["selected"] == math.ceil(40 * 1.5)
+        assert line["reported"] <= 40
+        assert line["dropped"]["failure"] > 0
+        if line["dropped"]["after_goal"] > 0:
+            assert line["reported"] == 40  # late arrivals exist only once the goal is met
+
+
+def test_deadline_and_window_drops_are_reasons():
+    # Slow devices and a short deadline: many miss it.
+    cfg = tiny_mean("fleet.compute_flops_median=1.0", "fleet.deadline_s=60", "fleet.min_reports=1")
+    _, coord = _fleet(cfg)
+    line = coord.run_round()
+    _funnel_ok(line)
+    assert line["dropped"]["deadline"] > 0
+
+
+def test_plan_picks_the_earliest_event():
+    arrival, reason = timing.plan(
+        t=0.0,
+        deadline=100.0,
+        duration=np.array([10.0, 10.0, 10.0, 200.0, 50.0]),
+        window_end=np.array([np.inf, 5.0, np.inf, np.inf, 60.0]),
+        fail=np.array([False, False, True, False, True]),
+        fail_frac=np.array([0.5, 0.5, 0.5, 0.5, 0.9]),
+    )
+    assert reason.tolist() == [
+        Reason.REPORTED,
+        Reason.WINDOW_CLOSED,
+        Reason.FAILURE,
+        Reason.DEADLINE,
+        Reason.FAILURE,
+    ]
+    assert arrival[0] == 10.0 and np.all(np.isinf(arrival[1:]))
+
+
+def test_first_goal_arrivals_win_and_round_closes_at_goal():
+    cfg = tiny_mean("fleet.failure_prob_mean=0", "fleet.goal=10", "fleet.overselect=2.0")
+    shards, coord = _fleet(cfg)
+    line = coord.run_round()
+    assert line["reported"] == 10 and line["dropped"]["after_goal"] == 10
+    # The round closed at the 10th arrival, before the deadline.
+    assert 0 < line["round_duration_s"] < cfg.fleet.deadline_s
+
+
+def test_abandoned_round_changes_nothing():
+    cfg = tiny_mean(
+        "fleet.failure_prob_mean=0.9", "fleet.goal=50", "fleet.min_reports=50", "fleet.overselect=1.0"
+    )
+    shards, coord = _fleet(cfg)
+    before = coord.get_params().copy()
+    line = coord.run_round()
+    assert line["abandoned"] and not line["released"]
+    _funnel_ok(line)
+    np.testing.assert_array_equal(coord.get_params(), before)
+    assert coord.accountant.released == 0 and line["epsilon"] == 0.0
+    for s in shards:
+        assert np.all(np.isinf(s.last_participation))  # nobody's participation was recorded
+
+
+def test_participation_recorded_for_counted_devices_only():
+    cfg = tiny_mean(
+        "fleet.failure_prob_mean=0.3", "fleet.goal=30", "fleet.overselect=1.5", "fleet.min_reports=1"
+    )
+    shards, coord = _fleet(cfg)
+    line = coord.run_round()
+    assert sum(int(np.isfinite(s.last_participation).sum()) for s in shards) == line["reported"]
+    assert sum(int(s.participations.sum()) for s in shards) == line["reported"]
+
+
+@pytest.mark.parametrize("availability_model", ["always", "diurnal", "markov"])
+def test_rounds_run_for_each_availability_model(availability_model):
+    cfg = tiny_mean(
+        f"fleet.availability.model={availability_model}", "fleet.population=4000", "fleet.min_reports=1"
+    )
+    _, coord = _fleet(cfg)
+    for _ in range(3):
+        line = coord.run_round()
+        _funnel_ok(line)
+        assert line["available"] > 0
