@@ -9,7 +9,7 @@ because a user sweeping hundreds of runs needs to see at once which override was
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -142,6 +142,13 @@ class PrivacyConfig:
 
 
 @dataclass
+class DropoutConfig:
+    """Dropout scenarios beyond the per-device failure rate; `none` adds nothing (issue 9)."""
+
+    name: str = "none"
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto" or ray://... to join a cluster
     num_cpus: int | None = None  # local Ray only; default: all cores
@@ -154,10 +161,14 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
+    """W&B: offline by default so every run is tracked with no network and no login."""
+
     mode: str = "offline"  # offline | online | disabled
     project: str = "fleet"
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None  # default in a multirun: one group per sweep
+    tags: list[str] = field(default_factory=list)  # a multirun adds each job's overrides
+    media: bool = True  # log the report's plots to W&B when the run ends
 
 
 @dataclass
@@ -170,6 +181,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
     seed: int = 0
     rng: str = "reproducible"  # reproducible | secure
     progress: bool = True
@@ -183,6 +195,20 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="privacy", name="base_privacy", node=PrivacyConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="dropout", name="base_dropout", node=DropoutConfig)
+    cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
+    cs.store(group="ray", name="base_ray", node=RayConfig)
+
+
+def check_known_keys(obj: Any, prefix: str = "") -> None:
+    """Reject keys the schema lacks. Hydra's `+key=value` adds them and `OmegaConf.to_object`
+    sets them as stray attributes nothing reads, so a misspelt key would otherwise pass silently."""
+    if not is_dataclass(obj):
+        return
+    names = {f.name for f in fields(obj)}
+    for name, value in vars(obj).items():
+        _check(name in names, f"{prefix}{name}", "no such key")
+        check_known_keys(value, f"{prefix}{name}.")
 
 
 AVAILABILITY_MODELS = ("diurnal", "markov", "trace", "always")
@@ -271,7 +297,8 @@ def validate(cfg: Any) -> None:
     """Check a composed config (dataclass or DictConfig) before anything is started."""
     validate_fleet(cfg.fleet)
     _choice(cfg.rng, "rng", ("reproducible", "secure"))
-    _choice(cfg.task.name, "task.name", ("nwp", "mean"))
+    if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
+        _choice(cfg.task.name, "task.name", ("nwp", "mean"))
     p = cfg.privacy
     if p.enabled:
         _check(
@@ -293,3 +320,7 @@ def validate(cfg: Any) -> None:
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
+    _choice(cfg.dropout.name, "dropout.name", ("none",))
+    if cfg.ray.num_cpus is not None:
+        _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1 (got {cfg.ray.num_cpus})")
+    check_known_keys(cfg)

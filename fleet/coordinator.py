@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from fleet.config import min_reports
 from fleet.privacy.accountant import Accountant, Mechanism
@@ -50,6 +49,8 @@ class ServerOptimizer:
     """The server optimizer applied to the averaged update (a pseudo-gradient of -update)."""
 
     def __init__(self, params: np.ndarray, kind: str, lr: float, momentum: float):
+        import torch  # here, not at module level: the driver imports this module and needs no torch
+
         self.weights = torch.nn.Parameter(torch.from_numpy(params.astype(np.float32).copy()))
         if kind == "sgd":
             self.opt = torch.optim.SGD([self.weights], lr=lr)
@@ -61,6 +62,8 @@ class ServerOptimizer:
             raise ValueError(f"train.server_optimizer: unknown value {kind!r}")
 
     def step(self, update: np.ndarray) -> np.ndarray:
+        import torch
+
         self.weights.grad = torch.from_numpy(-update.astype(np.float32))
         self.opt.step()
         return self.params()
@@ -72,6 +75,8 @@ class ServerOptimizer:
         return {"weights": self.params(), "opt": self.opt.state_dict()}
 
     def load_state(self, state: dict) -> None:
+        import torch
+
         with torch.no_grad():
             self.weights.copy_(torch.from_numpy(state["weights"]))
         self.opt.load_state_dict(state["opt"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,6 @@ class ShardCore:
     """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor."""
 
     def __init__(self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0):
-        import torch
-
-        torch.set_num_threads(1)  # one thread per shard process: measured faster on CPU
         self.cfg = cfg
         self.index = index
         self.start, self.stop = start, stop
@@ -46,6 +44,8 @@ class ShardCore:
         self.participations = np.zeros(self.n, dtype=np.uint16)
         self.sep_s = f.min_separation_hours * 3600.0
         self.task = make_task(cfg, role="client")
+        if "torch" in sys.modules:  # a torch task: one thread per shard process, measured faster on CPU
+            sys.modules["torch"].set_num_threads(1)
         self.seed = cfg.seed
         self._round: int | None = None
         self._available: np.ndarray = np.zeros(0, dtype=np.int64)
