@@ -122,6 +122,7 @@ class TrainConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.9
     eval_every: int = 10
+    checkpoint_every: int = 10  # rounds; also at the end and on Ctrl-C
     max_wall_seconds: float | None = None
 
 
@@ -184,6 +185,7 @@ class Config:
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     seed: int = 0
     rng: str = "reproducible"  # reproducible | secure
+    resume: str | None = None  # RUN_DIR of a run to continue from its last checkpoint
     progress: bool = True
     verbose: bool = False
 
@@ -318,6 +320,7 @@ def validate(cfg: Any) -> None:
     _check(t.server_lr > 0, "train.server_lr", f"must be > 0 (got {t.server_lr})")
     _choice(t.server_optimizer, "train.server_optimizer", ("sgd", "sgdm", "adam"))
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
     _choice(cfg.dropout.name, "dropout.name", ("none",))

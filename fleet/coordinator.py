@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fleet import checkpoint
 from fleet.config import min_reports
 from fleet.privacy.accountant import Accountant, Mechanism
 from fleet.privacy.noise import NoiseSource
@@ -31,13 +33,20 @@ from fleet.tasks import make_task
 from fleet.timing import Reason
 
 
+class ShardCrash(RuntimeError):
+    """A shard actor died during a call."""
+
+
 def call_all(shards: list[Any], method: str, args: list[tuple]) -> list[Any]:
     """Call `method` on every shard, in parallel for Ray actors, in turn for in-process shards."""
     if shards and isinstance(shards[0], ShardCore):
         return [getattr(s, method)(*a) for s, a in zip(shards, args, strict=True)]
     import ray
 
-    return ray.get([getattr(s, method).remote(*a) for s, a in zip(shards, args, strict=True)])
+    try:
+        return ray.get([getattr(s, method).remote(*a) for s, a in zip(shards, args, strict=True)])
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise ShardCrash(f"a shard died during {method}") from e
 
 
 def default_delta(population: int) -> float:
@@ -85,9 +94,12 @@ class ServerOptimizer:
 class Coordinator:
     """Runs rounds over the shards. Usable in-process (tests) or as a Ray actor (`fleet-train`)."""
 
-    def __init__(self, cfg: Any, shards: list[Any], population: int):
+    def __init__(self, cfg: Any, shards: list[Any], population: int, state_dir: str | None = None):
         self.cfg = cfg
         self.shards = shards
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.incidents = {"shard_crash": 0}
+        self._shard_pids = [info["pid"] for info in call_all(shards, "info", [()] * len(shards))]
         self.population = population
         self.task = make_task(cfg, role="server")
         self.server = ServerOptimizer(
@@ -136,9 +148,60 @@ class Coordinator:
         return self.accountant.epsilon_after_next() > target
 
     def run_round(self) -> dict:
-        cfg, f = self.cfg, self.cfg.fleet
+        """One round; a shard crash abandons it (nothing released) and the shard is recovered."""
         wall0 = time.perf_counter()
-        r, t = self.round, self.clock
+        try:
+            line = self._round(self.round, self.clock)
+        except ShardCrash:
+            self.incidents["shard_crash"] += 1
+            self._recover_shards(self.round + 1)  # the abandoned round's journal records stand
+            line = self._crash_line(self.round, self.clock)
+            self.clock += self.cfg.fleet.deadline_s + self.cfg.fleet.round_interval_s
+        self.round += 1
+        if self.round % self.cfg.train.eval_every == 0:
+            line.update(self.evaluate())
+        line["wall_s"] = time.perf_counter() - wall0
+        return line
+
+    def _crash_line(self, r: int, t: float) -> dict:
+        """Metrics of a round abandoned because a shard died: it released nothing."""
+        return {
+            "round": r,
+            "sim_time": t,
+            "hour_of_day": (t / 3600.0) % 24.0,
+            "available": 0,
+            "selected": 0,
+            "reported": 0,
+            "dropped": {reason_name(c): 0 for c in Reason if c != Reason.REPORTED},
+            "abandoned": True,
+            "released": False,
+            "incident": "shard_crash",
+            "round_duration_s": self.cfg.fleet.deadline_s,
+            "wasted_flops": 0.0,
+            "epsilon": self.accountant.epsilon() if self.dp else None,
+            "clip_norm": self.clip_norm,
+        }
+
+    def _recover_shards(self, upto_round: int) -> None:
+        """Wait for Ray to restart dead shards, then restore their state as of `upto_round`."""
+        import ray
+
+        for i, s in enumerate(self.shards):
+            for attempt in range(600):
+                try:
+                    alive = ray.get(s.info.remote())
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    time.sleep(0.1 * min(attempt + 1, 10))
+            else:
+                raise RuntimeError(f"shard {i} did not come back after a crash")
+            if alive["pid"] != self._shard_pids[i]:
+                if self.state_dir is not None:
+                    ray.get(s.restore.remote(upto_round))
+                self._shard_pids[i] = alive["pid"]
+
+    def _round(self, r: int, t: float) -> dict:
+        f = self.cfg.fleet
         n = len(self.shards)
 
         t0 = time.perf_counter()
@@ -214,10 +277,6 @@ class Coordinator:
         }
         line.update(metrics)
         self.clock = close + f.round_interval_s
-        self.round += 1
-        if self.round % cfg.train.eval_every == 0:
-            line.update(self.evaluate())
-        line["wall_s"] = time.perf_counter() - wall0
         return line
 
     def _broadcast(self, params: np.ndarray) -> Any:
@@ -261,6 +320,53 @@ class Coordinator:
         b = sum(res["unclipped"] for res in results)
         b_noised = b + self.count_noise * float(self.noise.normal(r, "count_noise", 1)[0])
         self.clip_norm = float(self.clip_norm * math.exp(-p.clip_lr * (b_noised / goal - p.target_quantile)))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to continue exactly; no device id is in it (invariant 3)."""
+        return {
+            "round": self.round,
+            "clock": self.clock,
+            "server": self.server.state(),
+            "accountant": self.accountant.state() if self.dp else None,
+            "clip_norm": self.clip_norm,
+            "incidents": dict(self.incidents),
+        }
+
+    def checkpoint(self) -> int:
+        """Shards write their state first; the coordinator's file then commits the checkpoint.
+
+        A shard that dies meanwhile is recovered and the checkpoint retried.
+        """
+        n = len(self.shards)
+        for attempt in range(3):
+            try:
+                call_all(self.shards, "save_state", [(self.round,)] * n)
+                break
+            except ShardCrash:
+                self.incidents["shard_crash"] += 1
+                self._recover_shards(self.round)
+                if attempt == 2:
+                    raise
+        checkpoint.save_coordinator(self.state_dir, self.state())
+        call_all(self.shards, "prune_state", [(self.round,)] * n)
+        return self.round
+
+    def resume(self) -> int:
+        """Load the committed checkpoint and bring every shard to the same round."""
+        state = checkpoint.load_coordinator(self.state_dir)
+        self.round, self.clock = state["round"], state["clock"]
+        self.server.load_state(state["server"])
+        self.params = self.server.params()
+        if self.dp:
+            self.accountant.load_state(state["accountant"])
+        self.clip_norm = state["clip_norm"]
+        self.incidents.update(state["incidents"])
+        call_all(self.shards, "restore", [(self.round,)] * len(self.shards))
+        return self.round
+
+    def get_incidents(self) -> dict:
+        return dict(self.incidents)
 
     def evaluate(self) -> dict:
         return self.task.evaluate(self.params)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fleet import availability, population, rng
+from fleet import availability, checkpoint, participation_shard, population, rng
 from fleet.config import FleetConfig
 from fleet.privacy.clipping import clip
 from fleet.tasks import make_task
@@ -28,8 +29,11 @@ NORM_BINS = np.concatenate([[0.0], np.logspace(-4, 4, 33), [np.inf]])
 class ShardCore:
     """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor."""
 
-    def __init__(self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0):
+    def __init__(
+        self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0, state_dir: str | None = None
+    ):
         self.cfg = cfg
+        self.state_dir = Path(state_dir) if state_dir else None
         self.index = index
         self.start, self.stop = start, stop
         f: FleetConfig = cfg.fleet
@@ -111,8 +115,9 @@ class ShardCore:
             unclipped += int(clip_norm is None or norm <= clip_norm)
             norm_hist[np.searchsorted(NORM_BINS, norm, side="right") - 1] += 1
         done = idx[np.asarray(counted, dtype=np.int64)]
-        self.last_participation[done] = t
-        self.participations[done] = np.minimum(self.participations[done].astype(np.int64) + 1, 65535)
+        self._record_participation(done, t)
+        if self.state_dir is not None:
+            checkpoint.append_journal(self.state_dir, self.start, self.stop, round_idx, t, done)
         return {
             "sum": total,
             "count": len(done),
@@ -122,6 +127,43 @@ class ShardCore:
             "unclipped": unclipped,
             "norm_hist": norm_hist,
         }
+
+    def _record_participation(self, rows: np.ndarray, t: float) -> None:
+        self.last_participation[rows] = t
+        self.participations[rows] = np.minimum(self.participations[rows].astype(np.int64) + 1, 65535)
+
+    # ---- checkpoints and crash recovery --------------------------------------------------
+    def save_state(self, round_idx: int) -> None:
+        """Checkpoint the per-device state as of the start of `round_idx` (into the run dir)."""
+        arrays = {"last_participation": self.last_participation, "participations": self.participations}
+        arrays.update({f"avail_{k}": v for k, v in self.avail.state().items()})
+        checkpoint.save_shard(self.state_dir, self.start, self.stop, round_idx, arrays)
+        checkpoint.write_journal(self.state_dir, self.start, self.stop, [])
+
+    def prune_state(self, committed_round: int) -> None:
+        checkpoint.prune_shard(self.state_dir, self.start, self.stop, committed_round)
+
+    def restore(self, upto_round: int) -> None:
+        """State as of the start of `upto_round`: the last checkpoint, then the journal replayed.
+
+        Used on resume (journal records from rounds being re-run are discarded) and when Ray
+        restarts a crashed shard (which rebuilds its rows from the config, then calls this).
+        """
+        saved = checkpoint.load_shard(self.state_dir, self.start, self.stop, upto_round)
+        first = 0
+        if saved is not None:
+            first = int(saved["round"])
+            self.last_participation = saved["last_participation"].copy()
+            self.participations = saved["participations"].copy()
+            avail = {k[len("avail_") :]: saved[k].copy() for k in saved if k.startswith("avail_")}
+            if avail:
+                self.avail.load_state(avail)
+        journal = checkpoint.read_journal(self.state_dir, self.start, self.stop)
+        kept = [rec for rec in journal if first <= rec[0] < upto_round]
+        for _, t, rows in kept:
+            self._record_participation(rows, t)
+        checkpoint.write_journal(self.state_dir, self.start, self.stop, kept)
+        self._round = None
 
     # ---- introspection (aggregates only) -------------------------------------------------
     def info(self) -> dict:
@@ -146,6 +188,27 @@ class ShardCore:
         avail = copy.deepcopy(self.avail)
         return [int(np.count_nonzero(avail.available(t) & self.eligible)) for t in sorted(times)]
 
+    # ---- participation audit (aggregates only; fleet.participation) ----------------------
+    def participation_stats(self) -> dict:
+        """Who trained, as histograms over fixed bins: no id and no per-device row leaves."""
+        return participation_shard.participation(
+            self.cols, self.eligible, self.participations, self.last_participation, self.cfg.fleet
+        )
+
+    def schedule_privacy(
+        self, times: np.ndarray, rdp: np.ndarray, orders: np.ndarray, delta: float, nominal: float
+    ) -> dict:
+        """Per-device epsilon under the real availability schedule, released as aggregates.
+
+        Asked of a fresh availability model from the run's start, so a stateful one (markov)
+        replays the states the run saw instead of answering from where the run left it.
+        """
+        f = self.cfg.fleet
+        avail = availability.make(f.availability, self.cols, self.seed, f.start_hour * 3600.0)
+        return participation_shard.schedule_privacy(
+            avail, self.eligible, self.cols, f, times, rdp, orders, delta, nominal
+        )
+
 
 def _node_id() -> str | None:
     try:
@@ -159,7 +222,9 @@ def _node_id() -> str | None:
 def remote_shard_class(num_cpus: float, num_gpus: float) -> Any:
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(ShardCore)
+    # Ray restarts a crashed shard by re-running its constructor; the coordinator then calls
+    # `restore` so it comes back with its participation state.
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)(ShardCore)
 
 
 __all__ = ["ShardCore", "Reason", "remote_shard_class", "NORM_BINS"]

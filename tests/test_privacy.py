@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import dp_accounting
 import numpy as np
 import pytest
@@ -16,23 +14,6 @@ from fleet.population import shard_ranges
 from fleet.privacy.accountant import Mechanism, epsilon, noise_for_epsilon
 from fleet.privacy.clipping import clip
 from fleet.shard import ShardCore
-from fleet.tasks.mean import MeanTask
-
-
-class ZeroTask(MeanTask):
-    """Every device's update is exactly zero: whatever the server releases is the noise."""
-
-    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
-        for _ in device_ids:
-            yield np.zeros_like(params), 0.0
-
-
-class HugeTask(MeanTask):
-    """Device data drives an enormous update (an adversary crafting its contribution)."""
-
-    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
-        for dev in device_ids:
-            yield np.full_like(params, 1e30 if dev % 2 else -3e6), 0.0
 
 
 def _fleet(cfg, shards: int = 2):
@@ -49,9 +30,7 @@ def test_clip_bounds_norm_even_for_huge_float32():
 
 
 def test_sensitivity_huge_update_moves_sum_by_at_most_s():
-    cfg = tiny_mean(
-        "task.name=tests.test_privacy:HugeTask", "privacy.clip_norm=0.5", "fleet.failure_prob_mean=0"
-    )
+    cfg = tiny_mean("task.name=tests.doubles:HugeTask", "privacy.clip_norm=0.5", "fleet.failure_prob_mean=0")
     shards, _ = _fleet(cfg, 1)
     shard = shards[0]
     n = shard.check_in(0, 0.0)
@@ -71,7 +50,7 @@ def test_sensitivity_huge_update_moves_sum_by_at_most_s():
 def test_noise_std_is_z_times_s_and_present_whatever_the_dropout():
     z, s, goal = 1.3, 0.25, 20
     cfg = tiny_mean(
-        "task.name=tests.test_privacy:ZeroTask",
+        "task.name=tests.doubles:ZeroTask",
         "task.mean_dim=2000",
         f"privacy.noise_multiplier={z}",
         f"privacy.clip_norm={s}",
@@ -100,7 +79,7 @@ def test_noise_std_is_z_times_s_and_present_whatever_the_dropout():
 
 
 def test_no_noise_without_dp():
-    cfg = tiny_mean("task.name=tests.test_privacy:ZeroTask", "privacy=none", "train.server_optimizer=sgd")
+    cfg = tiny_mean("task.name=tests.doubles:ZeroTask", "privacy=none", "train.server_optimizer=sgd")
     _, coord = _fleet(cfg)
     before = coord.get_params().copy()
     coord.run_round()

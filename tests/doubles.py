@@ -1,0 +1,57 @@
+"""Test doubles: tasks with planted behaviour, importable by Ray workers as `tests.doubles:Name`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from fleet.tasks.mean import MeanTask
+
+
+class ZeroTask(MeanTask):
+    """Every device's update is exactly zero: whatever the server releases is the noise."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for _ in device_ids:
+            yield np.zeros_like(params), 0.0
+
+
+class HugeTask(MeanTask):
+    """Device data drives an enormous update (an adversary crafting its contribution)."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for dev in device_ids:
+            yield np.full_like(params, 1e30 if dev % 2 else -3e6), 0.0
+
+
+class SlowMean(MeanTask):
+    """Slow enough local training that a kill lands mid-round."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for out in super().client_updates(params, device_ids, num_examples, round_idx):
+            time.sleep(0.03)
+            yield out
+
+
+class NaNForOddDevices(MeanTask):
+    """Odd device ids send NaN or Inf in their update."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        updates = super().client_updates(params, device_ids, num_examples, round_idx)
+        for dev, (delta, loss) in zip(device_ids, updates, strict=True):
+            if dev % 2:
+                delta = delta.copy()
+                delta[0] = np.nan if dev % 4 == 1 else np.inf
+            yield delta, loss
+
+
+class ReportsTwice(MeanTask):
+    """A device that tries to contribute two updates in one round."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for _ in device_ids:
+            big = np.full_like(params, 100.0)
+            yield big, 0.0
+            yield big, 0.0

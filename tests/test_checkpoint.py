@@ -1,0 +1,209 @@
+"""Nothing lost, nothing leaked: exact resume, shard crashes, invalid updates, adversaries."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_mean
+
+from fleet import checkpoint, population
+from fleet.config import ConfigError
+from fleet.coordinator import Coordinator
+from fleet.run import train
+from fleet.shard import ShardCore
+
+VOLATILE = {"wall_s", "timing"}
+
+
+def _stable(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in x.items() if k not in VOLATILE} for x in lines]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path) -> np.ndarray:
+    return checkpoint.load_coordinator(run_dir / "state")["server"]["weights"]
+
+
+def _cfg(*extra: str):
+    return tiny_mean(
+        "fleet.availability.model=markov",
+        "fleet.population=3000",
+        "fleet.min_separation_hours=1",
+        "fleet.failure_prob_mean=0.1",
+        "fleet.min_reports=1",
+        "train.rounds=8",
+        "train.checkpoint_every=3",
+        "train.eval_every=2",
+        "ray.shards=2",
+        *extra,
+    )
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_equals_uninterrupted_run_across_a_kill(ray_session, tmp_path):
+    full = tmp_path / "full"
+    train(_cfg(), full)
+
+    broken = tmp_path / "broken"
+
+    def die_after_round_4(line, shards, coordinator):
+        if line["round"] == 4:
+            raise Crash("killed between rounds")
+
+    with pytest.raises(Crash):
+        train(_cfg(), broken, on_round=die_after_round_4)
+    assert len(_metrics(broken)) == 5  # rounds 0-4 logged; the checkpoint is at round 3
+    assert checkpoint.load_coordinator(broken / "state")["round"] == 3
+
+    summary = train(_cfg(f"resume={broken}"), tmp_path / "ignored")
+    assert summary["rounds"] == 8
+    np.testing.assert_array_equal(_weights(broken), _weights(full))
+    assert _stable(_metrics(broken)) == _stable(_metrics(full))
+
+
+def test_shard_killed_mid_round_run_completes_and_accounts_only_released(ray_session, tmp_path):
+    import ray
+
+    killed = threading.Event()
+
+    def kill_soon(line, shards, coordinator):
+        if line["round"] == 1:
+
+            def later():
+                time.sleep(0.1)
+                ray.kill(shards[0], no_restart=False)
+                killed.set()
+
+            threading.Thread(target=later, daemon=True).start()
+
+    cfg = _cfg("task.name=tests.doubles:SlowMean", "train.rounds=5")
+    summary = train(cfg, tmp_path / "run", on_round=kill_soon)
+    assert killed.is_set()
+    lines = _metrics(tmp_path / "run")
+    assert summary["rounds"] == 5 and len(lines) == 5
+    assert summary["incidents"]["shard_crash"] >= 1
+    assert any(x.get("incident") == "shard_crash" and not x["released"] for x in lines)
+    assert (
+        summary["privacy"]["released_rounds"]
+        == summary["released_rounds"]
+        == sum(x["released"] for x in lines)
+    )
+    for x in lines:
+        assert x["selected"] == x["reported"] + sum(x["dropped"].values())
+
+
+def test_restarted_shard_restores_participation_from_checkpoint_and_journal(tmp_path):
+    cfg = _cfg()
+    shards = [ShardCore(cfg, 0, 0, 3000, state_dir=str(tmp_path))]
+    coord = Coordinator(cfg, shards, 3000, str(tmp_path))
+    for r in range(5):
+        coord.run_round()
+        if r == 1:
+            coord.checkpoint()  # state as of round 2; rounds 2-4 go to the journal
+    reborn = ShardCore(cfg, 0, 0, 3000, state_dir=str(tmp_path))
+    reborn.restore(5)
+    np.testing.assert_array_equal(reborn.last_participation, shards[0].last_participation)
+    np.testing.assert_array_equal(reborn.participations, shards[0].participations)
+    assert shards[0].participations.sum() > 0
+
+
+def test_nan_update_dropped_and_sum_unaffected():
+    honest = tiny_mean("fleet.failure_prob_mean=0", "fleet.min_reports=1")
+    bad = tiny_mean(
+        "fleet.failure_prob_mean=0", "fleet.min_reports=1", "task.name=tests.doubles:NaNForOddDevices"
+    )
+    results = []
+    for cfg in (honest, bad):
+        shard = ShardCore(cfg, 0, 0, cfg.fleet.population)
+        n = shard.check_in(0, 0.0)
+        shard.plan(0, 0.0, 600.0, np.arange(min(n, 40)))
+        ids = shard.cols["device_id"][shard._selected]
+        res = shard.train(0, 0.0, np.zeros(cfg.task.mean_dim, np.float32), np.ones(40, bool), 0.5)
+        results.append((res, ids))
+    (good, ids), (poisoned, _) = results
+    odd = ids % 2 == 1
+    assert poisoned["invalid"] == odd.sum() > 0
+    assert poisoned["count"] == (~odd).sum()
+    # The poisoned sum equals the honest sum over the even devices alone.
+    even_only = tiny_mean("fleet.failure_prob_mean=0", "fleet.min_reports=1")
+    shard = ShardCore(even_only, 0, 0, even_only.fleet.population)
+    shard.check_in(0, 0.0)
+    shard.plan(0, 0.0, 600.0, np.arange(40))
+    ref = shard.train(0, 0.0, np.zeros(even_only.task.mean_dim, np.float32), ~odd, 0.5)
+    np.testing.assert_allclose(poisoned["sum"], ref["sum"], rtol=1e-12)
+    assert np.all(np.isfinite(poisoned["sum"]))
+
+
+def test_device_reporting_twice_counts_once():
+    cfg = tiny_mean("task.name=tests.doubles:ReportsTwice", "privacy.clip_norm=1.0")
+    shard = ShardCore(cfg, 0, 0, cfg.fleet.population)
+    shard.check_in(0, 0.0)
+    shard.plan(0, 0.0, 600.0, np.arange(10))
+    res = shard.train(0, 0.0, np.zeros(cfg.task.mean_dim, np.float32), np.ones(10, bool), 1.0)
+    assert res["count"] == 10
+    assert np.linalg.norm(res["sum"]) <= 10 * 1.0 + 1e-9
+
+
+def _contains_any(obj, ids: set[int], seen: set[int] | None = None) -> bool:
+    """Search an object graph (dicts, lists, arrays, attributes) for any of the ids."""
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, (int, np.integer)):
+        return int(obj) in ids
+    if isinstance(obj, np.ndarray):
+        return obj.dtype.kind in "iu" and bool(np.isin(obj.ravel(), list(ids)).any())
+    if isinstance(obj, dict):
+        return any(_contains_any(k, ids, seen) or _contains_any(v, ids, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_contains_any(v, ids, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("fleet"):
+        return any(_contains_any(v, ids, seen) for k, v in vars(obj).items() if k != "shards")
+    return False
+
+
+def test_cohort_cannot_be_read_from_coordinator_state_or_checkpoint(tmp_path):
+    cfg = tiny_mean("fleet.id_mode=random", "fleet.min_reports=1")
+    shard = ShardCore(cfg, 0, 0, cfg.fleet.population, state_dir=str(tmp_path))
+    coord = Coordinator(cfg, [shard], cfg.fleet.population, str(tmp_path))
+    for _ in range(3):
+        coord.run_round()
+    coord.checkpoint()
+    cohort = set(int(x) for x in shard.cols["device_id"][shard._selected])
+    assert cohort and not _contains_any(coord, cohort)
+    assert not _contains_any(coord.state(), cohort)
+    raw = (tmp_path / checkpoint.COORDINATOR_FILE).read_bytes()
+    for dev in cohort:
+        assert str(dev).encode() not in raw and int(dev).to_bytes(8, "little", signed=True) not in raw
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"^resume: .*not a fleet run"):
+        train(tiny_mean(f"resume={tmp_path}"), tmp_path)
+
+
+def test_bad_input_leaves_earlier_checkpoints_intact(ray_session, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg("train.rounds=3"), run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    pq = tmp_path / "broken.parquet"
+    pq.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ConfigError, match=r"^fleet.path: "):
+        train(_cfg(f"fleet.path={pq}"), run)
+    with pytest.raises(ConfigError, match=r"^fleet.goal: "):
+        train(_cfg("fleet.goal=999999"), run)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert before == after
+    assert population.parquet_rows  # the module under test is the one loaded
