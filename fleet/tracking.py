@@ -1,11 +1,15 @@
 """Run outputs: metrics.jsonl (flushed every round), summary.json, W&B, and console progress.
 
-W&B defaults to offline mode so that every run is tracked with no network and no login; `online`
-is for users who have logged in, `disabled` turns it off. Nothing logged names a device.
+W&B defaults to offline mode so that every run is tracked with no network and no login (upload
+later with `wandb sync`); `online` is for users who have logged in, `disabled` turns it off. A
+multirun puts its jobs in one W&B group, tagged with each job's overrides (set by `fleet.cli`).
+When a run ends, the plots of `fleet.report` are logged as W&B media, so the W&B page and
+`fleet-report` show the same figures. Nothing logged names a device.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+# Evaluation metrics worth a place on the progress bar, when the task reports them.
+HEADLINE = ("recall@1", "recall@3", "perplexity", "eval_distance")
 
 
 def _jsonable(x: Any) -> Any:
@@ -45,13 +52,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def wandb_values(d: dict) -> dict:
+    """The numbers of a (nested) line as W&B keys: `dropped/failure`, `timing/plan_s`, ..."""
+    return {k: v for k, v in flatten(_jsonable(d)).items() if isinstance(v, (int, float, bool))}
+
+
 class Tracker:
-    """Writes metrics.jsonl and mirrors each line to W&B (offline unless configured)."""
+    """Writes metrics.jsonl, mirrors each line to W&B, and keeps the progress bar."""
 
     def __init__(self, run_dir: Path, cfg: Any, config_dict: dict, total_rounds: int):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.media = bool(cfg.tracking.media)
         self.wandb = None
         t = cfg.tracking
         if t.mode != "disabled":
@@ -61,34 +74,57 @@ class Tracker:
             self.wandb = wandb.init(
                 mode=t.mode,
                 project=t.project,
+                entity=t.entity,
                 group=t.group,
                 tags=list(t.tags) or None,
                 dir=str(self.run_dir),
                 config=config_dict,
                 reinit="finish_previous",
             )
-        self.bar = tqdm(total=total_rounds, desc="rounds", unit="rd", disable=not cfg.progress, dynamic_ncols=True)
+        self.headline: dict[str, float] = {}  # last value of each headline metric, kept between evals
+        self.bar = tqdm(
+            total=total_rounds, desc="rounds", unit="rd", disable=not cfg.progress, dynamic_ncols=True
+        )
 
     def log(self, line: dict) -> None:
         self.metrics.write(json.dumps(_jsonable(line), sort_keys=True) + "\n")
         if self.wandb is not None:
-            flat = {k: v for k, v in flatten(_jsonable(line)).items() if isinstance(v, (int, float, bool))}
-            self.wandb.log(flat, step=int(line["round"]))
-        post = {"avail": line["available"], "rep": f"{line['reported']}/{line['selected']}"}
+            self.wandb.log(wandb_values(line), step=int(line["round"]))
+        self.headline.update({k: line[k] for k in HEADLINE if line.get(k) is not None})
+        post = {}
         if line.get("epsilon") is not None:
             post["eps"] = f"{line['epsilon']:.3g}"
-        for k in ("recall@1", "eval_distance"):
-            if k in line:
-                post[k] = f"{line[k]:.4g}"
+        post.update({k: f"{v:.4g}" for k, v in self.headline.items()})
+        # available > selected > reported; an abandoned round released nothing
+        funnel = f"{line['available']}>{line['selected']}>{line['reported']}"
+        post["funnel"] = funnel + (" abandoned" if line["abandoned"] else "")
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
     def finish(self, summary: dict) -> None:
         self.bar.close()
         write_json(self.run_dir / "summary.json", summary)
+        self.metrics.close()
         if self.wandb is not None:
             for k, v in flatten(_jsonable(summary)).items():
                 if isinstance(v, (int, float, bool, str)):
                     self.wandb.summary[k] = v
+            if self.media:
+                self._log_media()
             self.wandb.finish()
-        self.metrics.close()
+
+    def _log_media(self) -> None:
+        """The report's figures, from the files just written: what `fleet-report` would draw."""
+        import wandb
+        from PIL import Image
+
+        from fleet import report
+
+        run = report.load_run(self.run_dir)
+        images = {
+            # as PNG: wandb.Image(figure) needs pyplot, which the report never touches
+            f"plots/{name}": wandb.Image(Image.open(io.BytesIO(report.png_bytes(fig))))
+            for name, fig in report.figures([run]).items()
+        }
+        if images:
+            self.wandb.log(images, step=int(run.lines[-1]["round"]) if run.lines else 0)
