@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 # Evaluation metrics of the tasks we ship, for runs with no summary.json yet.
@@ -111,6 +112,11 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 
     return fig, axes
 
 
+def _by_round(ax: Any, title: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _legend(fig: Figure, runs: Sequence[Run]) -> None:
     """One legend for the whole figure, naming the runs (none for a single run)."""
     if len(runs) > 1:
@@ -152,7 +158,8 @@ def plot_funnel(runs: Sequence[Run]) -> Figure | None:
         lost = [(x["round"], max(x["reported"], 1)) for x in r.lines if x["abandoned"]]
         if lost:
             ax.plot(*zip(*lost, strict=True), "x", color=f"C{i % 10}", ms=7)
-    ax.set(title="cohort funnel", xlabel="round", ylabel="devices", yscale="log")
+    _by_round(ax, "cohort funnel", "devices")
+    ax.set_yscale("log")
     stages = [Line2D([], [], color="k", ls=s, label=k) for k, s in FUNNEL]
     stages.append(Line2D([], [], color="k", ls="", marker="x", label="abandoned"))
     ax.legend(handles=stages, fontsize="small")
@@ -172,7 +179,7 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
             pts = [(x["round"], x["dropped"].get(reason, 0)) for x in r.lines if "dropped" in x]
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=f"C{i % 10}", lw=1.2)
-        ax.set(title=f"dropped: {reason}", xlabel="round", ylabel="devices")
+        _by_round(ax, f"dropped: {reason}", "devices")
         ax.set_ylim(0, max(ax.get_ylim()[1], 1))  # a reason that never happened: a flat 0 of 1
         ax.yaxis.get_major_locator().set_params(integer=True)
     for ax in axes[len(reasons) :]:
@@ -191,7 +198,7 @@ def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
         ax.plot(*r.series("epsilon"), color=f"C{i % 10}", lw=1.5)
     delta = next((r.summary["privacy"].get("delta") for _, r in dp if r.summary.get("privacy")), None)
     title = "epsilon" + (f" at delta = {delta:.2g}" if delta else "")
-    ax.set(title=title, xlabel="round", ylabel="epsilon")
+    _by_round(ax, title, "epsilon")
     ax.set_ylim(bottom=0)
     _legend(fig, runs)
     return fig
@@ -252,7 +259,7 @@ def plot_metrics_by_round(runs: Sequence[Run]) -> Figure | None:
             xs, ys = _metric_points(r, k, "round")
             if xs:
                 ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i % 10}", ms=3, lw=1.2)
-        ax.set(title=k, xlabel="round", ylabel=k)
+        _by_round(ax, k, k)
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
     _legend(fig, runs)

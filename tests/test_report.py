@@ -1,0 +1,116 @@
+"""fleet-report: PNGs and one self-contained HTML page from run directories, several runs of a
+sweep overlaid and told apart by their overrides; plots follow whatever metrics are present."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_mean
+from omegaconf import OmegaConf
+
+from fleet import report
+from fleet.run import train
+
+ALL_PLOTS = set(report.PLOTS)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(ray_session, tmp_path_factory) -> Path:
+    """Two real runs laid out as a Hydra multirun (numbered subdirectories with overrides)."""
+    root = tmp_path_factory.mktemp("sweep")
+    for num, z in enumerate(("0.5", "2")):
+        overrides = ["fleet=tiny", "task.name=mean", f"privacy.noise_multiplier={z}"]
+        cfg = tiny_mean("train.rounds=4", "train.eval_every=2", f"privacy.noise_multiplier={z}")
+        run_dir = root / str(num)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+        train(cfg, run_dir)
+    return root
+
+
+def fleet_report(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fleet.report", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_report_of_a_sweep_overlays_its_runs(sweep_dir):
+    p = fleet_report(sweep_dir)
+    assert p.returncode == 0, p.stderr
+    out = sweep_dir / "report"
+    assert Path(p.stdout.strip()) == out / "report.html"
+    assert {f.stem for f in out.glob("*.png")} == ALL_PLOTS
+    for f in out.glob("*.png"):
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(ALL_PLOTS)
+    assert not re.search(r"""src=["'](?!data:)""", page)  # self-contained: nothing to fetch
+    # the legend names what differs; what all runs share is said once
+    assert "privacy.noise_multiplier=0.5" in page and "privacy.noise_multiplier=2" in page
+    assert "common overrides: <code>fleet=tiny task.name=mean</code>" in page
+
+
+def test_report_of_one_run_goes_in_its_directory(sweep_dir, tmp_path):
+    run = sweep_dir / "1"
+    p = fleet_report(run, "--out", tmp_path / "r")
+    assert p.returncode == 0, p.stderr
+    assert {f.stem for f in (tmp_path / "r").glob("*.png")} == ALL_PLOTS
+    runs = report.find_runs([run])
+    assert runs[0].label == "1" and runs[0].eval_metrics() == ["eval_distance"]
+
+
+def test_missing_run_is_one_line_error(tmp_path):
+    p = fleet_report(tmp_path / "nope")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nope" in p.stderr
+
+
+def _write_run(path: Path, lines: list[dict], summary: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def _line(r: int, **extra) -> dict:
+    base = {"round": r, "hour_of_day": r % 24, "available": 500 + r, "selected": 13, "reported": 10}
+    return {**base, "abandoned": False, "epsilon": None, "dropped": {"deadline": 3}, **extra}
+
+
+def test_plots_follow_the_metrics_present(tmp_path):
+    # no DP (epsilon None), a task's own metric known only from the final evaluation
+    plain = _write_run(
+        tmp_path / "plain",
+        [_line(r, train_loss=1.0 / (r + 1)) for r in range(5)],
+        {"rounds": 5, "final": {"my_score": 0.7}, "privacy": {"dp": False, "epsilon": None}},
+    )
+    (run,) = report.find_runs([plain])
+    assert run.eval_metrics() == ["my_score"]
+    figs = report.figures([run])
+    assert set(figs) == {"participation_by_hour", "funnel", "dropout", "metrics_by_round"}
+    titles = [ax.get_title() for ax in figs["metrics_by_round"].axes]
+    assert titles == ["train_loss", "my_score"]
+
+    # recall on eval rounds of a DP run still going (no summary yet): found by name
+    dp = _write_run(
+        tmp_path / "dp",
+        [_line(r, epsilon=0.1 * (r + 1), **({"recall@1": 0.1 * r} if r % 2 else {})) for r in range(6)],
+    )
+    (run,) = report.find_runs([dp])
+    assert run.eval_metrics() == ["recall@1"]
+    figs = report.figures([run])
+    assert "epsilon" in figs and [ax.get_title() for ax in figs["metrics_vs_epsilon"].axes] == [
+        "recall@1 against epsilon"
+    ]
+    assert report.write_report([run], tmp_path / "out").exists()
+
+
+def test_empty_run_gives_a_page_without_plots(tmp_path):
+    empty = _write_run(tmp_path / "empty", [])
+    page = report.write_report(report.find_runs([empty]), tmp_path / "out").read_text()
+    assert "<table>" in page and "data:image/png" not in page
