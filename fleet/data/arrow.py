@@ -15,7 +15,9 @@ Layout of a corpus folder (`data.path`):
 Why Parquet with fixed-size lists: a row group's tokens decode into one contiguous int32 buffer
 that reshapes to (rows, seq_len+1) without copying, and memory-mapping means a shard pages in
 only the row groups of devices it trains. Decoded row groups are kept in a small LRU cache,
-because a shard's devices are contiguous in the file and often share row groups.
+because a shard's devices are contiguous in the file and often share row groups. Files are
+written with page checksums and read with verification, so a corrupted page is an error rather
+than silently wrong token ids.
 
 Errors the user can cause (a wrong path, a corrupt or truncated file, token ids outside
 [0, V+4), a corpus built for another vocabulary) raise ConfigError naming data.path. They never
@@ -72,10 +74,10 @@ class CorpusWriter:
         self.row_group_rows = row_group_rows
         schema = examples_schema(seq_len)
         self._writers = {
-            "train": pq.ParquetWriter(self.path / TRAIN_FILE, schema),
-            "eval": pq.ParquetWriter(self.path / EVAL_FILE, schema),
+            "train": pq.ParquetWriter(self.path / TRAIN_FILE, schema, write_page_checksum=True),
+            "eval": pq.ParquetWriter(self.path / EVAL_FILE, schema, write_page_checksum=True),
         }
-        self._index = pq.ParquetWriter(self.path / INDEX_FILE, INDEX_SCHEMA)
+        self._index = pq.ParquetWriter(self.path / INDEX_FILE, INDEX_SCHEMA, write_page_checksum=True)
         self._buffers: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "eval": []}
         self._buffered = {"train": 0, "eval": 0}
         self._last_id = {"train": -(2**63), "eval": -(2**63)}
@@ -91,6 +93,9 @@ class CorpusWriter:
         tokens = np.asarray(tokens, dtype=np.int32).reshape(len(device_ids), self.seq_len + 1)
         if not len(device_ids):
             return
+        hi = self.unigram_counts.size
+        if tokens.min() < 0 or tokens.max() >= hi:
+            raise ValueError(f"{split}: token ids must be in [0, {hi})")
         if np.any(np.diff(device_ids) < 0) or device_ids[0] <= self._last_id[split]:
             raise ValueError(f"{split}: devices must arrive whole and in ascending id order")
         self._last_id[split] = int(device_ids[-1])
@@ -110,9 +115,7 @@ class CorpusWriter:
             self._index_rows += len(index)
             if self._index_rows >= _INDEX_GROUP_ROWS:
                 self._flush_index()
-            self.unigram_counts += np.bincount(tokens[:, 1:].ravel(), minlength=self.unigram_counts.size)[
-                : self.unigram_counts.size
-            ]
+            self.unigram_counts += np.bincount(tokens[:, 1:].ravel(), minlength=hi)
         self.rows[split] += len(device_ids)
         self._buffers[split].append((device_ids, tokens))
         self._buffered[split] += len(device_ids)
@@ -264,7 +267,7 @@ class ArrowCorpus:
     def _open(self, name: str) -> pq.ParquetFile:
         path = self.path / name
         try:
-            pf = pq.ParquetFile(path, memory_map=True)
+            pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
         except FileNotFoundError:
             raise ConfigError(f"{KEY}: no such file {str(path)!r}") from None
         except (pa.ArrowInvalid, OSError) as e:

@@ -5,17 +5,19 @@ a device's data must cost nothing to store (10 million devices) and nothing to s
 So a device's examples are a pure function of (seed, device id), regenerated whenever it trains.
 
 The language (fixed by the seed):
-- The grammar: every context token c (bos or a word) has `branching` distinct successor words,
-  drawn without replacement from a Zipf(`zipf_a`) distribution over the V words, so frequent
-  words follow many contexts and the corpus unigram has a Zipfian tail.
-- Successor weights: Zipf(`zipf_a`) over ranks 1..`branching`. Each context ranks its
-  successors in two ways, a shared "language" order and a per-topic order; a step uses the
-  topic's order with probability `topic_strength`, so what follows a word depends on what the
-  user talks about, while a model that ignores topics still predicts well.
-- Order n > 2: the tokens before the last one pick one of `_VARIANTS` shared orders, so a
+- Shared grammar: every context token c (bos or a word) has `branching` distinct successor
+  words, drawn without replacement from a Zipf(`zipf_a`) distribution over the V words, so
+  frequent words follow many contexts and the corpus unigram has a Zipfian tail. The successors
+  are ranked in a random order per context and weighted Zipf(`zipf_a`) by rank.
+- Topics: each of `device_topics` topics ranks the vocabulary its own way (the global Zipf rank
+  jittered by a lognormal factor, `_TOPIC_RANK_SIGMA`) and has its own successor sets drawn
+  from that ranking. Each step follows the topic with probability `topic_strength`, else the
+  shared grammar: what follows a word, and which words are common, depend on what the user
+  talks about, while a model that ignores topics still predicts well from the shared part.
+- Order n > 2: the tokens before the last one pick one of `_VARIANTS` shared rankings, so a
   model that sees further back predicts better than a bigram model.
-- Devices (non-IID): each has a topic mix ~ Dirichlet(`topic_alpha`) over `device_topics`
-  topics; each sentence draws one topic from it. Sentence lengths are geometric (mean
+- Devices (non-IID): each has a topic mix ~ Dirichlet(`topic_alpha`) over the topics; each
+  sentence draws one topic from it. Sentence lengths are geometric (mean
   `MEAN_SENTENCE_WORDS`), so some examples end with eos and padding and some fill seq_len.
 
 Sampling is vectorised over a device's examples (one table gather per position), well under a
@@ -33,6 +35,7 @@ from fleet import rng
 from fleet.data.vocab import BOS, EOS, NUM_SPECIAL, PAD, SPECIALS
 
 MEAN_SENTENCE_WORDS = 12.0
+_TOPIC_RANK_SIGMA = 1.5  # how far (log-rank) a topic moves words from their global frequency
 _VARIANTS = 4  # shared successor orders selected by the older context (order > 2 only)
 _UNIGRAM_DEVICES = 64  # devices sampled (from their own stream) to estimate the unigram
 
@@ -150,17 +153,29 @@ def _language(
     """The hidden language as lookup tables.
 
     Returns (table, rank_cdf, variant_of). table[(row * (V+4) + context) * B + rank] is the word
-    of that Zipf rank after `context`, where row is a shared variant (0..variants-1, variants = 4
-    for order > 2 else 1) or variants + topic. rank_cdf is the Zipf(`zipf_a`) CDF over the B
-    ranks. variant_of[lag-2][token] maps older context tokens to a shared variant (order > 2).
+    of that Zipf rank after `context`; row is a shared variant (0..variants-1; variants = 4 for
+    order > 2, else 1) or variants + topic (topics have successor sets of their own). rank_cdf is
+    the Zipf(`zipf_a`) CDF over the B ranks. variant_of[lag-2][token] maps older context tokens
+    to a shared variant (order > 2).
     """
     g = rng.device_generator(seed, LANGUAGE_STREAM, 0, 0)
     vt = vocab_size + NUM_SPECIAL
-    succ = _distinct_zipf(g, vt, vocab_size, branching, zipf_a) + NUM_SPECIAL
     variants = _VARIANTS if order > 2 else 1
-    # Each (shared variant or topic, context) ranks the context's successors its own way.
-    perm = np.argsort(g.random((variants + topics, vt, branching)), axis=2)
-    table = np.take_along_axis(np.broadcast_to(succ, perm.shape), perm, axis=2).astype(np.int32)
+    # Shared successor sets; each shared variant ranks them its own way.
+    succ = _distinct_zipf(g, vt, vocab_size, branching, zipf_a) + NUM_SPECIAL
+    perm = np.argsort(g.random((variants, vt, branching)), axis=2)
+    shared = np.take_along_axis(np.broadcast_to(succ, perm.shape), perm, axis=2)
+    # Topics have their own successor sets, drawn from the topic's own word ranking: the global
+    # Zipf rank jittered by a lognormal factor, so a topic keeps the common words common but
+    # favours its own mid-frequency words (the non-IID part a device's unigram shows).
+    jitter = np.log(np.arange(1, vocab_size + 1)) + _TOPIC_RANK_SIGMA * g.standard_normal(
+        (topics, vocab_size)
+    )
+    ranking = np.argsort(jitter, axis=1)  # topic's rank -> word index
+    topical = np.stack(
+        [ranking[t][_distinct_zipf(g, vt, vocab_size, branching, zipf_a)] for t in range(topics)]
+    )
+    table = np.concatenate([shared, topical + NUM_SPECIAL]).astype(np.int32)
     rank_w = np.arange(1, branching + 1, dtype=np.float64) ** -zipf_a
     rank_cdf = np.cumsum(rank_w / rank_w.sum())
     variant_of = [g.integers(0, variants, size=vt) for _ in range(order - 2)]
