@@ -92,7 +92,10 @@ def detect_format(path: Path) -> str:
 def input_size(path: Path, fmt: str) -> tuple[int, str]:
     """(total, unit) for the progress bar: rows of a Parquet file, bytes otherwise."""
     if fmt == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows, "rows"
+        try:
+            return pq.ParquetFile(path).metadata.num_rows, "rows"
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IngestError(f"{path}: cannot read Parquet: {e}") from None
     if fmt == "txt":
         return sum(p.stat().st_size for p in _txt_files(path)), "B"
     return path.stat().st_size, "B"
@@ -204,15 +207,19 @@ def _csv_rows(
 def _parquet_rows(
     path: Path, user_col: str, text_col: str, bad: Counter[str], progress: Callable[[int], object]
 ) -> Iterator[tuple[str, str]]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise IngestError(f"{path}: cannot read Parquet: {e}") from None
+    pf = pq.ParquetFile(path)  # readable: input_size opened it already
     names = pf.schema_arrow.names
     for col in (user_col, text_col):
         if col not in names:
             raise IngestError(f"{path}: no column {col!r} (columns: {', '.join(names)})")
-    for batch in pf.iter_batches(batch_size=8192, columns=[user_col, text_col]):
+    batches = pf.iter_batches(batch_size=8192, columns=[user_col, text_col])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as e:  # a damaged column chunk: not a row we can skip
+            raise IngestError(f"{path}: corrupt Parquet data: {e}") from None
         progress(batch.num_rows)
         for user, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
             row = _clean(user, text, bad)
