@@ -139,6 +139,10 @@ class FusedEngine:
             offset += n
         self._cap = (0, 0)  # (seq_len, batch rows) the buffers are sized for
         self._buf: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], _Views] = {}
+        # 0-dim tensors, not Python floats, in per-step ops: a float is wrapped into a fresh
+        # tensor and cast on every call, which doubles the cost of a small elementwise op.
+        self._one, self._two = torch.tensor(1.0), torch.tensor(2.0)
 
     def _shapes(self, t: int, b: int) -> dict[str, tuple[int, ...]]:
         s = self.shape
@@ -158,16 +162,20 @@ class FusedEngine:
             "dc": (b, s.hidden_dim),
         }
 
-    def _buffers(self, t: int, b: int) -> dict[str, torch.Tensor]:
-        """Views of the preallocated buffers shaped for a batch of b rows and t steps.
+    def _views(self, t: int, b: int) -> _Views:
+        """The buffers shaped for a batch of b rows and t steps, with all their views.
 
-        A smaller batch (the last one of an epoch) uses the leading part of each buffer, which is
-        contiguous in its own shape, so nothing is reallocated.
+        Buffers are allocated once for the largest batch seen; a smaller batch (the last one of
+        an epoch) uses the leading part of each, which is contiguous in its own shape.
         """
         if t > self._cap[0] or b > self._cap[1]:
             self._cap = (max(t, self._cap[0]), max(b, self._cap[1]))
             self._buf = {k: torch.empty(math.prod(v)) for k, v in self._shapes(*self._cap).items()}
-        return {k: self._buf[k][: math.prod(v)].view(v) for k, v in self._shapes(t, b).items()}
+            self._cache.clear()
+        if (t, b) not in self._cache:
+            bufs = {k: self._buf[k][: math.prod(v)].view(v) for k, v in self._shapes(t, b).items()}
+            self._cache[(t, b)] = _Views(bufs, self.shape, t, b)
+        return self._cache[(t, b)]
 
     def train_device(
         self,
@@ -194,70 +202,65 @@ class FusedEngine:
     def _step(self, inp: torch.Tensor, target: torch.Tensor, b: int, lr: float) -> tuple[float, int]:
         """One SGD step on a time-major batch; returns (summed loss, counted targets)."""
         t = len(inp) // b
-        hd = self.shape.hidden_dim
-        rows = torch.arange(t * b)
         if self.pad_id is None:
-            n = t * b
-            pad_rows = None
+            n, pad_rows = t * b, None
         else:
             pad = target == self.pad_id
             n = t * b - int(pad.sum())
             if n == 0:
                 return 0.0, 0
             pad_rows = pad.nonzero().squeeze(1) if n < t * b else None
-        w, buf = self.w, self._buffers(t, b)
+        w, v = self.w, self._views(t, b)
         emb = w["embedding"]
-        z, c, r = buf["z"], buf["c"], buf["r"]
 
-        # Forward. Input-to-gates for all steps in one GEMM; then the recurrence.
-        torch.index_select(emb, 0, inp, out=buf["x"])
-        torch.addmm(w["bias"], buf["x"], w["w_x"], out=z.view(t * b, -1))
-        c[0].zero_()
-        r[0].zero_()
-        sig = (self.shape.gates - 1) * hd  # o, i (, f) are sigmoid gates; g is the last block
+        # Forward. Input-to-gates for all steps in one GEMM; then the recurrence. tanh(x) is
+        # computed as 2 sigmoid(2x) - 1: one sigmoid over all gates costs less than a separate
+        # tanh, which is several times slower per element than sigmoid in PyTorch on CPU.
+        torch.index_select(emb, 0, inp, out=v.x)
+        torch.addmm(w["bias"], v.x, w["w_x"], out=v.z2)
+        v.c[0].zero_()
+        v.r[0].zero_()
         cifg = self.shape.cell == "cifg"
-        for s in range(t):
-            zs = z[s]
-            if s:
-                zs.addmm_(r[s], w["w_r"])
-            zs[:, :sig].sigmoid_()
-            zs[:, sig:].tanh_()
-            i, g = zs[:, hd : 2 * hd], zs[:, sig:]
+        w_r, w_p, one, two = w["w_r"], w["w_p"], self._one, self._two
+        for zs, o, i, f, g, c0, c1, tc, h, r0, r1 in v.forward:
+            if r0 is not None:
+                zs.addmm_(r0, w_r)
+            g.mul_(two)
+            zs.sigmoid_()
+            g.mul_(two).sub_(one)
             if cifg:
-                torch.lerp(c[s], g, i, out=c[s + 1])  # (1 - i) c + i g
+                torch.lerp(c0, g, i, out=c1)  # (1 - i) c + i g
             else:
-                torch.mul(i, g, out=c[s + 1])
-                c[s + 1].addcmul_(zs[:, 2 * hd : 3 * hd], c[s])
-            torch.tanh(c[s + 1], out=buf["tc"][s])
-            torch.mul(zs[:, :hd], buf["tc"][s], out=buf["h"][s])
-            torch.mm(buf["h"][s], w["w_p"], out=r[s + 1])
+                torch.mul(i, g, out=c1)
+                c1.addcmul_(f, c0)
+            torch.mul(c1, two, out=tc)
+            tc.sigmoid_()
+            tc.mul_(two).sub_(one)
+            torch.mul(o, tc, out=h)
+            torch.mm(h, w_p, out=r1)
 
         # Output layer and softmax cross-entropy, all steps at once, in one buffer.
-        out = r[1:].view(t * b, -1)
-        logits = buf["logits"]
-        torch.mm(out, emb.t(), out=logits)
+        logits = v.logits
+        torch.mm(v.out, emb.t(), out=logits)
         torch.softmax(logits, 1, out=logits)
         p_target = logits.gather(1, target.unsqueeze(1)).squeeze(1)
         nll = -torch.log(p_target.clamp(min=_TINY))
-        logits[rows, target] = p_target - 1.0  # d(loss_sum)/d(logits) = p - onehot
+        logits[v.rows, target] = p_target - 1.0  # d(loss_sum)/d(logits) = p - onehot
         if pad_rows is not None:
             nll[pad_rows] = 0.0
             logits.index_fill_(0, pad_rows, 0.0)
-        dr = buf["dr"]
-        torch.addmm(dr.view(t * b, -1), logits, emb, beta=0.0, alpha=1.0 / n, out=dr.view(t * b, -1))
-        emb.addmm_(logits.t(), out, alpha=-lr / n)
+        torch.addmm(v.dr2, logits, emb, beta=0.0, alpha=1.0 / n, out=v.dr2)
+        emb.addmm_(logits.t(), v.out, alpha=-lr / n)
 
-        self._backward_through_time(buf, inp, t, b, lr)
+        self._backward_through_time(v, inp, lr)
         return float(nll.sum()), n
 
-    def _backward_through_time(
-        self, buf: dict[str, torch.Tensor], inp: torch.Tensor, t: int, b: int, lr: float
-    ) -> None:
+    def _backward_through_time(self, v: _Views, inp: torch.Tensor, lr: float) -> None:
         """Gate gradients step by step from dr (already d loss / d r_t from the output layer), then
         every weight update as one GEMM over all steps."""
         w = self.w
         hd = self.shape.hidden_dim
-        z, m, c, tc, dr = buf["z"], buf["m"], buf["c"], buf["tc"], buf["dr"]
+        z, m, c, tc = v.z, v.m, v.c, v.tc
         o, i, g = z[..., :hd], z[..., hd : 2 * hd], z[..., -hd:]
         cifg = self.shape.cell == "cifg"
 
@@ -273,38 +276,90 @@ class FusedEngine:
         torch.mul(i, 1.0 - g * g, out=m[..., -hd:])
         tc.mul_(tc).neg_().add_(1.0).mul_(o)  # tc := o (1 - tanh(c)^2)
 
-        dh, dc = buf["dh"], buf["dc"]
+        dh, dc = v.dh, v.dc
         dc.zero_()
-        for s in range(t - 1, -1, -1):
-            if s < t - 1:
-                dr[s].addmm_(m[s + 1], w["w_r"].t())
-            torch.mm(dr[s], w["w_p"].t(), out=dh)
-            ms = m[s]
-            ms[:, :hd].mul_(dh)
-            dc.addcmul_(dh, tc[s])
-            ms[:, hd:].view(b, -1, hd).mul_(dc.unsqueeze(1))
+        w_r_t, w_p_t = w["w_r"].t(), w["w_p"].t()
+        for dr, m1, m_o, m_dc, dcdh, keep in v.backward:
+            if m1 is not None:
+                dr.addmm_(m1, w_r_t)
+            torch.mm(dr, w_p_t, out=dh)
+            m_o.mul_(dh)
+            dc.addcmul_(dh, dcdh)
+            m_dc.mul_(dc.unsqueeze(1))
             if cifg:
-                dc.addcmul_(dc, i[s], value=-1.0)  # dc_prev = dc (1 - i)
+                dc.addcmul_(dc, keep, value=-1.0)  # dc_prev = dc (1 - i)
             else:
-                dc.mul_(z[s, :, 2 * hd : 3 * hd])
+                dc.mul_(keep)  # dc_prev = dc f
 
-        dz = m.view(t * b, -1)
-        w["w_p"].addmm_(buf["h"].view(t * b, -1).t(), dr.view(t * b, -1), alpha=-lr)
-        if t > 1:
-            w["w_r"].addmm_(
-                buf["r"][1:t].reshape((t - 1) * b, -1).t(), m[1:].reshape((t - 1) * b, -1), alpha=-lr
-            )
-        torch.mm(dz, w["w_x"].t(), out=buf["dx"])
-        w["w_x"].addmm_(buf["x"].t(), dz, alpha=-lr)
+        dz = v.m2
+        w["w_p"].addmm_(v.h2.t(), v.dr2, alpha=-lr)
+        if v.r_mid is not None:
+            w["w_r"].addmm_(v.r_mid.t(), v.m_mid, alpha=-lr)
+        torch.mm(dz, w["w_x"].t(), out=v.dx)
+        w["w_x"].addmm_(v.x.t(), dz, alpha=-lr)
         w["bias"].sub_(dz.sum(0), alpha=lr)
-        w["embedding"].index_add_(0, inp, buf["dx"], alpha=-lr)
+        w["embedding"].index_add_(0, inp, v.dx, alpha=-lr)
 
 
-def make_engine(mcfg: Any, name: str = "auto") -> Engine:
-    """The engine for a `fleet.config.ModelConfig`; "auto" is the fused engine (fastest on CPU)."""
+class _Views:
+    """Every view the fused step uses, built once per (steps, batch rows) and reused.
+
+    Slicing costs microseconds per view in PyTorch; built per step, the views were a few percent of
+    the whole step, so they are made once and the step loops over ready-made tuples.
+    """
+
+    def __init__(self, buf: dict[str, torch.Tensor], shape: ModelShape, t: int, b: int):
+        hd = shape.hidden_dim
+        for k, val in buf.items():
+            setattr(self, k, val)
+        self.z2 = self.z.view(t * b, -1)
+        self.m2 = self.m.view(t * b, -1)
+        self.dr2 = self.dr.view(t * b, -1)
+        self.h2 = self.h.view(t * b, -1)
+        self.out = self.r[1:].view(t * b, -1)
+        self.rows = torch.arange(t * b)
+        # w_r's gradient pairs r[s] (= r_{s-1}) with the gate gradients of step s >= 1.
+        self.r_mid = self.r[1:t].reshape((t - 1) * b, -1) if t > 1 else None
+        self.m_mid = self.m[1:].reshape((t - 1) * b, -1) if t > 1 else None
+        cifg = shape.cell == "cifg"
+        z = self.z
+        self.forward = [
+            (
+                z[s],
+                z[s, :, :hd],
+                z[s, :, hd : 2 * hd],
+                None if cifg else z[s, :, 2 * hd : 3 * hd],
+                z[s, :, -hd:],
+                self.c[s],
+                self.c[s + 1],
+                self.tc[s],
+                self.h[s],
+                self.r[s] if s else None,
+                self.r[s + 1],
+            )
+            for s in range(t)
+        ]
+        self.backward = [
+            (
+                self.dr[s],
+                self.m[s + 1] if s < t - 1 else None,
+                self.m[s, :, :hd],
+                self.m[s, :, hd:].view(b, -1, hd),
+                self.tc[s],
+                z[s, :, hd : 2 * hd] if cifg else z[s, :, 2 * hd : 3 * hd],
+            )
+            for s in range(t - 1, -1, -1)
+        ]
+
+
+def make_engine(mcfg: Any, name: str = "auto", pad_id: int | None = PAD_ID) -> Engine:
+    """The engine for a `fleet.config.ModelConfig`; "auto" is the fused engine (fastest on CPU).
+
+    `pad_id=None` counts every target (the W1 benchmark, whose token ids are all words).
+    """
     shape = ModelShape.from_config(mcfg)
     if name in ("auto", "fused"):
-        return FusedEngine(shape)
+        return FusedEngine(shape, pad_id)
     if name == "reference":
-        return ReferenceEngine(shape)
+        return ReferenceEngine(shape, pad_id)
     raise ValueError(f"model.engine: unknown value {name!r}; expected one of auto, fused, reference")

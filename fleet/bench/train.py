@@ -1,0 +1,332 @@
+"""`python -m fleet.bench train`: workload W1, local training throughput through the real round.
+
+W1: a tied-embedding LSTM with all four gates, vocabulary 10,000 (every id a word: no pad, no
+special tokens), embedding 96, 670 units, projection 96 (about 1.54M parameters), embedding
+initialised U(-0.1, 0.1). Device i holds `default_rng(i).zipf(1.2, (64, 21)) - 1` clipped to
+9,999: input the first 20 columns, target the last 20. One local epoch, batch 16, client SGD
+lr 0.5. Cohort 50 of 10,000 always-available devices, no dropout, DP clip 1.0, z = 1.0, server
+SGD lr 1.0 with (Nesterov) momentum 0.9. One warm-up round, then timed rounds.
+
+Three measurements, side by side in one run because the machine is shared and noisy:
+1. the fp32 rate of a 2048 x 2048 matmul on all cores (before and after; the higher is the
+   reference, which is the conservative choice);
+2. the baseline: a plain PyTorch loop (`nn.LSTM` with `proj_size`, autograd, `torch.optim.SGD`)
+   training the same kind of devices one after another in one process on all cores, with the same
+   clip / noise / server step per round; it runs in a child process so its memory is its own;
+3. the fleet: the real round (Coordinator + FleetShard Ray actors, one per core, one thread
+   each) with `W1Task`, whose devices train on the fused engine.
+
+Targets: fleet >= 1.3x the baseline's client updates per second, and >= 50% of the matmul rate
+(11.82 GFLOP per update). Memory is the sum of each process's peak resident set (VmHWM): an
+upper bound on the simultaneous peak, since processes do not all peak at once and shared pages
+count in each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from fleet import rng
+from fleet.config import (
+    AvailabilityConfig,
+    Config,
+    DataConfig,
+    FleetConfig,
+    ModelConfig,
+    PrivacyConfig,
+    RayConfig,
+    TaskConfig,
+    TrackingConfig,
+    TrainConfig,
+    validate,
+)
+from fleet.local_training import make_engine
+from fleet.model import SPECIAL_TOKENS, ModelShape, build_model, get_flat, job_flops, model_bytes
+from fleet.timing import JobCost
+
+VOCAB = 10_000  # W1 counts every token id; our model adds SPECIAL_TOKENS, so we ask for fewer words
+EXAMPLES = 64
+SEQ_LEN = 20
+ZIPF_A = 1.2
+MIB = 1024**2
+
+
+def w1_model() -> ModelConfig:
+    return ModelConfig(
+        name="w1_lstm",
+        cell="lstm",
+        vocab_size=VOCAB - SPECIAL_TOKENS,
+        embed_dim=96,
+        hidden_dim=670,
+        proj_dim=96,
+        seq_len=SEQ_LEN,
+        engine="auto",
+        init_scale=0.1,
+    )
+
+
+def update_gflop() -> float:
+    """FLOPs of one client update (64 sequences, one epoch): the 11.82 GFLOP of W1."""
+    return float(job_flops(w1_model(), np.array([EXAMPLES]), 1)[0]) / 1e9
+
+
+def w1_tokens(device_id: int) -> np.ndarray:
+    """Device i's 64 sequences of 21 token ids, exactly as W1 defines them."""
+    return np.minimum(
+        np.random.default_rng(int(device_id)).zipf(ZIPF_A, (EXAMPLES, SEQ_LEN + 1)) - 1, VOCAB - 1
+    )
+
+
+class W1Task:
+    """The W1 workload as a fleet task (`task.name = "fleet.bench.train:W1Task"`)."""
+
+    def __init__(self, cfg: Any, role: str):
+        self.cfg = cfg
+        nbytes = float(model_bytes(cfg.model))
+        self.cost = JobCost(download_bytes=nbytes, upload_bytes=nbytes)
+        # Every W1 token is a word, so no target is a pad: pad_id=None.
+        self.engine = make_engine(cfg.model, cfg.model.engine, pad_id=None) if role == "client" else None
+
+    def init_params(self) -> np.ndarray:
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            return get_flat(build_model(self.cfg.model))
+
+    def job_flops(self, num_examples: np.ndarray) -> np.ndarray:
+        # Every W1 device holds 64 examples, whatever the population table says.
+        return job_flops(self.cfg.model, np.full(len(num_examples), EXAMPLES), self.cfg.train.client_epochs)
+
+    def client_updates(
+        self, params: np.ndarray, device_ids: np.ndarray, num_examples: np.ndarray, round_idx: int
+    ) -> Iterator[tuple[np.ndarray, float]]:
+        t = self.cfg.train
+        for dev in device_ids:
+            order = rng.device_generator(self.cfg.seed, "w1_order", round_idx, int(dev))
+            yield self.engine.train_device(
+                params, w1_tokens(dev), t.client_epochs, t.batch_size, t.client_lr, order
+            )
+
+    def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """W1 measures speed only: no held-out set."""
+        return {}
+
+
+def w1_config(shards: int, rounds: int, engine: str) -> Config:
+    return Config(
+        fleet=FleetConfig(
+            name="w1",
+            population=10_000,
+            id_mode="index",
+            availability=AvailabilityConfig(model="always"),
+            low_memory_share=0.0,
+            failure_prob_mean=0.0,
+            goal=50,
+            overselect=1.0,
+            deadline_s=1e12,
+            min_separation_hours=0.0,
+        ),
+        model=replace(w1_model(), engine=engine),
+        privacy=PrivacyConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0),
+        data=DataConfig(),
+        task=TaskConfig(name="fleet.bench.train:W1Task"),
+        train=TrainConfig(
+            rounds=rounds,
+            client_epochs=1,
+            batch_size=16,
+            client_lr=0.5,
+            server_optimizer="sgdm",
+            server_lr=1.0,
+            server_momentum=0.9,
+            eval_every=10**9,
+        ),
+        ray=RayConfig(shards=shards, cpus_per_shard=1.0),
+        tracking=TrackingConfig(mode="disabled"),
+        progress=False,
+    )
+
+
+# ---- measurements ----------------------------------------------------------------------------
+def matmul_gflops(seconds: float = 3.0) -> float:
+    """Sustained fp32 GFLOP/s of 2048 x 2048 matmuls on all cores."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    c = torch.empty(2048, 2048)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b, out=c)
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def plain_loop(cohort: int, population: int, warmup: int, rounds: int, seed: int) -> dict:
+    """The baseline, run in a child process: nn.LSTM + autograd + optim.SGD, one device at a time.
+
+    Each round trains `cohort` distinct devices from the global weights, clips each delta to 1.0,
+    adds N(0, 1.0^2) to the sum, divides by the cohort and takes a Nesterov-momentum server step.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    emb = nn.Embedding(VOCAB, 96)
+    nn.init.uniform_(emb.weight, -0.1, 0.1)
+    lstm = nn.LSTM(96, 670, proj_size=96, batch_first=True)
+    params = [*emb.parameters(), *lstm.parameters()]
+    opt = torch.optim.SGD(params, lr=0.5)
+    weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    server = torch.optim.SGD([weights], lr=1.0, momentum=0.9, nesterov=True)
+
+    def update(dev: int, round_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.copy_(weights[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        tok = torch.from_numpy(w1_tokens(dev))
+        order = rng.device_generator(seed, "w1_order", round_idx, dev).permutation(EXAMPLES)
+        for s in range(0, EXAMPLES, 16):
+            batch = tok[torch.from_numpy(order[s : s + 16])]
+            out, _ = lstm(emb(batch[:, :-1]))
+            loss = functional.cross_entropy(
+                (out @ emb.weight.t()).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in params]) - weights.detach()
+
+    def one_round(r: int) -> None:
+        devices = np.random.default_rng([seed, r]).choice(population, cohort, replace=False)
+        total = torch.zeros_like(weights)
+        for dev in devices:
+            delta = update(int(dev), r)
+            total += delta * min(1.0, 1.0 / max(float(delta.norm()), 1e-12))
+        weights.grad = -(total + torch.randn(total.shape)) / cohort
+        server.step()
+
+    for r in range(warmup):
+        one_round(r)
+    t0 = time.perf_counter()
+    for r in range(warmup, warmup + rounds):
+        one_round(r)
+    elapsed = time.perf_counter() - t0
+    return {
+        "updates_per_s": cohort * rounds / elapsed,
+        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "params": sum(p.numel() for p in params),
+    }
+
+
+def _peak_rss(pid: int) -> int:
+    """A process's peak resident set (VmHWM), in bytes; 0 if it has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def fleet_run(shards: int, warmup: int, rounds: int, engine: str) -> dict:
+    """W1 through the real round on a local Ray: returns updates/s, timing and memory."""
+    import psutil
+    import ray
+
+    from fleet.run import init_ray, start_actors
+
+    cfg = w1_config(shards, warmup + rounds, engine)
+    validate(cfg)
+    started = init_ray(cfg)
+    handles, coordinator = start_actors(cfg, cfg.fleet.population)
+    try:
+        infos = ray.get([s.info.remote() for s in handles])
+        ray.get(coordinator.get_params.remote())
+        for _ in range(warmup):
+            ray.get(coordinator.run_round.remote())
+        t0 = time.perf_counter()
+        lines = [ray.get(coordinator.run_round.remote()) for _ in range(rounds)]
+        elapsed = time.perf_counter() - t0
+        me = psutil.Process()
+        session = [me.pid, *(p.pid for p in me.children(recursive=True))]
+        shard_pids = {i["pid"] for i in infos}
+        return {
+            "updates_per_s": sum(x["reported"] for x in lines) / elapsed,
+            "reported": [x["reported"] for x in lines],
+            "train_share": sum(x["timing"]["training_s"] for x in lines) / elapsed,
+            "shard_peak_bytes": [_peak_rss(p) for p in sorted(shard_pids)],
+            "peak_bytes": sum(_peak_rss(p) for p in set(session) | shard_pids),
+            "processes": len(set(session) | shard_pids),
+        }
+    finally:
+        for a in [*handles, coordinator]:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fleet.bench train", description=__doc__)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=0, help="0: one per core")
+    ap.add_argument("--engine", default="auto", choices=["auto", "fused", "reference"])
+    ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
+    args = ap.parse_args(argv)
+    cores = os.cpu_count() or 1
+    gflop = update_gflop()
+    gboard = ModelShape(10_000 + SPECIAL_TOKENS, 96, 670, 96, "cifg").num_params()
+    print(
+        f"W1: LSTM V={VOCAB} E=96 H=670 P=96, {ModelShape(VOCAB, 96, 670, 96, 'lstm').num_params():,} "
+        f"params ({gflop:.2f} GFLOP per update); cifg_gboard: {gboard:,} params; {cores} cores; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    mm = [matmul_gflops()]
+    print(f"matmul 2048^2 fp32, {cores} threads: {mm[0]:.1f} GFLOP/s")
+    base = None
+    if not args.no_baseline:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            base = pool.submit(plain_loop, 50, 10_000, args.warmup, args.rounds, 0).result()
+        print(
+            f"plain loop (nn.LSTM, {base['params']:,} params, {cores} threads, 1 process): "
+            f"{base['updates_per_s']:.2f} updates/s, {base['updates_per_s'] * gflop:.1f} GFLOP/s, "
+            f"peak {base['peak_bytes'] / MIB:.0f} MiB"
+        )
+    fl = fleet_run(args.shards or cores, args.warmup, args.rounds, args.engine)
+    shard_mib = ", ".join(f"{b / MIB:.0f}" for b in fl["shard_peak_bytes"])
+    print(
+        f"fleet ({len(fl['shard_peak_bytes'])} shards x 1 thread, engine {args.engine}): "
+        f"{fl['updates_per_s']:.2f} updates/s, {fl['updates_per_s'] * gflop:.1f} GFLOP/s; "
+        f"reported {fl['reported']}; training {100 * fl['train_share']:.0f}% of round wall time; "
+        f"peak {fl['peak_bytes'] / MIB:.0f} MiB over {fl['processes']} processes (shards {shard_mib} MiB)"
+    )
+    mm.append(matmul_gflops())
+    ref = max(mm)
+    print(f"matmul again: {mm[1]:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
+    pct = 100 * fl["updates_per_s"] * gflop / ref
+    line = f"targets: {pct:.0f}% of matmul rate >= 50%: {'PASS' if pct >= 50 else 'FAIL'}"
+    if base is not None:
+        ratio = fl["updates_per_s"] / base["updates_per_s"]
+        base_pct = 100 * base["updates_per_s"] * gflop / ref
+        line += f"; {ratio:.2f}x plain loop >= 1.3x: {'PASS' if ratio >= 1.3 else 'FAIL'}"
+        line += f" (plain loop at {base_pct:.0f}% of matmul rate)"
+    print(line)
