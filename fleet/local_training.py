@@ -267,14 +267,22 @@ class FusedEngine:
         # Everything the step needs that does not depend on dc, vectorised over all steps:
         # dz_o = dh * tanh(c) o (1 - o); dz_i = dc * [g or (g - c_prev)] i (1 - i);
         # dz_f = dc * c_prev f (1 - f); dz_g = dc * i (1 - g^2); dc += dh * o (1 - tanh(c)^2).
-        torch.mul(tc, o * (1.0 - o), out=m[..., :hd])
-        di = i * (1.0 - i)
-        torch.mul(g - c[:-1] if cifg else g, di, out=m[..., hd : 2 * hd])
+        # The sigmoid gates are one block, so s (1 - s) = s - s^2 is two passes for all of them.
+        sig = (self.shape.gates - 1) * hd
+        one = self._one
+        torch.mul(z[..., :sig], z[..., :sig], out=m[..., :sig])
+        torch.sub(z[..., :sig], m[..., :sig], out=m[..., :sig])
+        m[..., :hd].mul_(tc)
+        m[..., hd : 2 * hd].mul_(g - c[:-1] if cifg else g)
         if not cifg:
-            f = z[..., 2 * hd : 3 * hd]
-            torch.mul(c[:-1], f * (1.0 - f), out=m[..., 2 * hd : 3 * hd])
-        torch.mul(i, 1.0 - g * g, out=m[..., -hd:])
-        tc.mul_(tc).neg_().add_(1.0).mul_(o)  # tc := o (1 - tanh(c)^2)
+            m[..., 2 * hd : 3 * hd].mul_(c[:-1])
+        m_g = m[..., -hd:]
+        torch.mul(g, g, out=m_g)
+        torch.sub(one, m_g, out=m_g)
+        m_g.mul_(i)
+        tc.mul_(tc)
+        torch.sub(one, tc, out=tc)
+        tc.mul_(o)  # tc := o (1 - tanh(c)^2)
 
         dh, dc = v.dh, v.dc
         dc.zero_()
@@ -310,8 +318,9 @@ class _Views:
 
     def __init__(self, buf: dict[str, torch.Tensor], shape: ModelShape, t: int, b: int):
         hd = shape.hidden_dim
-        for k, val in buf.items():
-            setattr(self, k, val)
+        self.x, self.z, self.m, self.c = buf["x"], buf["z"], buf["m"], buf["c"]
+        self.tc, self.h, self.r, self.dr = buf["tc"], buf["h"], buf["r"], buf["dr"]
+        self.dx, self.logits, self.dh, self.dc = buf["dx"], buf["logits"], buf["dh"], buf["dc"]
         self.z2 = self.z.view(t * b, -1)
         self.m2 = self.m.view(t * b, -1)
         self.dr2 = self.dr.view(t * b, -1)
@@ -323,6 +332,7 @@ class _Views:
         self.m_mid = self.m[1:].reshape((t - 1) * b, -1) if t > 1 else None
         cifg = shape.cell == "cifg"
         z = self.z
+        # Per step s: (z_s, o, i, f or None, g, c_prev, c_s, tanh(c_s), h_s, r_prev or None, r_s).
         self.forward = [
             (
                 z[s],
@@ -339,6 +349,8 @@ class _Views:
             )
             for s in range(t)
         ]
+        # Per step s, last first: (dr_s, dz_{s+1} or None, dz_o block, the (b, gates - 1, hd)
+        # block scaled by dc, d c / d h, and what carries dc back: i (CIFG) or f).
         self.backward = [
             (
                 self.dr[s],
