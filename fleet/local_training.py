@@ -188,7 +188,7 @@ class FusedEngine:
     ) -> tuple[np.ndarray, float]:
         _check(params, tokens, self.shape.num_params())
         params = np.asarray(params, dtype=np.float32)
-        self.flat.copy_(torch.from_numpy(params))
+        self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only
         tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
         loss_sum, count = 0.0, 0
         with torch.no_grad():

@@ -192,13 +192,13 @@ def set_flat(model: nn.Module, flat: np.ndarray) -> None:
     flat = np.asarray(flat, dtype=np.float32)
     if flat.shape != (param_count(model),):
         raise ValueError(f"set_flat: expected {param_count(model)} values, got shape {flat.shape}")
-    src = torch.from_numpy(flat)
     offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(src[offset : offset + n].view_as(p))
-            offset += n
+    for p in model.parameters():
+        n = p.numel()
+        # Copied on the numpy side: `flat` may be read-only (a Ray object-store broadcast),
+        # which torch.from_numpy warns about.
+        p.detach().numpy()[...] = flat[offset : offset + n].reshape(p.shape)
+        offset += n
 
 
 def flops_per_example(mcfg: Any) -> float:
