@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 # Evaluation metrics of the tasks we ship, for runs with no summary.json yet.
-EVAL_METRIC = re.compile(r"^(recall@\d+|eval_\w+|perplexity)$")
+EVAL_METRIC = re.compile(r"^(\w*recall@\d+\w*|eval_\w+|perplexity)$")
 FUNNEL = (("available", "-"), ("selected", "--"), ("reported", ":"))
 
 
@@ -172,9 +172,8 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
     reasons = sorted({k for r in runs for x in r.lines for k in x.get("dropped", {})})
     if not reasons:
         return None
-    ncols = min(3, len(reasons))
-    fig, axes = _figure(ncols, math.ceil(len(reasons) / ncols), width=4.0, height=3.0)
-    for ax, reason in zip(axes, reasons, strict=False):
+    fig, axes = _grid(len(reasons), width=4.0, height=3.0)
+    for ax, reason in zip(axes, reasons, strict=True):
         for i, r in enumerate(runs):
             pts = [(x["round"], x["dropped"].get(reason, 0)) for x in r.lines if "dropped" in x]
             if pts:
@@ -182,8 +181,6 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
         _by_round(ax, f"dropped: {reason}", "devices")
         ax.set_ylim(0, max(ax.get_ylim()[1], 1))  # a reason that never happened: a flat 0 of 1
         ax.yaxis.get_major_locator().set_params(integer=True)
-    for ax in axes[len(reasons) :]:
-        ax.set_visible(False)
     _legend(fig, runs)
     return fig
 
@@ -224,15 +221,45 @@ def _metrics(runs: Sequence[Run]) -> list[str]:
     return sorted({m for r in runs for m in r.eval_metrics()})
 
 
-def plot_metrics_vs_epsilon(runs: Sequence[Run]) -> Figure | None:
+def _panels(runs: Sequence[Run], metrics: Sequence[str] | None) -> dict[str, list[str]]:
+    """Evaluation metrics to plot (all, or those asked for), each with its reference metrics.
+
+    A metric named `<anything>_<m>` for a metric m (the unigram baseline `unigram_recall@1` of
+    `recall@1`) is drawn as a dashed line on m's panel rather than as a panel of its own.
+    """
+    found = _metrics(runs)
+    chosen = found if metrics is None else list(metrics)
+    refs = {m: [k for k in found if k.endswith(f"_{m}")] for m in chosen}
+    shown_as_ref = {k for ks in refs.values() for k in ks}
+    return {m: refs[m] for m in chosen if m not in shown_as_ref}
+
+
+def _grid(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
+    """n panels, three to a row, spare cells hidden."""
+    ncols = min(3, n)
+    fig, axes = _figure(ncols, math.ceil(n / ncols), width, height)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _draw_refs(ax: Any, runs: Sequence[Run], refs: list[str]) -> None:
+    for k in refs:
+        for i, r in enumerate(runs):
+            v = r.summary.get("final", {}).get(k, next((x[k] for x in reversed(r.lines) if k in x), None))
+            if _is_number(v):
+                ax.axhline(v, color=f"C{i % 10}", ls="--", lw=0.8, label=k if i == 0 else None)
+
+
+def plot_metrics_vs_epsilon(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> Figure | None:
     """Utility against privacy: each run's path as it trains, and the sweep's final points joined."""
-    metrics = _metrics(runs)
-    curves = {m: [(i, _metric_points(r, m, "epsilon")) for i, r in enumerate(runs)] for m in metrics}
-    metrics = [m for m in metrics if any(xs for _, (xs, _) in curves[m])]
-    if not metrics:
+    panels = _panels(runs, metrics)
+    curves = {m: [(i, _metric_points(r, m, "epsilon")) for i, r in enumerate(runs)] for m in panels}
+    shown = [m for m in panels if any(xs for _, (xs, _) in curves[m])]
+    if not shown:
         return None
-    fig, axes = _figure(len(metrics))
-    for ax, m in zip(axes, metrics, strict=True):
+    fig, axes = _grid(len(shown))
+    for ax, m in zip(axes, shown, strict=True):
         finals = []
         for i, (xs, ys) in curves[m]:
             if xs:
@@ -241,27 +268,31 @@ def plot_metrics_vs_epsilon(runs: Sequence[Run]) -> Figure | None:
                 ax.plot(xs[-1], ys[-1], "o", color=f"C{i % 10}", ms=8)
         if len(finals) > 1:
             ax.plot(*zip(*sorted(finals), strict=True), "k-", lw=1, label="final")
+        _draw_refs(ax, runs, panels[m])
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
         ax.set(title=f"{m} against epsilon", xlabel="epsilon", ylabel=m)
     _legend(fig, runs)
     return fig
 
 
-def plot_metrics_by_round(runs: Sequence[Run]) -> Figure | None:
-    """Training loss and every evaluation metric over rounds."""
-    keys = [k for k in ("train_loss",) if any(len(r.series(k)[0]) for r in runs)] + _metrics(runs)
-    if not keys:
+def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> Figure | None:
+    """Training loss and the evaluation metrics over rounds."""
+    panels = _panels(runs, metrics)
+    if metrics is None and any(len(r.series("train_loss")[0]) for r in runs):
+        panels = {"train_loss": [], **panels}
+    if not panels:
         return None
-    ncols = min(3, len(keys))
-    fig, axes = _figure(ncols, math.ceil(len(keys) / ncols))
-    for ax, k in zip(axes, keys, strict=False):
+    fig, axes = _grid(len(panels))
+    for ax, (k, refs) in zip(axes, panels.items(), strict=True):
         for i, r in enumerate(runs):
             xs, ys = _metric_points(r, k, "round")
             if xs:
                 ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i % 10}", ms=3, lw=1.2)
+        _draw_refs(ax, runs, refs)
+        if refs:
+            ax.legend(fontsize="small")
         _by_round(ax, k, k)
-    for ax in axes[len(keys) :]:
-        ax.set_visible(False)
     _legend(fig, runs)
     return fig
 

@@ -96,17 +96,22 @@ def test_plots_follow_the_metrics_present(tmp_path):
     titles = [ax.get_title() for ax in figs["metrics_by_round"].axes]
     assert titles == ["train_loss", "my_score"]
 
-    # recall on eval rounds of a DP run still going (no summary yet): found by name
+    # recall on eval rounds of a DP run still going (no summary yet): found by name; its unigram
+    # baseline is a reference line on the recall panel, not a panel of its own
+    evals = {"recall@1": 0.3, "unigram_recall@1": 0.2}
     dp = _write_run(
         tmp_path / "dp",
-        [_line(r, epsilon=0.1 * (r + 1), **({"recall@1": 0.1 * r} if r % 2 else {})) for r in range(6)],
+        [_line(r, epsilon=0.1 * (r + 1), **(evals if r % 2 else {})) for r in range(6)],
     )
     (run,) = report.find_runs([dp])
-    assert run.eval_metrics() == ["recall@1"]
+    assert run.eval_metrics() == ["recall@1", "unigram_recall@1"]
     figs = report.figures([run])
-    assert "epsilon" in figs and [ax.get_title() for ax in figs["metrics_vs_epsilon"].axes] == [
-        "recall@1 against epsilon"
+    (ax,) = figs["metrics_vs_epsilon"].axes
+    assert "epsilon" in figs and ax.get_title() == "recall@1 against epsilon"
+    assert [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "--"] == [
+        "unigram_recall@1"
     ]
+    assert [a.get_title() for a in report.plot_metrics_by_round([run], ["recall@1"]).axes] == ["recall@1"]
     assert report.write_report([run], tmp_path / "out").exists()
 
 
