@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from fleet import checkpoint, population
 from fleet.config import Config, ConfigError, validate
 from fleet.coordinator import Coordinator
-from fleet.shard import remote_shard_class
+from fleet.shard import fleet_size, remote_shard_class
 from fleet.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def train(
         cfg = config_from_dict(config_dict)
         cfg.resume = str(run_dir)
     validate(cfg)
-    pop = population.population_size(cfg.fleet)
+    pop = fleet_size(cfg)
     if cfg.fleet.goal > pop:
         raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")
     run_dir = Path(run_dir)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fleet import availability, checkpoint, participation_shard, population, rng
-from fleet.config import FleetConfig
+from fleet.config import ConfigError, FleetConfig
 from fleet.privacy.clipping import clip
 from fleet.tasks import make_task
 from fleet.timing import Reason, job_seconds, plan
@@ -37,19 +37,26 @@ class ShardCore:
         self.index = index
         self.start, self.stop = start, stop
         f: FleetConfig = cfg.fleet
+        self.task = make_task(cfg, role="client")
+        if "torch" in sys.modules:  # a torch task: one thread per shard process, measured faster on CPU
+            sys.modules["torch"].set_num_threads(1)
         if f.path:
             self.cols = population.load(f.path, start, stop, f.availability.model)
         else:
             self.cols = population.generate(f, cfg.seed, start, stop)
+            if corpus_defines_devices(cfg):
+                # The corpus's devices are the fleet: their ids and example counts replace the
+                # generated ones; the other columns (speed, schedule...) stay synthetic.
+                ids, counts = self.task.corpus.device_table(start, stop)
+                if np.any(counts <= 0):
+                    raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
+                self.cols["device_id"], self.cols["num_examples"] = ids, counts.astype(np.int32)
         self.n = stop - start
         self.avail = availability.make(f.availability, self.cols, cfg.seed, t0)
         self.eligible = self.cols["memory_bytes"] >= f.min_memory_gb * population.GB
         self.last_participation = np.full(self.n, -np.inf, dtype=np.float32)
         self.participations = np.zeros(self.n, dtype=np.uint16)
         self.sep_s = f.min_separation_hours * 3600.0
-        self.task = make_task(cfg, role="client")
-        if "torch" in sys.modules:  # a torch task: one thread per shard process, measured faster on CPU
-            sys.modules["torch"].set_num_threads(1)
         self.seed = cfg.seed
         self._round: int | None = None
         self._available: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -208,6 +215,20 @@ class ShardCore:
         return participation_shard.schedule_privacy(
             avail, self.eligible, self.cols, f, times, rdp, orders, delta, nominal
         )
+
+
+def corpus_defines_devices(cfg: Any) -> bool:
+    """With an Arrow corpus (and no Parquet population) the corpus's devices are the fleet."""
+    return cfg.task.name == "nwp" and cfg.data.name == "arrow" and not cfg.fleet.path
+
+
+def fleet_size(cfg: Any) -> int:
+    """Number of devices: a Parquet population's rows, an Arrow corpus's devices, or the config's."""
+    if corpus_defines_devices(cfg):
+        from fleet.data.corpus import make_corpus
+
+        return int(make_corpus(cfg).num_devices)
+    return population.population_size(cfg.fleet)
 
 
 def _node_id() -> str | None:

@@ -1,0 +1,111 @@
+"""Next-word prediction through the fleet: evaluation metrics, learning, an Arrow-defined fleet."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+
+from fleet.coordinator import Coordinator
+from fleet.population import shard_ranges
+from fleet.shard import ShardCore, fleet_size
+from fleet.tasks.nwp import evaluate_tokens
+
+SMALL = (
+    "fleet=tiny",
+    "tracking.mode=disabled",
+    "progress=false",
+    "model.vocab_size=300",
+    "model.embed_dim=16",
+    "model.hidden_dim=32",
+    "model.proj_dim=16",
+    "fleet.examples_median=24",
+    "fleet.examples_max=48",
+    "data.eval_examples=600",
+)
+
+
+class FixedLogits(torch.nn.Module):
+    """Predicts the same ranking everywhere: token 5, then 3 (oov), then 6, then 7."""
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, 10)
+        logits[..., 5], logits[..., 3], logits[..., 6], logits[..., 7] = 4.0, 3.0, 2.0, 1.0
+        return logits
+
+
+def test_recall_excludes_pad_and_handles_oov():
+    # targets (after bos): 5 (hit@1), 3 (oov: hit@3 with oov, excluded without), 6, 9, pad, pad
+    tokens = np.array([[1, 5, 3, 6, 9, 0, 0]], dtype=np.int32)
+    m = evaluate_tokens(FixedLogits(), tokens)
+    assert m["recall@1"] == pytest.approx(1 / 4)
+    assert m["recall@3"] == pytest.approx(3 / 4)
+    # Without oov: targets 5, 6, 9; oov is never predicted, so the top 3 are 5, 6, 7.
+    assert m["recall@1_no_oov"] == pytest.approx(1 / 3)
+    assert m["recall@3_no_oov"] == pytest.approx(2 / 3)
+    logp = torch.log_softmax(FixedLogits()(torch.zeros(1, 1, dtype=torch.long))[0, 0], -1)
+    want = -float(logp[[5, 3, 6, 9]].mean())
+    assert m["eval_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_short_run_beats_the_unigram_baseline():
+    cfg = make_cfg(
+        *SMALL, "privacy=none", "fleet.goal=20", "train.client_lr=0.5", "train.server_optimizer=sgd"
+    )
+    pop = cfg.fleet.population
+    shards = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
+    coord = Coordinator(cfg, shards, pop)
+    first = coord.evaluate()
+    for _ in range(12):
+        coord.run_round()
+    last = coord.evaluate()
+    assert last["eval_loss"] < first["eval_loss"] - 0.5
+    assert last["recall@1"] > last["unigram_recall@1"] + 0.02, last
+
+
+def test_dp_round_on_nwp_is_clipped_and_noised():
+    cfg = make_cfg(*SMALL, "fleet.goal=10", "privacy.clip_norm=0.1", "privacy.noise_multiplier=1.0")
+    pop = cfg.fleet.population
+    coord = Coordinator(cfg, [ShardCore(cfg, 0, 0, pop)], pop)
+    line = coord.run_round()
+    assert line["released"] and line["epsilon"] > 0
+    assert line["clipped_sum_norm"] <= 0.1 * line["reported"] + 1e-6
+    assert line["noise_norm"] > 0
+
+
+def test_arrow_corpus_defines_the_fleet(tmp_path):
+    from fleet.data import ingest
+
+    src = tmp_path / "raw.jsonl"
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    with open(src, "w") as f:
+        for u in range(60):
+            for _ in range(int(rng.integers(1, 6))):
+                f.write(json.dumps({"user": f"user{u}", "text": " ".join(rng.choice(words, 12))}) + "\n")
+    out = tmp_path / "corpus"
+    ingest.main(
+        [
+            str(src),
+            str(out),
+            "--user-column",
+            "user",
+            "--vocab-size",
+            "50",
+            "--eval-fraction",
+            "0.2",
+            "--no-progress",
+        ]
+    )
+    cfg = make_cfg(*SMALL, "data=arrow", f"data.path={out}", "model.vocab_size=50", "fleet.goal=5")
+    pop = fleet_size(cfg)
+    assert 30 <= pop < 60  # the training devices of the corpus, not fleet.population
+    shard = ShardCore(cfg, 0, 0, pop)
+    counts = shard.cols["num_examples"]
+    assert counts.min() >= 1 and counts.max() <= 5
+    coord = Coordinator(cfg, [shard], pop)
+    line = coord.run_round()
+    assert line["reported"] >= 1
