@@ -94,11 +94,12 @@ class DataConfig:
     name: str = "synthetic"  # synthetic | arrow
     path: str | None = None  # arrow: corpus folder written by fleet-ingest
     ngram_order: int = 2
-    zipf_a: float = 1.1
+    zipf_a: float = 1.1  # word frequencies: Zipf exponent over the vocabulary
     branching: int = 24  # successors per context in the hidden language
+    successor_zipf_a: float = 1.5  # how peaked what follows a word is (Zipf over its successors)
     device_topics: int = 8  # non-IID: per-device preferences over topics
     topic_alpha: float = 0.3  # Dirichlet concentration of a device's topic mix (small: skewed)
-    topic_strength: float = 0.5  # 0: topics change nothing (IID); 1: each topic its own weights
+    topic_strength: float = 0.4  # share of steps that follow the topic (0: IID devices)
     max_examples_per_device: int = 256  # synthetic: examples(n=None); arrow: cap on stored ones
     eval_devices: int = 200
     eval_examples: int = 4000

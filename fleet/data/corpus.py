@@ -72,6 +72,7 @@ def validate_data(cfg: Any) -> None:
     v = cfg.model.vocab_size
     check(d.ngram_order >= 2, "ngram_order", f"must be >= 2 (got {d.ngram_order})")
     check(d.zipf_a > 0, "zipf_a", f"must be > 0 (got {d.zipf_a})")
+    check(d.successor_zipf_a >= 0, "successor_zipf_a", f"must be >= 0 (got {d.successor_zipf_a})")
     check(1 <= d.branching <= v, "branching", f"must be in [1, model.vocab_size={v}] (got {d.branching})")
     check(d.device_topics >= 1, "device_topics", "must be >= 1")
     check(d.topic_alpha > 0, "topic_alpha", f"must be > 0 (got {d.topic_alpha})")

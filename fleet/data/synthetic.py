@@ -8,7 +8,9 @@ The language (fixed by the seed):
 - Shared grammar: every context token c (bos or a word) has `branching` distinct successor
   words, drawn without replacement from a Zipf(`zipf_a`) distribution over the V words, so
   frequent words follow many contexts and the corpus unigram has a Zipfian tail. The successors
-  are ranked in a random order per context and weighted Zipf(`zipf_a`) by rank.
+  are ranked in a random order per context and weighted Zipf(`successor_zipf_a`) by rank:
+  the larger the exponent, the more predictable the next word (1.5 gives a bigram model about
+  25% top-1 recall against the unigram's 8% at V=2000).
 - Topics: each of `device_topics` topics ranks the vocabulary its own way (the global Zipf rank
   jittered by a lognormal factor, `_TOPIC_RANK_SIGMA`) and has its own successor sets drawn
   from that ranking. Each step follows the topic with probability `topic_strength`, else the
@@ -64,7 +66,13 @@ class SyntheticCorpus:
         self.eval_n = int(data.eval_examples)
         self.strength = float(data.topic_strength)
         self._table, self._rank_cdf, self._variant_of = _language(
-            self.vocab_size, int(data.branching), float(data.zipf_a), self.topics, self.order, self.seed
+            self.vocab_size,
+            int(data.branching),
+            float(data.zipf_a),
+            float(data.successor_zipf_a),
+            self.topics,
+            self.order,
+            self.seed,
         )
         self._vt = self.vocab_size + NUM_SPECIAL
         self._branching = int(data.branching)
@@ -148,15 +156,15 @@ class SyntheticCorpus:
 
 
 def _language(
-    vocab_size: int, branching: int, zipf_a: float, topics: int, order: int, seed: int
+    vocab_size: int, branching: int, zipf_a: float, successor_a: float, topics: int, order: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """The hidden language as lookup tables.
 
     Returns (table, rank_cdf, variant_of). table[(row * (V+4) + context) * B + rank] is the word
     of that Zipf rank after `context`; row is a shared variant (0..variants-1; variants = 4 for
     order > 2, else 1) or variants + topic (topics have successor sets of their own). rank_cdf is
-    the Zipf(`zipf_a`) CDF over the B ranks. variant_of[lag-2][token] maps older context tokens
-    to a shared variant (order > 2).
+    the Zipf(`successor_zipf_a`) CDF over the B ranks. variant_of[lag-2][token] maps older
+    context tokens to a shared variant (order > 2).
     """
     g = rng.device_generator(seed, LANGUAGE_STREAM, 0, 0)
     vt = vocab_size + NUM_SPECIAL
@@ -176,7 +184,7 @@ def _language(
         [ranking[t][_distinct_zipf(g, vt, vocab_size, branching, zipf_a)] for t in range(topics)]
     )
     table = np.concatenate([shared, topical + NUM_SPECIAL]).astype(np.int32)
-    rank_w = np.arange(1, branching + 1, dtype=np.float64) ** -zipf_a
+    rank_w = np.arange(1, branching + 1, dtype=np.float64) ** -successor_a
     rank_cdf = np.cumsum(rank_w / rank_w.sum())
     variant_of = [g.integers(0, variants, size=vt) for _ in range(order - 2)]
     return table.ravel(), rank_cdf, variant_of
