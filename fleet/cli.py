@@ -150,11 +150,11 @@ def _train(cfg: DictConfig) -> dict:
     log_ray_to(run_dir / "ray.log")
     ensure_ray(obj)
     summary = train(obj, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    print(_summary_text(summary, run_dir))
+    print(_summary_text(summary, summary["run_dir"]))  # with resume=..., the resumed run's dir
     return summary
 
 
-def _summary_text(s: dict, run_dir: Path) -> str:
+def _summary_text(s: dict, run_dir: str) -> str:
     parts = [
         f"run dir: {run_dir}",
         f"rounds: {s['rounds']} ({s['released_rounds']} released, "

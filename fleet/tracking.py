@@ -71,6 +71,10 @@ class Tracker:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            # A resumed run continues its W&B run: same id (offline, `wandb sync` of both
+            # offline-run folders makes one run online).
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if cfg.resume and id_file.exists() else None
             self.wandb = wandb.init(
                 mode=t.mode,
                 project=t.project,
@@ -79,8 +83,11 @@ class Tracker:
                 tags=list(t.tags) or None,
                 dir=str(self.run_dir),
                 config=config_dict,
+                id=run_id,
+                resume="allow" if run_id else None,
                 reinit="finish_previous",
             )
+            id_file.write_text(self.wandb.id)
         self.headline: dict[str, float] = {}  # last value of each headline metric, kept between evals
         self.bar = tqdm(
             total=total_rounds, desc="rounds", unit="rd", disable=not cfg.progress, dynamic_ncols=True

@@ -115,7 +115,7 @@ def test_multirun_wandb_runs_share_a_group_and_mirror_metrics(sweep):
 
 def _cfg(mode: str = "disabled", progress: bool = True) -> SimpleNamespace:
     tracking = SimpleNamespace(mode=mode, project="fleet", entity=None, group=None, tags=[], media=True)
-    return SimpleNamespace(tracking=tracking, progress=progress)
+    return SimpleNamespace(tracking=tracking, progress=progress, resume=None)
 
 
 def _line(r: int, **extra) -> dict:
@@ -144,3 +144,17 @@ def test_progress_bar_shows_epsilon_metric_and_funnel(tmp_path):
     assert len(read_lines(tmp_path)) == 2
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
     assert not (tmp_path / "wandb").exists()  # disabled means no W&B at all
+
+
+def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = Tracker(tmp_path, _cfg("offline", progress=False), {"seed": 0}, total_rounds=4)
+    first.log(_line(0))
+    first.finish({"rounds": 1})
+    resumed = _cfg("offline", progress=False)
+    resumed.resume = str(tmp_path)
+    again = Tracker(tmp_path, resumed, {"seed": 0}, total_rounds=4)
+    again.log(_line(1))
+    again.finish({"rounds": 2})
+    assert again.wandb.id == first.wandb.id == (tmp_path / "wandb_run_id").read_text()
+    assert {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")} == {first.wandb.id}
