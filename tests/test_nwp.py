@@ -25,6 +25,8 @@ SMALL = (
     "fleet.examples_median=24",
     "fleet.examples_max=48",
     "data.eval_examples=600",
+    "model.init_scale=1.0",  # small tied embeddings start on a plateau with the usual 0.1
+    "train.batch_size=8",
 )
 
 
@@ -52,14 +54,12 @@ def test_recall_excludes_pad_and_handles_oov():
 
 
 def test_short_run_beats_the_unigram_baseline():
-    cfg = make_cfg(
-        *SMALL, "privacy=none", "fleet.goal=20", "train.client_lr=0.5", "train.server_optimizer=sgd"
-    )
+    cfg = make_cfg(*SMALL, "privacy.noise_multiplier=0.3", "fleet.goal=20", "train.client_lr=1.0")
     pop = cfg.fleet.population
     shards = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
     coord = Coordinator(cfg, shards, pop)
     first = coord.evaluate()
-    for _ in range(12):
+    for _ in range(25):
         coord.run_round()
     last = coord.evaluate()
     assert last["eval_loss"] < first["eval_loss"] - 0.5
