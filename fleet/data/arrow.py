@@ -48,12 +48,36 @@ SUMMARY_FILE = "ingest_summary.json"
 FORMAT = "fleet-corpus"
 VERSION = 1
 KEY = "data.path"
-_CACHED_GROUPS = 8  # decoded train row groups kept per corpus (about 1.4 MB each by default)
+_CACHED_GROUPS = 16  # decoded train row groups kept per corpus (about 340 KB each by default)
 _INDEX_GROUP_ROWS = 1 << 16  # devices per row group of the index
 
 
+def tokens_type(seq_len: int) -> pa.DataType:
+    """fixed_size_list<int32 not null>[seq_len+1]: non-nullable, so Parquet stores no definition
+    levels for the ids and a row group decodes faster."""
+    return pa.list_(pa.field("item", pa.int32(), nullable=False), seq_len + 1)
+
+
 def examples_schema(seq_len: int) -> pa.Schema:
-    return pa.schema([("device_id", pa.int64()), ("tokens", pa.list_(pa.int32(), seq_len + 1))])
+    return pa.schema(
+        [
+            pa.field("device_id", pa.int64(), nullable=False),
+            pa.field("tokens", tokens_type(seq_len), nullable=False),
+        ]
+    )
+
+
+def examples_table(device_ids: np.ndarray, tokens: np.ndarray) -> pa.Table:
+    """Rows of (device_id, tokens) from int64 ids and an int32 (rows, seq_len+1) array."""
+    flat = pa.array(np.ascontiguousarray(tokens, dtype=np.int32).ravel(), type=pa.int32())
+    seq_len = tokens.shape[1] - 1
+    return pa.table(
+        {
+            "device_id": pa.array(device_ids, type=pa.int64()),
+            "tokens": pa.FixedSizeListArray.from_arrays(flat, type=tokens_type(seq_len)),
+        },
+        schema=examples_schema(seq_len),
+    )
 
 
 INDEX_SCHEMA = pa.schema([("device_id", pa.int64()), ("offset", pa.int64()), ("num_examples", pa.int32())])
@@ -66,7 +90,7 @@ class CorpusWriter:
     order, so this holds); rows are buffered into row groups of `row_group_rows`.
     """
 
-    def __init__(self, path: str | Path, vocab: Vocabulary, seq_len: int, row_group_rows: int = 16384):
+    def __init__(self, path: str | Path, vocab: Vocabulary, seq_len: int, row_group_rows: int = 4096):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.vocab = vocab
@@ -125,14 +149,7 @@ class CorpusWriter:
     def _flush(self, split: str, rows: int) -> None:
         ids = np.concatenate([b[0] for b in self._buffers[split]])
         tok = np.concatenate([b[1] for b in self._buffers[split]])
-        flat = pa.array(tok[:rows].ravel(), type=pa.int32())
-        table = pa.table(
-            {
-                "device_id": pa.array(ids[:rows], type=pa.int64()),
-                "tokens": pa.FixedSizeListArray.from_arrays(flat, self.seq_len + 1),
-            },
-            schema=examples_schema(self.seq_len),
-        )
+        table = examples_table(ids[:rows], tok[:rows])
         self._writers[split].write_table(table, row_group_size=rows)
         self._buffers[split] = [(ids[rows:], tok[rows:])] if rows < len(ids) else []
         self._buffered[split] = len(ids) - rows
@@ -281,7 +298,8 @@ class ArrowCorpus:
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             raise ConfigError(f"{KEY}: corrupt Parquet file {str(self.path / name)!r}: {e}") from None
         width = self.seq_len + 1
-        if col.type != pa.list_(pa.int32(), width):
+        t = col.type
+        if not (pa.types.is_fixed_size_list(t) and t.list_size == width and t.value_type == pa.int32()):
             raise ConfigError(
                 f"{KEY}: {name} column tokens is {col.type}, expected fixed_size_list<int32>[{width}]"
             )

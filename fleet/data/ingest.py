@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from fleet.data.arrow import META_FILE, SUMMARY_FILE, CorpusWriter, examples_schema
+from fleet.data.arrow import META_FILE, SUMMARY_FILE, CorpusWriter, examples_schema, examples_table
 from fleet.data.vocab import PAD, Vocabulary, WordCounter, encode_sentence, sentences, words
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
@@ -312,11 +312,7 @@ class Ingest:
                 key = (split, int(b))
                 if key not in writers:
                     writers[key] = pq.ParquetWriter(spill_dir / f"{split}-{int(b):04d}.parquet", schema)
-                flat = pa.array(tok[sel].ravel(), type=pa.int32())
-                table = pa.table(
-                    {"device_id": dev[sel], "tokens": pa.FixedSizeListArray.from_arrays(flat, seq_len + 1)},
-                    schema=schema,
-                )
+                table = examples_table(dev[sel], tok[sel])
                 writers[key].write_table(table)
             ids[split], toks[split] = [], []
 
@@ -468,7 +464,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=20_000, help="input rows encoded per spill batch")
     p.add_argument("--buckets", type=int, default=0, help="spill buckets (default: from the input size)")
     p.add_argument("--bucket-mb", type=float, default=256.0, help="target memory per bucket for --buckets=0")
-    p.add_argument("--row-group-rows", type=int, default=16384, help="examples per Parquet row group")
+    p.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=4096,
+        help="examples per Parquet row group: the unit a shard decodes to read one device",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
