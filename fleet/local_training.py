@@ -284,7 +284,7 @@ class FusedEngine:
         torch.sub(one, tc, out=tc)
         tc.mul_(o)  # tc := o (1 - tanh(c)^2)
 
-        dh, dc = v.dh, v.dc
+        dh, dc, dc3 = v.dh, v.dc, v.dc3
         dc.zero_()
         w_r_t, w_p_t = w["w_r"].t(), w["w_p"].t()
         for dr, m1, m_o, m_dc, dcdh, keep in v.backward:
@@ -293,7 +293,7 @@ class FusedEngine:
             torch.mm(dr, w_p_t, out=dh)
             m_o.mul_(dh)
             dc.addcmul_(dh, dcdh)
-            m_dc.mul_(dc.unsqueeze(1))
+            m_dc.mul_(dc3)
             if cifg:
                 dc.addcmul_(dc, keep, value=-1.0)  # dc_prev = dc (1 - i)
             else:
@@ -321,6 +321,7 @@ class _Views:
         self.x, self.z, self.m, self.c = buf["x"], buf["z"], buf["m"], buf["c"]
         self.tc, self.h, self.r, self.dr = buf["tc"], buf["h"], buf["r"], buf["dr"]
         self.dx, self.logits, self.dh, self.dc = buf["dx"], buf["logits"], buf["dh"], buf["dc"]
+        self.dc3 = self.dc.unsqueeze(1)  # dc broadcast over the gate blocks it scales
         self.z2 = self.z.view(t * b, -1)
         self.m2 = self.m.view(t * b, -1)
         self.dr2 = self.dr.view(t * b, -1)

@@ -7,13 +7,15 @@ initialised U(-0.1, 0.1). Device i holds `default_rng(i).zipf(1.2, (64, 21)) - 1
 lr 0.5. Cohort 50 of 10,000 always-available devices, no dropout, DP clip 1.0, z = 1.0, server
 SGD lr 1.0 with (Nesterov) momentum 0.9. One warm-up round, then timed rounds.
 
-Three measurements, side by side in one run because the machine is shared and noisy:
+Four measurements, side by side in one run because the machine is shared and noisy:
 1. the fp32 rate of a 2048 x 2048 matmul on all cores (before and after; the higher is the
    reference, which is the conservative choice);
-2. the baseline: a plain PyTorch loop (`nn.LSTM` with `proj_size`, autograd, `torch.optim.SGD`)
+2. the engine alone, one thread in this process (what one shard would do with the machine to
+   itself: it separates engine speed from round overhead and the shards' load imbalance);
+3. the baseline: a plain PyTorch loop (`nn.LSTM` with `proj_size`, autograd, `torch.optim.SGD`)
    training the same kind of devices one after another in one process on all cores, with the same
    clip / noise / server step per round; it runs in a child process so its memory is its own;
-3. the fleet: the real round (Coordinator + FleetShard Ray actors, one per core, one thread
+4. the fleet: the real round (Coordinator + FleetShard Ray actors, one per core, one thread
    each) with `W1Task`, whose devices train on the fused engine.
 
 Targets: fleet >= 1.3x the baseline's client updates per second, and >= 50% of the matmul rate
@@ -235,6 +237,23 @@ def plain_loop(cohort: int, population: int, warmup: int, rounds: int, seed: int
     }
 
 
+def engine_alone(devices: int, engine: str) -> float:
+    """Updates/s of the engine in this process on one thread, outside the round: what one shard
+    could do with the machine to itself, to tell engine speed from round overhead and imbalance."""
+    import torch
+
+    torch.set_num_threads(1)
+    task = W1Task(w1_config(1, 1, engine), "client")
+    params = task.init_params()
+    ids = np.arange(devices + 1)
+    updates = task.client_updates(params, ids, np.full(len(ids), EXAMPLES), 0)
+    next(updates)  # warm-up: buffers are allocated on the first device
+    t0 = time.perf_counter()
+    for _ in updates:
+        pass
+    return devices / (time.perf_counter() - t0)
+
+
 def _peak_rss(pid: int) -> int:
     """A process's peak resident set (VmHWM), in bytes; 0 if it has gone."""
     try:
@@ -302,6 +321,8 @@ def main(argv: list[str]) -> None:
     )
     mm = [matmul_gflops()]
     print(f"matmul 2048^2 fp32, {cores} threads: {mm[0]:.1f} GFLOP/s")
+    alone = engine_alone(12, args.engine)
+    print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
     base = None
     if not args.no_baseline:
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
