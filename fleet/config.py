@@ -145,9 +145,24 @@ class PrivacyConfig:
 
 @dataclass
 class DropoutConfig:
-    """Dropout scenarios beyond the per-device failure rate; `none` adds nothing (issue 9)."""
+    """Dropout scenarios on top of the fleet's own (per-device failure rates, closing windows,
+    deadline); they compose with any fleet. `none` adds nothing."""
 
     name: str = "none"
+    extra_failure: float = 0.0  # independent per-job failure probability added to every device
+    # correlated outage: devices in these time zones (UTC offsets) are offline for a window
+    outage_timezones: list[float] = field(default_factory=list)
+    outage_all: bool = False  # the whole fleet goes offline instead
+    outage_start_hour: float = 0.0  # simulated hours since the run's start
+    outage_hours: float = 0.0
+    # fleet-wide failure spike: jobs running in the window fail with this probability
+    spike_start_hour: float = 0.0
+    spike_hours: float = 0.0
+    spike_failure: float = 0.0
+    # battery / thermal: a job aborts with probability 1 - exp(-compute time / tau)
+    battery_tau_minutes: float | None = None
+    # diurnal trough: rounds may only start within [start, end) UTC hours of the day
+    active_hours: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +189,42 @@ class TrackingConfig:
 
 
 @dataclass
+class CanaryGroupConfig:
+    """`canaries` canaries, each planted on `devices` devices of its own (no device holds two).
+
+    On each planted device the canary replaces `repeats` examples, or, if `prob` is set, each
+    example independently with probability `prob` (Carlini et al. 2019; Thakkar et al. 2021).
+    """
+
+    devices: int = 1
+    repeats: int = 1
+    prob: float | None = None
+    canaries: int = 1
+
+
+@dataclass
+class MemorizationConfig:
+    """Secret-sharer canaries planted in the fleet's data, and the audit that measures them.
+
+    `none` plants nothing. A canary is a prefix (`prefix` words shared by all canaries, or
+    `prefix_words` random words of its own) followed by `secret_words` random words drawn from
+    the corpus unigram over words (`secret_dist=unigram`) or uniformly (`uniform`).
+    """
+
+    name: str = "none"
+    groups: list[CanaryGroupConfig] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
+    prefix_words: int = 3
+    secret_words: int = 5
+    secret_dist: str = "unigram"  # unigram | uniform
+    references: int = 16384  # R fresh candidates the canary is ranked against (exposure by rank)
+    samples: int = 65536  # candidates the skew-normal is fitted to (extrapolated exposure)
+    beam_width: int = 10  # beam search from the prefix: extracted = top beam; also within the top b
+    audit: bool = True  # audit when training ends (fleet-audit RUN_DIR does it again)
+    plan_path: str | None = None  # set by fleet.run: RUN_DIR/canaries/plan.npz, read by the shards
+
+
+@dataclass
 class Config:
     fleet: FleetConfig = MISSING
     model: ModelConfig = MISSING
@@ -184,6 +235,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     seed: int = 0
     rng: str = "reproducible"  # reproducible | secure
     resume: str | None = None  # RUN_DIR of a run to continue from its last checkpoint
@@ -201,6 +253,7 @@ def register_configs() -> None:
     cs.store(group="dropout", name="base_dropout", node=DropoutConfig)
     cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
     cs.store(group="ray", name="base_ray", node=RayConfig)
+    cs.store(group="memorization", name="base_memorization", node=MemorizationConfig)
 
 
 def check_known_keys(obj: Any, prefix: str = "") -> None:
@@ -296,6 +349,51 @@ def validate_fleet(f: FleetConfig, key: str = "fleet") -> None:
         _check(bool(a.trace_path), f"{ak}.trace_path", "required when availability.model=trace")
 
 
+def validate_dropout(d: DropoutConfig, key: str = "dropout") -> None:
+    for name in ("extra_failure", "spike_failure"):
+        v = getattr(d, name)
+        _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1] (got {v})")
+    for name in ("outage_hours", "spike_hours", "outage_start_hour", "spike_start_hour"):
+        v = getattr(d, name)
+        _check(v >= 0, f"{key}.{name}", f"must be >= 0 (got {v})")
+    if d.battery_tau_minutes is not None:
+        _check(d.battery_tau_minutes > 0, f"{key}.battery_tau_minutes", "must be > 0")
+    if d.active_hours:
+        h = d.active_hours
+        _check(
+            len(h) == 2 and 0 <= h[0] < 24 and 0 <= h[1] <= 24 and h[0] != h[1],
+            f"{key}.active_hours",
+            f"must be [start, end) hours of the day (got {list(h)})",
+        )
+
+
+def validate_memorization(cfg: Any, key: str = "memorization") -> None:
+    """Canary settings; the fleet's capacity for them is checked when the plan is drawn."""
+    m = cfg.memorization
+    _choice(m.secret_dist, f"{key}.secret_dist", ("unigram", "uniform"))
+    _check(m.secret_words >= 1, f"{key}.secret_words", f"must be >= 1 (got {m.secret_words})")
+    _check(m.prefix_words >= 0, f"{key}.prefix_words", f"must be >= 0 (got {m.prefix_words})")
+    _check(m.references >= 1, f"{key}.references", f"must be >= 1 (got {m.references})")
+    _check(m.samples >= 16, f"{key}.samples", f"must be >= 16 to fit a skew-normal (got {m.samples})")
+    _check(m.beam_width >= 1, f"{key}.beam_width", f"must be >= 1 (got {m.beam_width})")
+    if not m.groups:
+        return
+    _check(cfg.task.name == "nwp", f"{key}.groups", f"canaries need task.name=nwp (got {cfg.task.name!r})")
+    words = (len(m.prefix) if m.prefix else m.prefix_words) + m.secret_words
+    _check(
+        words < cfg.model.seq_len,
+        f"{key}.secret_words",
+        f"prefix + secret ({words} words) + eos must fit model.seq_len={cfg.model.seq_len}",
+    )
+    for i, g in enumerate(m.groups):
+        gk = f"{key}.groups[{i}]"
+        _check(g.devices >= 1, f"{gk}.devices", f"must be >= 1 (got {g.devices})")
+        _check(g.canaries >= 1, f"{gk}.canaries", f"must be >= 1 (got {g.canaries})")
+        _check(g.repeats >= 1, f"{gk}.repeats", f"must be >= 1 (got {g.repeats})")
+        if g.prob is not None:
+            _check(0 < g.prob <= 1, f"{gk}.prob", f"must be in (0, 1] (got {g.prob})")
+
+
 def validate(cfg: Any) -> None:
     """Check a composed config (dataclass or DictConfig) before anything is started."""
     validate_fleet(cfg.fleet)
@@ -324,7 +422,8 @@ def validate(cfg: Any) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
-    _choice(cfg.dropout.name, "dropout.name", ("none",))
+    validate_dropout(cfg.dropout)
     if cfg.ray.num_cpus is not None:
         _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1 (got {cfg.ray.num_cpus})")
+    validate_memorization(cfg)
     check_known_keys(cfg)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet import checkpoint
+from fleet import checkpoint, dropout
 from fleet.config import min_reports
 from fleet.privacy.accountant import Accountant, Mechanism
 from fleet.privacy.noise import NoiseSource
@@ -150,6 +150,7 @@ class Coordinator:
     def run_round(self) -> dict:
         """One round; a shard crash abandons it (nothing released) and the shard is recovered."""
         wall0 = time.perf_counter()
+        self.clock = dropout.next_active_time(self.cfg.dropout, self.clock)
         try:
             line = self._round(self.round, self.clock)
         except ShardCrash:
@@ -220,6 +221,7 @@ class Coordinator:
         arrival = np.concatenate([p["arrival"] for p in plans]) if plans else np.zeros(0)
         reason = np.concatenate([p["reason"] for p in plans]) if plans else np.zeros(0, np.int8)
         flops = np.concatenate([p["flops"] for p in plans]) if plans else np.zeros(0)
+        done = np.concatenate([p["done"] for p in plans]) if plans else np.zeros(0)
         # Ties in arrival go to the lower global rank: the concatenation is in rank order.
         order = np.argsort(arrival, kind="stable")
         n_arrived = int(np.count_nonzero(reason == Reason.REPORTED))
@@ -234,7 +236,9 @@ class Coordinator:
         metrics: dict[str, Any] = {}
         t_train = t_agg = 0.0
         invalid = 0
+        invalid_flops = 0.0
         reported = 0
+        reported_mix: dict = {}
         if not abandoned:
             t0 = time.perf_counter()
             sizes = np.cumsum([0] + [len(x) for x in local])
@@ -248,6 +252,8 @@ class Coordinator:
             t0 = time.perf_counter()
             reported = int(sum(res["count"] for res in results))
             invalid = int(sum(res["invalid"] for res in results))
+            invalid_flops = float(sum(res["invalid_flops"] for res in results))
+            reported_mix = _merge_mix([res["mix"] for res in results])
             metrics.update(self._aggregate(r, results, reported))
             t_agg = time.perf_counter() - t0
 
@@ -264,7 +270,14 @@ class Coordinator:
             "abandoned": bool(abandoned),
             "released": not abandoned,
             "round_duration_s": close - t,
-            "wasted_flops": float(flops[reason == Reason.AFTER_GOAL].sum()),
+            "time_to_goal_s": close - t if n_arrived >= f.goal else None,
+            # Compute the real fleet would spend on jobs that trained but were not counted
+            # (late arrivals, invalid updates), and on jobs that aborted part-way.
+            "wasted_flops": float(flops[reason == Reason.AFTER_GOAL].sum()) + invalid_flops,
+            "aborted_flops": float(
+                (flops * done)[(reason != Reason.REPORTED) & (reason != Reason.AFTER_GOAL)].sum()
+            ),
+            "mix": {"selected": _merge_mix([p["mix"] for p in plans]), "reported": reported_mix},
             "epsilon": self.accountant.epsilon() if self.dp else None,
             "clip_norm": self.clip_norm,
             "timing": {
@@ -387,6 +400,16 @@ class Coordinator:
             "sampling": self.cfg.privacy.sampling,
             "q": self.cfg.fleet.goal / self.population,
         }
+
+
+def _merge_mix(mixes: list[dict]) -> dict:
+    """Sum the shards' time-zone and speed counts."""
+    tz: dict[str, int] = {}
+    for m in mixes:
+        for k, v in m["tz"].items():
+            tz[k] = tz.get(k, 0) + v
+    speed = np.sum([m["speed"] for m in mixes], axis=0).astype(int).tolist() if mixes else []
+    return {"tz": tz, "speed": speed}
 
 
 def reason_name(code: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet import availability, checkpoint, participation_shard, population, rng
+from fleet import availability, checkpoint, dropout, participation_shard, population
 from fleet.config import ConfigError, FleetConfig
 from fleet.privacy.clipping import clip
 from fleet.tasks import make_task
@@ -24,6 +24,8 @@ from fleet.timing import Reason, job_seconds, plan
 
 # Fixed log-spaced bins for the update-norm histogram that shards release (mergeable exactly).
 NORM_BINS = np.concatenate([[0.0], np.logspace(-4, 4, 33), [np.inf]])
+# Fixed log10(FLOP/s) bins for the speed make-up of selected and reporting devices.
+SPEED_BINS = np.concatenate([[-np.inf], np.arange(8.0, 11.51, 0.5), [np.inf]])
 
 
 class ShardCore:
@@ -67,6 +69,9 @@ class ShardCore:
         """Count devices available, eligible and outside their participation-limit window."""
         ok = self.avail.available(t)
         ok &= self.eligible
+        out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
+        if out is not None:
+            ok &= ~out
         if self.sep_s > 0:
             ok &= self.last_participation <= t - self.sep_s
         self._round = round_idx
@@ -89,11 +94,34 @@ class ShardCore:
             self.cols["uplink"][idx],
             self.cols["flops"][idx],
         )
-        fail = rng.uniform(self.seed, "failure", round_idx, ids) < self.cols["failure_prob"][idx]
-        fail_frac = rng.uniform(self.seed, "failure_at", round_idx, ids)
-        window_end = self.avail.window_end(t, idx)
-        arrival, reason = plan(t, deadline, duration, window_end, fail, fail_frac)
-        return {"arrival": arrival, "reason": reason, "flops": flops}
+        compute_s = flops / self.cols["flops"][idx].astype(np.float64)
+        tz = self.cols["tz_offset_hours"][idx]
+        events = dropout.job_events(
+            self.cfg.dropout,
+            self.seed,
+            round_idx,
+            ids,
+            t,
+            duration,
+            compute_s,
+            tz,
+            self.cols["failure_prob"][idx],
+        )
+        events[Reason.WINDOW_CLOSED] = self.avail.window_end(t, idx)
+        events[Reason.DEADLINE] = np.full(len(idx), deadline)
+        arrival, reason = plan(t, duration, events)
+        # Share of each job done before it dropped (1 for jobs that finish): for wasted compute.
+        stop = np.minimum.reduce(list(events.values())) if len(idx) else np.zeros(0)
+        done = np.where(
+            reason == Reason.REPORTED, 1.0, np.clip((stop - t) / np.maximum(duration, 1e-9), 0, 1)
+        )
+        return {"arrival": arrival, "reason": reason, "flops": flops, "done": done, "mix": self._mix(idx)}
+
+    def _mix(self, idx: np.ndarray) -> dict:
+        """Time-zone and speed make-up of a set of devices, as counts (no ids)."""
+        tz, counts = np.unique(self.cols["tz_offset_hours"][idx], return_counts=True)
+        speed = np.histogram(np.log10(self.cols["flops"][idx].astype(np.float64)), bins=SPEED_BINS)[0]
+        return {"tz": {f"{z:+g}": int(c) for z, c in zip(tz, counts, strict=True)}, "speed": speed.tolist()}
 
     def train(
         self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
@@ -105,15 +133,15 @@ class ShardCore:
         idx = self._selected[accepted]
         total = np.zeros(len(params), dtype=np.float64)
         counted: list[int] = []
-        loss_sum, norm_sum, unclipped, invalid = 0.0, 0.0, 0, 0
+        loss_sum, norm_sum, unclipped = 0.0, 0.0, 0
         norm_hist = np.zeros(len(NORM_BINS) - 1, dtype=np.int64)
         ids = self.cols["device_id"][idx]
         updates = self.task.client_updates(params, ids, self.cols["num_examples"][idx], round_idx)
+        # zip stops at the cohort: a task yielding extra updates for a device cannot add them.
         for pos, (delta, loss) in zip(range(len(idx)), updates, strict=False):
             delta = np.asarray(delta, dtype=np.float32)
             if delta.shape != params.shape or not np.all(np.isfinite(delta)):
-                invalid += 1  # dropped with reason `invalid`: never reaches the sum
-                continue
+                continue  # dropped with reason `invalid`: never reaches the sum
             clipped, norm = clip(delta, clip_norm)
             total += clipped
             counted.append(pos)
@@ -121,14 +149,18 @@ class ShardCore:
             norm_sum += norm
             unclipped += int(clip_norm is None or norm <= clip_norm)
             norm_hist[np.searchsorted(NORM_BINS, norm, side="right") - 1] += 1
-        done = idx[np.asarray(counted, dtype=np.int64)]
+        ok = np.zeros(len(idx), dtype=bool)
+        ok[np.asarray(counted, dtype=np.int64)] = True
+        done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never counted
         self._record_participation(done, t)
         if self.state_dir is not None:
             checkpoint.append_journal(self.state_dir, self.start, self.stop, round_idx, t, done)
         return {
             "sum": total,
             "count": len(done),
-            "invalid": invalid,
+            "invalid": len(bad),
+            "invalid_flops": float(self.task.job_flops(self.cols["num_examples"][bad]).sum()),
+            "mix": self._mix(done),
             "loss_sum": loss_sum,
             "norm_sum": norm_sum,
             "unclipped": unclipped,

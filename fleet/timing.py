@@ -24,6 +24,8 @@ class Reason(IntEnum):
     DEADLINE = 3
     AFTER_GOAL = 4
     INVALID = 5
+    BATTERY = 6
+    OUTAGE = 7
 
 
 DROP_REASONS = [r for r in Reason if r != Reason.REPORTED]
@@ -48,26 +50,20 @@ def job_seconds(
     )
 
 
-def plan(
-    t: float,
-    deadline: float,
-    duration: np.ndarray,
-    window_end: np.ndarray,
-    fail: np.ndarray,
-    fail_frac: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+def plan(t: float, duration: np.ndarray, events: dict[Reason, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Arrival time (inf if dropped) and Reason of each selected device.
 
-    The earliest of the events that precede the job's finish decides: a failure (at `fail_frac`
-    of the job), the window closing, or the deadline. With none of them first, it reports.
+    `events` maps a drop reason to the time it would strike each device (inf: never): a failure
+    part-way, the window closing, the deadline, a battery abort, an outage. The earliest event
+    that precedes the job's finish decides; with none of them first, the device reports.
     """
     finish = t + duration
-    fail_at = np.where(fail, t + fail_frac * duration, np.inf)
-    events = np.stack([fail_at, window_end, np.full_like(finish, deadline)])
-    first = np.argmin(events, axis=0)
-    first_time = events[first, np.arange(len(finish))]
+    reasons = list(events)
+    times = np.stack([np.broadcast_to(events[r], finish.shape) for r in reasons])
+    first = np.argmin(times, axis=0)
+    first_time = times[first, np.arange(len(finish))]
     dropped = first_time < finish
-    codes = np.array([Reason.FAILURE, Reason.WINDOW_CLOSED, Reason.DEADLINE], dtype=np.int8)
+    codes = np.array([int(r) for r in reasons], dtype=np.int8)
     reason = np.where(dropped, codes[first], np.int8(Reason.REPORTED)).astype(np.int8)
     arrival = np.where(dropped, np.inf, finish)
     return arrival, reason

@@ -55,3 +55,11 @@ class ReportsTwice(MeanTask):
             big = np.full_like(params, 100.0)
             yield big, 0.0
             yield big, 0.0
+
+
+class UnitPush(MeanTask):
+    """Every device pushes hard along the all-ones direction (clipped to S on the shard)."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for _ in device_ids:
+            yield np.full_like(params, 100.0), 0.0

@@ -48,13 +48,16 @@ def test_deadline_and_window_drops_are_reasons():
 
 
 def test_plan_picks_the_earliest_event():
+    duration = np.array([10.0, 10.0, 10.0, 200.0, 50.0])
+    fail = np.array([False, False, True, False, True])
     arrival, reason = timing.plan(
-        t=0.0,
-        deadline=100.0,
-        duration=np.array([10.0, 10.0, 10.0, 200.0, 50.0]),
-        window_end=np.array([np.inf, 5.0, np.inf, np.inf, 60.0]),
-        fail=np.array([False, False, True, False, True]),
-        fail_frac=np.array([0.5, 0.5, 0.5, 0.5, 0.9]),
+        0.0,
+        duration,
+        {
+            Reason.FAILURE: np.where(fail, np.array([0.5, 0.5, 0.5, 0.5, 0.9]) * duration, np.inf),
+            Reason.WINDOW_CLOSED: np.array([np.inf, 5.0, np.inf, np.inf, 60.0]),
+            Reason.DEADLINE: np.full(5, 100.0),
+        },
     )
     assert reason.tolist() == [
         Reason.REPORTED,
