@@ -34,6 +34,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from fleet.stress import plot_stress
+
 # Evaluation metrics of the tasks we ship, for runs with no summary.json yet.
 EVAL_METRIC = re.compile(r"^(\w*recall@\d+\w*|eval_\w+|perplexity)$")
 FUNNEL = (("available", "-"), ("selected", "--"), ("reported", ":"))
@@ -304,6 +306,7 @@ PLOTS = {
     "epsilon": plot_epsilon,
     "metrics_vs_epsilon": plot_metrics_vs_epsilon,
     "metrics_by_round": plot_metrics_by_round,
+    "dropout_stress": plot_stress,  # a sweep over failure rate, over-selection or deadline
 }
 
 

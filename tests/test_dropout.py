@@ -178,3 +178,37 @@ def test_bad_dropout_config_names_the_key():
         validate(tiny_mean("dropout.extra_failure=1.5"))
     with pytest.raises(ConfigError, match=r"^dropout.active_hours:"):
         validate(tiny_mean("dropout.active_hours=[5]"))
+
+
+def test_knee_is_where_the_curve_turns():
+    from fleet.stress import knee
+
+    x = np.array([1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
+    y = np.array([0.1, 0.8, 0.95, 0.97, 0.98, 0.99])  # saturates after 1.2-1.4
+    assert knee(x, y) == 1
+    assert knee(x, x) is None  # a straight line has no knee
+
+
+def test_stress_page_from_a_sweep(tmp_path):
+    import json
+
+    from fleet.report import find_runs
+    from fleet.stress import plot_stress, run_point
+
+    for i, (fail, over) in enumerate([(0.0, 1.0), (0.0, 1.5), (0.4, 1.0), (0.4, 1.5)]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "config.json").write_text(
+            json.dumps({"dropout": {"extra_failure": fail}, "fleet": {"overselect": over}})
+        )
+        lines = [
+            {"round": r, "abandoned": r % 2 == 0 and fail > 0 and over < 1.2, "time_to_goal_s": 10.0 + r}
+            for r in range(4)
+        ]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (d / "summary.json").write_text(json.dumps({"final": {"recall@1": 0.1}, "privacy": {"epsilon": 2.0}}))
+    runs = find_runs([tmp_path])
+    points = [run_point(r) for r in runs]
+    assert sorted(p["success_rate"] for p in points) == [0.5, 1.0, 1.0, 1.0]
+    fig = plot_stress(runs)
+    assert fig is not None and len(fig.axes) == 8  # 4 outcomes x 2 swept knobs
