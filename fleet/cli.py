@@ -77,6 +77,8 @@ def preflight(overrides: Sequence[str], multirun: bool, config_name: str = CONFI
 
 def one_line(e: BaseException) -> str:
     """A user error as `key: what is wrong`, on one line."""
+    if isinstance(getattr(e, "cause", None), ConfigError):
+        e = e.cause  # raised in a Ray actor's method: Ray's wrapper adds the remote traceback
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, name = e.missing_cfg_file.rpartition("/")
         options = ", ".join(o for o in e.options if not o.startswith("base_"))  # schemas, not profiles

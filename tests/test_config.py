@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fleet.cli import CONF_DIR, load_config, preflight, sweep_jobs
-from fleet.config import Config
+from fleet.cli import CONF_DIR, load_config, one_line, preflight, sweep_jobs
+from fleet.config import Config, ConfigError
 
 GROUPS = ("fleet", "model", "data", "privacy", "dropout", "tracking", "ray", "experiment")
 PROFILES = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
@@ -103,3 +103,12 @@ def test_bad_override_is_one_line_naming_the_key(args, expected, tmp_path):
 def test_verbose_shows_the_traceback(tmp_path):
     p = _fleet("fleet.gol=3", "verbose=true", cwd=tmp_path)
     assert p.returncode != 0 and "Traceback" in p.stderr and "fleet.gol" in p.stderr
+
+
+def test_one_line_unwraps_an_error_raised_in_an_actor():
+    class RemoteError(ConfigError):  # the shape of ray.exceptions.RayTaskError(ConfigError)
+        pass
+
+    e = RemoteError("ray::Coordinator.run_round()\n  File ...\nConfigError: data.path: empty")
+    e.cause = ConfigError("data.path: empty")
+    assert one_line(e) == "data.path: empty"
