@@ -140,3 +140,15 @@ def test_adaptive_clipping_tracks_the_median_norm():
     clip_end = lines[-1]["clip_norm"]
     assert clip_end < 10.0 / 5  # moved down toward the norms
     assert 0.25 * med < clip_end < 4 * med
+
+
+def test_fleet_privacy_command(capsys):
+    from fleet.privacy.cli import main
+
+    main(["--population", "100000", "--goal", "100", "--rounds", "50", "--noise", "1.0", "--delta", "1e-6"])
+    out = capsys.readouterr().out
+    want = epsilon(Mechanism("poisson", 100_000, 100, 1.0), 50, 1e-6)
+    assert f"epsilon = {want:.4g}" in out
+    main(["--population", "100000", "--goal", "100", "--rounds", "50", "--target-epsilon", "1.0"])
+    z = float(capsys.readouterr().out.split("z = ")[1].split()[0])
+    assert epsilon(Mechanism("poisson", 100_000, 100, z * 1.001), 50, 100_000**-1.1) <= 1.0
