@@ -1,0 +1,796 @@
+"""Privacy under real availability: who actually trains, and what that does to epsilon.
+
+DP-FedAvg's accounting assumes every device is sampled uniformly from the whole population each
+round (q = goal / population). Real phones are sampled from those available at that moment: a phone
+that charges only at night faces a higher chance of selection in the rounds it is available and
+none in the others. The fleet knows every schedule, so this audit measures the gap:
+
+1. participation: the distribution of per-device participation counts against the binomial that
+   uniform sampling predicts, participation by hour, time zone, speed, memory and data size, and the
+   share of the fleet that never trained;
+2. per-device epsilon under the real schedule: a device available in released round r is sampled
+   with probability q_r = cohort_r / available_r, and with 0 when it is not; its RDP is the sum of
+   those rounds' curves (dp-accounting), reported as a distribution against the nominal epsilon.
+   Devices with the same bitmap of available rounds (a pattern) share one computation;
+3. with a participation limit, the bound that needs no sampling assumption: at most one
+   participation per separation window, each a Gaussian mechanism, composed without amplification;
+4. bias: how the trained-on population differs from the fleet, and (given an evaluation callback)
+   the model's metrics on held-out devices split by the same groups.
+
+Everything per device is computed inside the shards (`fleet.participation_shard`) and leaves them as
+histograms over fixed bins and per-pattern summaries (DESIGN.md invariant 3); the outputs
+(participation/participation.json and PNGs in the run dir) hold no device id and no per-device row.
+
+`run_audit(cfg, shards, lines, run_dir)` runs it on live shards at the end of a run; `fleet-audit
+RUN_DIR --participation` (fleet.audit) rebuilds the shards from the run's checkpoint afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, rdp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
+
+from fleet import population
+from fleet.availability import HOUR
+from fleet.coordinator import call_all, default_delta
+from fleet.participation_shard import (
+    ATTRIBUTES,
+    RATIO_EDGES,
+    attribute_bins,
+    attribute_values,
+    bin_index,
+    epsilons,
+)
+from fleet.privacy.accountant import ORDERS, Mechanism, epsilon
+from fleet.tracking import write_json
+
+log = logging.getLogger(__name__)
+
+OUT_DIR = "participation"
+# At most this many exact dp-accounting curves per audit; other rounds' are bounded by chords.
+RDP_GRID = 32
+QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+# Called with the held-out devices of one group (ids, example counts); returns metrics by name.
+DeviceEvaluator = Callable[[np.ndarray, np.ndarray], Mapping[str, Any]]
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def run_audit(
+    cfg: Any,
+    shards: list[Any],
+    lines: Sequence[dict],
+    run_dir: str | Path,
+    *,
+    with_participation: bool = True,
+    cohort: str = "selected",
+    evaluate_devices: DeviceEvaluator | None = None,
+    holdout_per_group: int = 50,
+    figures: bool = True,
+) -> dict:
+    """Audit a run from its shards (live Ray actors or in-process ShardCores) and metrics lines.
+
+    Writes RUN_DIR/participation/participation.json and the figures, logs a summary, returns the
+    audit. `with_participation=False` when the shards hold no participation state (a run audited
+    after the fact without a checkpoint): the schedule's privacy needs only the config and lines.
+    `cohort` is "selected" (q_r counts over-selection: the chance of being asked, conservative) or
+    "goal" (the chance of being counted, the nominal accountant's convention).
+    `evaluate_devices`, if given, is called per group of held-out devices (fleet.participation's
+    `holdout_devices`) and its metrics are reported by group. `figures=False` skips the PNGs (a
+    second or so each), for sweeps and tests; `participation_figures` rebuilds them from the JSON.
+    """
+    if cohort not in ("selected", "goal"):
+        raise ValueError(f"cohort: unknown value {cohort!r}; expected selected or goal")
+    wall0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    f = cfg.fleet
+    pop = population.population_size(f)
+    released = [x for x in lines if x.get("released")]
+    audit: dict[str, Any] = {
+        "population": pop,
+        "rounds": len(lines),
+        "released_rounds": len(released),
+        "goal": f.goal,
+        "availability_model": f.availability.model,
+    }
+    t0 = time.perf_counter()
+    # Population histograms come with it, so it is asked even when participation is not reported.
+    st = _merge(call_all(shards, "participation_stats", [()] * len(shards)))
+    timing["participation_s"] = time.perf_counter() - t0
+    groups = _groups(f, st)
+    audit["groups"] = {a: [g["label"] for g in gs] for a, gs in groups.items()}
+    if with_participation:
+        audit["participation"] = participation_section(f, pop, released, st, groups)
+        audit["bias"] = bias_section(st, groups)
+    if evaluate_devices is not None:
+        t0 = time.perf_counter()
+        held = holdout_devices(cfg, groups, holdout_per_group)
+        callbacks = {
+            a: {label: _bind(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
+            for a, by in held.items()
+        }
+        audit.setdefault("bias", {})["metrics_by_group"] = group_metrics(callbacks)
+        timing["evaluation_s"] = time.perf_counter() - t0
+    max_observed = len(st["count_hist"]) - 1 if with_participation else None
+    audit["privacy"] = privacy_section(cfg, shards, pop, released, groups, max_observed, cohort, timing)
+    out = Path(run_dir) / OUT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    if figures:
+        t0 = time.perf_counter()
+        write_figures(audit, out)
+        timing["figures_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - wall0
+    audit["timing"] = timing
+    write_json(out / "participation.json", audit)
+    for text in summary_text(audit).splitlines():
+        log.info(text)
+    return audit
+
+
+def _bind(fn: DeviceEvaluator, ids: np.ndarray, n: np.ndarray) -> Callable[[], Mapping[str, Any]]:
+    return lambda: fn(ids, n)
+
+
+# ---- merging shard aggregates ------------------------------------------------------------------
+def _add(a: Any, b: Any, key: str = "") -> Any:
+    """Merge two shards' aggregates: dicts of arrays, summed, except those named `*_max`;
+    1-D histograms may differ in length."""
+    if isinstance(a, dict):
+        return {k: _add(a[k], b[k], k) for k in a}
+    if key.endswith("_max"):
+        return np.maximum(a, b)
+    if isinstance(a, np.ndarray) and a.ndim == 1 and len(a) != len(b):
+        m = max(len(a), len(b))
+        return np.pad(a, (0, m - len(a))) + np.pad(b, (0, m - len(b)))
+    return a + b
+
+
+def _merge(results: list[dict]) -> dict:
+    out = results[0]
+    for r in results[1:]:
+        out = _add(out, r)
+    return out
+
+
+# ---- groups: unions of the shards' fine bins ---------------------------------------------------
+def _groups(f: Any, st: dict) -> dict[str, list[dict]]:
+    """Groups of each attribute as ranges of fine bins: time zones and memory classes as they are,
+    speed and example counts as population quintiles (from the merged population histogram)."""
+    bins = attribute_bins(f)
+    out = {}
+    for a in ATTRIBUTES:
+        e, h = bins[a], st[a]["devices"]
+        if a in ("timezone", "memory"):
+            ranges = [(i, i + 1) for i in np.flatnonzero(h)]
+        else:
+            ranges = _quantile_ranges(h, 5)
+        out[a] = [{"label": _label(a, e[lo], e[hi], f), "bins": (int(lo), int(hi))} for lo, hi in ranges]
+    return out
+
+
+def _quantile_ranges(hist: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """Fine-bin ranges holding about 1/k of the devices each (fewer when atoms are heavy)."""
+    nz = np.flatnonzero(hist)
+    if len(nz) == 0:
+        return []
+    cum = np.cumsum(hist)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left") + 1
+    bounds = np.unique(np.clip(np.concatenate([[nz[0]], cuts, [nz[-1] + 1]]), nz[0], nz[-1] + 1))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if hist[a:b].sum() > 0]
+
+
+def _label(attr: str, lo: float, hi: float, f: Any) -> str:
+    if attr == "timezone":
+        return f"UTC{(lo + hi) / 2:+g}"
+    if attr == "memory":
+        if hi == math.inf:
+            return f">= {lo:g} GB"
+        return f"{lo:g}-{hi:g} GB" + (" (ineligible)" if hi <= f.min_memory_gb else "")
+    if attr == "speed":
+        return f"{10**lo / 1e9:.3g}-{10**hi / 1e9:.3g} GFLOP/s"
+    return f"{int(lo)}-{int(hi) - 1} examples"
+
+
+def _by_group(arr: np.ndarray, gs: list[dict]) -> np.ndarray:
+    """Sum a fine-binned array (first axis) over each group's bins."""
+    return np.array([arr[g["bins"][0] : g["bins"][1]].sum(axis=0) for g in gs])
+
+
+# ---- 1. participation --------------------------------------------------------------------------
+def participation_section(
+    f: Any, pop: int, released: Sequence[dict], st: dict, groups: dict[str, list[dict]]
+) -> dict:
+    """Observed participation against uniform sampling, by hour and by group."""
+    r_count = len(released)
+    q = f.goal / pop
+    obs = st["count_hist"].astype(np.float64)
+    n = obs.sum()
+    k = np.arange(len(obs))
+    mean = float((k * obs).sum() / n)
+    var = float(((k - mean) ** 2 * obs).sum() / n)
+    kmax = max(len(obs) - 1, int(stats.binom.ppf(1 - 1e-9, r_count, q)) if r_count else 0)
+    ks = np.arange(kmax + 1)
+    binom = stats.binom.pmf(ks, r_count, q)
+    poisson = stats.poisson.pmf(ks, mean)
+    obs_full = np.pad(obs, (0, kmax + 1 - len(obs))) / n
+    eligible = st["count_hist_eligible"].astype(np.float64)
+    by_hour = _hour_of_day(released)
+    by_hour["last_participation_utc"] = st["last_hour_utc"].tolist()
+    by_hour["last_participation_local"] = st["last_hour_local"].tolist()
+    by_group = {}
+    for a, gs in groups.items():
+        agg = {
+            key: _by_group(st[a][key], gs)
+            for key in ("devices", "eligible", "participants", "participations")
+        }
+        by_group[a] = [
+            {
+                "label": g["label"],
+                "devices": int(agg["devices"][i]),
+                "eligible": int(agg["eligible"][i]),
+                "participants": int(agg["participants"][i]),
+                "participations": int(agg["participations"][i]),
+                "share_trained": _ratio(agg["participants"][i], agg["devices"][i]),
+                "mean_participations": _ratio(agg["participations"][i], agg["devices"][i]),
+            }
+            for i, g in enumerate(gs)
+        ]
+    return {
+        "nominal_q": q,
+        "counts": {
+            "observed": st["count_hist"].tolist(),
+            "uniform_binomial": (n * binom).tolist(),
+            "uniform_poisson_same_mean": (n * poisson).tolist(),
+        },
+        "mean": mean,
+        "variance": var,
+        "dispersion": var / mean if mean > 0 else None,
+        "max": int(len(obs) - 1),
+        "tv_distance_binomial": float(0.5 * np.abs(obs_full - binom).sum()),
+        "tv_distance_poisson_same_mean": float(0.5 * np.abs(obs_full - poisson).sum()),
+        "never_trained": {
+            "share": float(obs[0] / n),
+            "share_of_eligible": _ratio(eligible[0], eligible.sum()),
+            "uniform_expected": float((1 - q) ** r_count),
+        },
+        "by_hour": by_hour,
+        "by_group": by_group,
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+def _hour_of_day(released: Sequence[dict]) -> dict:
+    """Released rounds, reports and check-ins by simulated UTC hour, from the metrics lines."""
+    hours = np.floor([x["hour_of_day"] for x in released]).astype(np.int64) % 24
+    return {
+        "rounds_utc": np.bincount(hours, minlength=24).tolist(),
+        "reported_utc": np.bincount(hours, weights=[x["reported"] for x in released], minlength=24).tolist(),
+        "available_utc": np.bincount(
+            hours, weights=[x["available"] for x in released], minlength=24
+        ).tolist(),
+    }
+
+
+# ---- 4. bias -----------------------------------------------------------------------------------
+def bias_section(st: dict, groups: dict[str, list[dict]]) -> dict:
+    """Population vs trained-on shares per group; the total-variation distance sums each up."""
+    out = {}
+    for a, gs in groups.items():
+        dev = _by_group(st[a]["devices"], gs).astype(np.float64)
+        part = _by_group(st[a]["participants"], gs).astype(np.float64)
+        weighted = _by_group(st[a]["participations"], gs).astype(np.float64)
+        shares = {
+            "population": dev / max(dev.sum(), 1),
+            "participants": part / max(part.sum(), 1),
+            "participations": weighted / max(weighted.sum(), 1),
+        }
+        out[a] = {
+            "labels": [g["label"] for g in gs],
+            **{f"{k}_share": v.tolist() for k, v in shares.items()},
+            "tv_distance": float(0.5 * np.abs(shares["participations"] - shares["population"]).sum()),
+        }
+    return out
+
+
+def holdout_devices(
+    cfg: Any, groups: dict[str, list[dict]], per_group: int
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Held-out devices by group: rows past the end of the population, drawn from the configured
+    distributions, so they are never in the fleet and never trained; up to `per_group` a group."""
+    f = cfg.fleet
+    pop = population.population_size(f)
+    size = max(2000, 40 * per_group)
+    cols = population.generate(f, cfg.seed, pop, pop + size)
+    values = attribute_values(cols)
+    bins = attribute_bins(f)
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for a, gs in groups.items():
+        b = bin_index(values[a], bins[a])
+        out[a] = {}
+        for g in gs:
+            rows = np.flatnonzero((b >= g["bins"][0]) & (b < g["bins"][1]))[:per_group]
+            if len(rows):
+                out[a][g["label"]] = (cols["device_id"][rows], cols["num_examples"][rows])
+    return out
+
+
+def group_metrics(
+    callbacks: Mapping[str, Mapping[str, Callable[[], Mapping[str, Any]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Call one evaluation per group and keep its numeric results, whatever the task returns."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for attr, by_label in callbacks.items():
+        out[attr] = {}
+        for label, fn in by_label.items():
+            res = fn()
+            out[attr][label] = {
+                k: float(v)
+                for k, v in res.items()
+                if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            }
+    return out
+
+
+# ---- 2 and 3. privacy --------------------------------------------------------------------------
+def _curve(event: Any, neighbouring: Any) -> np.ndarray:
+    """One event's RDP curve. With q near 1, dp-accounting cannot converge at some fractional
+    orders; it drops them (infinite RDP: a looser but valid bound) with a warning each, which an
+    audit of dozens of curves would spread over the run's log, so they are kept quiet here."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc = rdp.RdpAccountant(list(ORDERS), neighbouring)
+        acc.compose(event, 1)
+    finally:
+        absl.setLevel(level)
+    return np.asarray(acc.rdp, dtype=np.float64)
+
+
+def rounds_rdp(
+    sampling: str, available: np.ndarray, cohort: np.ndarray, z: float, grid: int = RDP_GRID
+) -> tuple[np.ndarray, dict]:
+    """RDP curves (rows, at ORDERS) of released rounds for a device available in them.
+
+    dp-accounting takes about 65 ms a curve, and nearly every round has its own q = cohort /
+    available. With Poisson sampling, exp((a - 1) RDP_a(q)) = E[(1 - q + q L)^a] is convex in q, so
+    the chord between two exact curves bounds every q between them from above: at most `grid`
+    exact curves (the distinct q themselves when there are that few, which is then exact) and the
+    rest interpolated, conservatively. Fixed-size sampling has no such convexity to lean on: every
+    distinct (available, cohort) pair gets its exact curve.
+    """
+    available = np.asarray(available, dtype=np.int64)
+    cohort = np.minimum(np.asarray(cohort, dtype=np.int64), available)
+    if sampling != "poisson":
+        pairs, inverse = np.unique(np.stack([available, cohort], axis=1), axis=0, return_inverse=True)
+        mechs = [Mechanism(sampling, int(n), int(k), z) for n, k in pairs]
+        curves = np.array([_curve(m.event(), m.neighbouring()) for m in mechs])
+        return curves[inverse.ravel()], {"distinct_q": len(pairs), "exact_curves": len(pairs)}
+    q = cohort / available
+    qs = np.unique(q)
+    info = {"distinct_q": len(qs), "exact_curves": min(len(qs), grid)}
+    if len(qs) > grid:
+        qs = np.geomspace(qs[0], qs[-1], grid)
+        qs[0], qs[-1] = q.min(), q.max()
+    add_remove = rdp.rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE
+    curves = np.array([_curve(PoissonSampledDpEvent(float(v), GaussianDpEvent(z)), add_remove) for v in qs])
+    if len(qs) == 1:
+        return np.repeat(curves, len(q), axis=0), info
+    j = np.clip(np.searchsorted(qs, q, side="right") - 1, 0, len(qs) - 2)
+    w = ((q - qs[j]) / (qs[j + 1] - qs[j]))[:, None]
+    a = np.asarray(ORDERS) - 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chord = np.logaddexp(np.log1p(-w) + a * curves[j], np.log(w) + a * curves[j + 1]) / a
+    out = np.where(w == 0, curves[j], np.where(w == 1, curves[j + 1], chord))
+    return out, info
+
+
+def gaussian_epsilons(z: float, most: int, delta: float) -> np.ndarray:
+    """Epsilon of j Gaussian mechanisms (noise multiplier z, no sampling amplification), j = 0..most.
+
+    One dp-accounting curve; composition adds RDP, so j of them is j times the curve."""
+    curve = _curve(GaussianDpEvent(z), rdp.rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE)
+    return epsilons(np.arange(most + 1)[:, None] * curve, np.asarray(ORDERS), delta)
+
+
+def privacy_section(
+    cfg: Any,
+    shards: list[Any],
+    pop: int,
+    released: Sequence[dict],
+    groups: dict[str, list[dict]],
+    max_observed: int | None,
+    cohort: str,
+    timing: dict[str, float],
+) -> dict:
+    """Nominal epsilon, per-device epsilon under the real schedule, and the limit-only bound."""
+    p, f = cfg.privacy, cfg.fleet
+    if not p.enabled:
+        return {"dp": False}
+    z = p.noise_multiplier
+    delta = p.delta if p.delta is not None else default_delta(pop)
+    r_count = len(released)
+    nominal = epsilon(Mechanism(p.sampling, pop, f.goal, z), r_count, delta)
+    k = min(math.ceil(f.goal * f.overselect), pop)
+    out: dict[str, Any] = {
+        "dp": True,
+        "delta": delta,
+        "noise_multiplier": z,
+        "sampling": p.sampling,
+        "cohort": cohort,
+        "nominal": {"epsilon": nominal, "q": f.goal / pop},
+        "nominal_overselected": {
+            "epsilon": epsilon(Mechanism(p.sampling, pop, k, z), r_count, delta),
+            "q": k / pop,
+        },
+    }
+    if z <= 0 or r_count == 0:
+        return out
+    limit = None
+    if f.min_separation_hours > 0:
+        span = released[-1]["sim_time"] - released[0]["sim_time"]
+        most = min(r_count, math.floor(span / (f.min_separation_hours * HOUR)) + 1)
+        limit = gaussian_epsilons(z, most, delta)
+        out["participation_limit"] = {
+            "separation_hours": f.min_separation_hours,
+            "max_participations": most,
+            "max_observed": max_observed,
+            "epsilon": float(limit[most]),
+        }
+    t0 = time.perf_counter()
+    avail = np.array([x["available"] for x in released])
+    sizes = np.array([x["selected"] for x in released]) if cohort == "selected" else np.full(r_count, f.goal)
+    curves, info = rounds_rdp(p.sampling, avail, sizes, z)
+    timing["rdp_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    times = np.array([x["sim_time"] for x in released], dtype=np.float64)
+    args = (times, curves, np.asarray(ORDERS), delta, nominal)
+    res = call_all(shards, "schedule_privacy", [args] * len(shards))
+    timing["schedule_s"] = time.perf_counter() - t0
+    eps, rounds, counts = (np.concatenate([r[key] for r in res]) for key in ("eps", "rounds", "counts"))
+    patterns = np.concatenate([r["patterns"] for r in res])
+    keys = np.ascontiguousarray(patterns).view(np.dtype((np.void, 8 * patterns.shape[1])))
+    rs = _distribution(eps, counts, nominal)
+    rs.update(info)
+    rs["distinct_patterns"] = len(np.unique(keys))
+    rs["share_never_available"] = float(counts[rounds == 0].sum() / counts.sum())
+    rs["available_rounds"] = np.bincount(rounds, weights=counts, minlength=r_count + 1).astype(int).tolist()
+    rs["by_group"] = _eps_by_group(_merge([{a: r[a] for a in ATTRIBUTES} for r in res]), groups)
+    out["real_schedule"] = rs
+    if limit is not None:
+        # Both bounds hold for every device, so the smaller does; a device available in j rounds
+        # can take part in at most min(j, most) of them.
+        best = np.minimum(eps, limit[np.minimum(rounds, len(limit) - 1)])
+        out["participation_limit"]["per_device"] = _distribution(best, counts, nominal)
+    return out
+
+
+def _distribution(eps: np.ndarray, counts: np.ndarray, nominal: float) -> dict:
+    """Exact quantiles over devices of per-pattern epsilons (`counts` devices each), and their
+    histogram over ratio-to-nominal bins."""
+    order = np.argsort(eps, kind="stable")
+    cum = np.cumsum(counts[order])
+    total = int(cum[-1])
+    at = {
+        f"{q:g}": float(eps[order][min(np.searchsorted(cum, q * total, side="left"), len(cum) - 1)])
+        for q in QUANTILES
+    }
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = bin_index(eps / nominal, RATIO_EDGES)
+    return {
+        "devices": total,
+        "mean": float((eps * counts).sum() / total),
+        "median": at["0.5"],
+        "p99": at["0.99"],
+        "max": at["1"],
+        "quantiles": at,
+        "share_above_nominal": float(counts[eps > nominal * (1 + 1e-9)].sum() / total),
+        "ratio_histogram": {
+            "edges": RATIO_EDGES.tolist(),
+            "devices": np.bincount(ratio, weights=counts, minlength=len(RATIO_EDGES) - 1)
+            .astype(int)
+            .tolist(),
+        },
+    }
+
+
+def _eps_by_group(merged: dict, groups: dict[str, list[dict]]) -> dict:
+    """Mean, worst and (to the ratio bins' resolution) median and p99 epsilon of each group."""
+    out = {}
+    for a, gs in groups.items():
+        hist = _by_group(merged[a]["ratio_hist"], gs)
+        sums = _by_group(merged[a]["eps_sum"], gs)
+        out[a] = [
+            {
+                "label": g["label"],
+                "devices": int(hist[i].sum()),
+                "mean": _ratio(sums[i], hist[i].sum()),
+                "max": float(merged[a]["eps_max"][g["bins"][0] : g["bins"][1]].max()),
+                "median_ratio": _hist_quantile(hist[i], 0.5),
+                "p99_ratio": _hist_quantile(hist[i], 0.99),
+            }
+            for i, g in enumerate(gs)
+        ]
+    return out
+
+
+def _hist_quantile(hist: np.ndarray, q: float) -> float | None:
+    """Upper edge of the ratio bin holding the q-quantile (0 for the exact-zero bin)."""
+    total = hist.sum()
+    if total == 0:
+        return None
+    i = int(np.searchsorted(np.cumsum(hist), q * total, side="left"))
+    return 0.0 if i == 0 else float(RATIO_EDGES[i + 1])
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+def headline(audit: dict) -> dict[str, float | int | None]:
+    """The audit's few headline numbers, flat (for logs, summaries and W&B)."""
+    out: dict[str, float | int | None] = {"released_rounds": audit["released_rounds"]}
+    part = audit.get("participation")
+    if part:
+        out["never_trained_share"] = part["never_trained"]["share"]
+        out["never_trained_uniform"] = part["never_trained"]["uniform_expected"]
+        out["participation_dispersion"] = part["dispersion"]
+        out["participation_max"] = part["max"]
+    priv = audit["privacy"]
+    if priv.get("dp"):
+        out["epsilon_nominal"] = priv["nominal"]["epsilon"]
+        out["epsilon_nominal_overselected"] = priv["nominal_overselected"]["epsilon"]
+        rs = priv.get("real_schedule")
+        if rs:
+            out.update({f"epsilon_device_{k}": rs[k] for k in ("median", "p99", "max")})
+            out["distinct_patterns"] = rs["distinct_patterns"]
+            out["share_above_nominal"] = rs["share_above_nominal"]
+        if "participation_limit" in priv:
+            out["epsilon_participation_limit"] = priv["participation_limit"]["epsilon"]
+            best = priv["participation_limit"].get("per_device")
+            if best:
+                out.update({f"epsilon_device_with_limit_{k}": best[k] for k in ("median", "p99", "max")})
+    return out
+
+
+def summary_text(audit: dict) -> str:
+    """A few lines for the log and the console."""
+    h = headline(audit)
+    lines = [
+        f"participation audit: {audit['population']} devices, {audit['released_rounds']} released rounds"
+    ]
+    if "never_trained_share" in h:
+        lines.append(
+            f"  never trained: {h['never_trained_share']:.1%} (uniform sampling predicts "
+            f"{h['never_trained_uniform']:.1%}); most participations by one device: {h['participation_max']}"
+        )
+    if "epsilon_nominal" in h:
+        text = f"  epsilon: nominal {h['epsilon_nominal']:.4g}"
+        if "epsilon_device_median" in h:
+            text += (
+                f"; per device under the real schedule: median {h['epsilon_device_median']:.4g}, "
+                f"p99 {h['epsilon_device_p99']:.4g}, worst {h['epsilon_device_max']:.4g} "
+                f"({h['distinct_patterns']} availability patterns, "
+                f"{h['share_above_nominal']:.1%} above nominal)"
+            )
+        lines.append(text)
+        if "epsilon_participation_limit" in h:
+            text = f"  participation limit alone: {h['epsilon_participation_limit']:.4g}"
+            if "epsilon_device_with_limit_median" in h:
+                text += (
+                    f"; per device, the better of both bounds: median "
+                    f"{h['epsilon_device_with_limit_median']:.4g}, "
+                    f"p99 {h['epsilon_device_with_limit_p99']:.4g}, "
+                    f"worst {h['epsilon_device_with_limit_max']:.4g}"
+                )
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def write_figures(audit: dict, out: Path) -> None:
+    """The audit's figures as PNGs in `out`."""
+    for name, fig in participation_figures(audit).items():
+        fig.savefig(out / f"{name}.png", dpi=110)
+
+
+# ---- figures -----------------------------------------------------------------------------------
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="tight")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+
+
+def participation_figures(audit: dict) -> dict[str, Figure]:
+    """Every figure the audit has data for, by name; built from the audit dict alone (Agg canvas,
+    no pyplot), so fleet-report and W&B media can call it on a loaded participation.json."""
+    makers = {
+        "participation_counts": _fig_counts,
+        "participation_by_hour": _fig_hours,
+        "participation_by_group": _fig_groups,
+        "bias": _fig_bias,
+        "metrics_by_group": _fig_metrics,
+        "epsilon_per_device": _fig_epsilon,
+        "epsilon_by_group": _fig_epsilon_groups,
+    }
+    figs = {name: make(audit) for name, make in makers.items()}
+    return {name: fig for name, fig in figs.items() if fig is not None}
+
+
+def _fig_counts(audit: dict) -> Figure | None:
+    part = audit.get("participation")
+    if not part:
+        return None
+    c = part["counts"]
+    fig, (ax,) = _figure(width=6.5)
+    obs = np.asarray(c["observed"], dtype=float)
+    ax.bar(np.arange(len(obs)), obs, color="C0", alpha=0.7, label="observed")
+    ks = np.arange(len(c["uniform_binomial"]))
+    ax.plot(ks, c["uniform_binomial"], "o-", color="C3", ms=3, label=f"uniform, q = {part['nominal_q']:.3g}")
+    ax.plot(ks, c["uniform_poisson_same_mean"], "s--", color="C2", ms=3, label="Poisson, same mean")
+    ax.set(
+        yscale="log",
+        xlabel="participations per device",
+        ylabel="devices",
+        title=f"participation counts (dispersion {part['dispersion'] or 0:.2f})",
+    )
+    ax.set_ylim(bottom=0.5)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _fig_hours(audit: dict) -> Figure | None:
+    part = audit.get("participation")
+    if not part:
+        return None
+    h = part["by_hour"]
+    fig, axes = _figure(2)
+    rounds = np.asarray(h["rounds_utc"], dtype=float)
+    seen = rounds > 0
+    for key, style in (("available_utc", "o-"), ("reported_utc", "s-")):
+        per = np.asarray(h[key], dtype=float)[seen] / rounds[seen]
+        axes[0].plot(np.flatnonzero(seen), per, style, ms=3, label=key.removesuffix("_utc") + " per round")
+    axes[0].set(title="released rounds by UTC hour", xlabel="hour of day (UTC)", yscale="log")
+    axes[0].legend(fontsize="small")
+    for key, color in (("last_participation_local", "C0"), ("last_participation_utc", "C1")):
+        axes[1].step(np.arange(24), h[key], where="mid", color=color, label=key.replace("_", " "))
+    axes[1].set(title="hour of each device's last participation", xlabel="hour of day", ylabel="devices")
+    axes[1].legend(fontsize="small")
+    for ax in axes:
+        ax.set(xlim=(-0.5, 23.5), xticks=range(0, 24, 3))
+    return fig
+
+
+def _group_axes(n: int) -> tuple[Figure, list]:
+    return _figure(min(n, 2), math.ceil(n / 2), width=6.0, height=3.6)
+
+
+def _fig_groups(audit: dict) -> Figure | None:
+    part = audit.get("participation")
+    if not part:
+        return None
+    by = part["by_group"]
+    fig, axes = _group_axes(len(by))
+    for ax, (a, rows) in zip(axes, by.items(), strict=False):
+        x = np.arange(len(rows))
+        ax.bar(x, [r["share_trained"] or 0 for r in rows], color="C0")
+        ax.set(title=f"share that trained, by {a}", ylabel="share of devices")
+        ax.set_xticks(x, [r["label"] for r in rows], rotation=30, ha="right", fontsize="small")
+        twin = ax.twinx()
+        twin.plot(x, [r["mean_participations"] or 0 for r in rows], "o-", color="C3")
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel("mean participations", color="C3")
+    return fig
+
+
+def _fig_bias(audit: dict) -> Figure | None:
+    bias = {a: v for a, v in audit.get("bias", {}).items() if a in ATTRIBUTES}
+    if not bias:
+        return None
+    fig, axes = _group_axes(len(bias))
+    for ax, (a, b) in zip(axes, bias.items(), strict=False):
+        x = np.arange(len(b["labels"]))
+        ax.bar(x - 0.2, b["population_share"], 0.4, label="population", color="C7")
+        ax.bar(x + 0.2, b["participations_share"], 0.4, label="participation-weighted", color="C0")
+        ax.set(title=f"{a}: trained-on vs fleet (TV {b['tv_distance']:.3f})", ylabel="share")
+        ax.set_xticks(x, b["labels"], rotation=30, ha="right", fontsize="small")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _fig_metrics(audit: dict) -> Figure | None:
+    mg = audit.get("bias", {}).get("metrics_by_group")
+    if not mg:
+        return None
+    metrics = sorted({m for by in mg.values() for res in by.values() for m in res})
+    if not metrics:
+        return None
+    fig, axes = _figure(len(mg), len(metrics), width=4.5, height=3.2)
+    for j, m in enumerate(metrics):
+        for i, (a, by) in enumerate(mg.items()):
+            ax = axes[j * len(mg) + i]
+            labels = list(by)
+            ax.bar(np.arange(len(labels)), [by[g].get(m, np.nan) for g in labels], color=f"C{i}")
+            ax.set(title=f"{m} by {a} (held-out devices)")
+            ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize="x-small")
+    return fig
+
+
+def _fig_epsilon(audit: dict) -> Figure | None:
+    priv = audit["privacy"]
+    rs = priv.get("real_schedule")
+    if not rs:
+        return None
+    fig, axes = _figure(2, width=6.0, height=4.0)
+    nominal = priv["nominal"]["epsilon"]
+    # The log-spaced ratio bins only: the first two hold devices never (or barely) available, the
+    # last one those beyond 256x nominal; the title gives the first.
+    edges = np.asarray(rs["ratio_histogram"]["edges"])[2:-1] * nominal
+    hists = [("real schedule", rs, {"fill": True, "alpha": 0.6, "color": "C0"})]
+    best = priv.get("participation_limit", {}).get("per_device")
+    if best:
+        hists.append(("better of schedule and limit", best, {"color": "C5", "lw": 1.5}))
+    for label, dist, style in hists:
+        axes[0].stairs(np.asarray(dist["ratio_histogram"]["devices"])[2:-1], edges, label=label, **style)
+    marks = [
+        ("nominal", nominal, "k"),
+        ("nominal, over-selection", priv["nominal_overselected"]["epsilon"], "C2"),
+        ("median device", rs["median"], "C1"),
+        ("p99 device", rs["p99"], "C3"),
+        ("worst device", rs["max"], "C4"),
+    ]
+    if "participation_limit" in priv:
+        marks.append(("participation limit only", priv["participation_limit"]["epsilon"], "C5"))
+    marks = [m for m in marks if math.isfinite(m[1]) and m[1] > 0]
+    for label, v, color in marks:
+        axes[0].axvline(v, color=color, ls="--", lw=1.2, label=f"{label}: {v:.3g}")
+    used = np.flatnonzero(np.asarray(rs["ratio_histogram"]["devices"])[2:-1])
+    span = [v for _, v, _ in marks] + ([edges[used[0]], edges[used[-1] + 1]] if len(used) else [])
+    if span:
+        axes[0].set_xlim(min(span) / 1.5, max(span) * 1.5)
+    axes[0].set(
+        xscale="log",
+        xlabel=f"epsilon at delta = {priv['delta']:.2g}",
+        ylabel="devices",
+        title=f"per-device epsilon; {rs['distinct_patterns']} patterns, "
+        f"{rs['share_never_available']:.1%} never available",
+    )
+    axes[0].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    avail = np.asarray(rs["available_rounds"], dtype=float)
+    axes[1].stairs(avail, np.arange(len(avail) + 1) - 0.5, fill=True, color="C0")
+    axes[1].set(
+        xlabel="released rounds in which the device was available",
+        ylabel="devices",
+        title="exposure: available rounds per device",
+    )
+    return fig
+
+
+def _fig_epsilon_groups(audit: dict) -> Figure | None:
+    rs = audit["privacy"].get("real_schedule")
+    if not rs:
+        return None
+    by = rs["by_group"]
+    nominal = audit["privacy"]["nominal"]["epsilon"]
+    fig, axes = _group_axes(len(by))
+    for ax, (a, rows) in zip(axes, by.items(), strict=False):
+        x = np.arange(len(rows))
+        ax.bar(x - 0.27, [r["median_ratio"] or 0 for r in rows], 0.27, label="median", color="C1")
+        ax.bar(x, [r["p99_ratio"] or 0 for r in rows], 0.27, label="p99", color="C3")
+        ax.bar(
+            x + 0.27, [r["max"] / nominal if nominal else 0 for r in rows], 0.27, label="worst", color="C4"
+        )
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set(title=f"per-device epsilon / nominal, by {a}", ylabel="ratio to nominal")
+        ax.set_xticks(x, [r["label"] for r in rows], rotation=30, ha="right", fontsize="small")
+        ax.legend(fontsize="small")
+    return fig

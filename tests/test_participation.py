@@ -1,0 +1,283 @@
+"""Participation audit: who trained, and per-device epsilon under the real availability schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_mean
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+from fleet import audit as audit_cli
+from fleet import checkpoint, participation, population
+from fleet.coordinator import Coordinator, default_delta
+from fleet.participation_shard import epsilons
+from fleet.privacy.accountant import ORDERS
+from fleet.shard import ShardCore
+from fleet.tasks.mean import MeanTask
+
+HOUR = 3600.0
+
+
+def _fleet(cfg, shards: int = 2, state_dir=None):
+    pop = population.population_size(cfg.fleet)
+    ranges = population.shard_ranges(pop, shards)
+    sd = str(state_dir) if state_dir else None
+    sh = [ShardCore(cfg, i, a, b, cfg.fleet.start_hour * HOUR, sd) for i, (a, b) in enumerate(ranges)]
+    return sh, Coordinator(cfg, sh, pop, sd)
+
+
+def _run(cfg, rounds: int, shards: int = 2, state_dir=None):
+    sh, coord = _fleet(cfg, shards, state_dir)
+    return sh, coord, [coord.run_round() for _ in range(rounds)]
+
+
+def _hand_epsilon(lines: list[dict], available_at, z: float, delta: float) -> float:
+    """The per-device epsilon built event by event with dp-accounting, no shortcut."""
+    acc = RdpAccountant(list(ORDERS))
+    for x in lines:
+        if x["released"] and available_at(x["sim_time"]):
+            acc.compose(PoissonSampledDpEvent(x["selected"] / x["available"], GaussianDpEvent(z)))
+    return acc.get_epsilon(delta)
+
+
+def test_vectorised_conversion_equals_compute_epsilon():
+    rng = np.random.default_rng(0)
+    rows = np.abs(rng.normal(0, 1, (40, len(ORDERS)))) * np.linspace(0.01, 30, len(ORDERS))
+    rows[0] = 0.0  # never available
+    rows[1, :5] = np.inf  # orders dp-accounting could not compute
+    rows[2, 3] = -1e-9  # numerical noise below zero
+    rows[3] = 1e-12  # tiny: epsilon 0 by the KL bound
+    for delta in (1e-5, 1e-10):
+        got = epsilons(rows, np.asarray(ORDERS), delta)
+        want = [compute_epsilon(ORDERS, r, delta)[0] for r in rows]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_always_available_devices_have_the_nominal_epsilon(tmp_path):
+    cfg = tiny_mean(
+        "fleet.population=400",
+        "fleet.overselect=1.0",
+        "fleet.failure_prob_mean=0",
+        "fleet.low_memory_share=0",
+        "train.eval_every=1000",
+    )
+    _, coord, lines = _run(cfg, 6)
+    audit = participation.run_audit(cfg, coord.shards, lines, tmp_path, figures=False)
+    priv = audit["privacy"]
+    nominal = priv["nominal"]["epsilon"]
+    assert audit["released_rounds"] == 6 and nominal == pytest.approx(coord.accountant.epsilon(), rel=1e-12)
+    rs = priv["real_schedule"]
+    assert rs["distinct_patterns"] == 1 and rs["devices"] == 400 and rs["distinct_q"] == 1
+    for q in rs["quantiles"].values():
+        assert q == pytest.approx(nominal, rel=1e-12)
+    assert rs["share_above_nominal"] == 0.0
+
+
+def test_part_time_devices_epsilon_matches_hand_built_dp_accounting(tmp_path):
+    # Rows 0-399 available only in even simulated hours, rows 400-499 always, rows 500-799 never.
+    part, always = np.arange(400), np.arange(400, 500)
+    starts = np.arange(0, 40) * 2 * HOUR
+    dev = np.concatenate([np.repeat(part, len(starts)), always])
+    start = np.concatenate([np.tile(starts, len(part)), np.zeros(len(always))])
+    end = np.concatenate([np.tile(starts + HOUR, len(part)), np.full(len(always), 1e9)])
+    trace = tmp_path / "trace.parquet"
+    pq.write_table(pa.table({"device_id": dev, "start": start, "end": end}), trace)
+    cfg = tiny_mean(
+        "fleet.availability.model=trace",
+        f"fleet.availability.trace_path={trace}",
+        "fleet.population=800",
+        "fleet.overselect=1.0",
+        "fleet.failure_prob_mean=0",
+        "fleet.low_memory_share=0",
+        "fleet.min_reports=1",
+        "fleet.round_interval_s=1500",
+        "train.eval_every=1000",
+    )
+    shards, coord, lines = _run(cfg, 12)
+    audit = participation.run_audit(cfg, shards, lines, tmp_path, figures=False)
+    priv = audit["privacy"]
+    z, delta = cfg.privacy.noise_multiplier, default_delta(800)
+    hours = {int(x["sim_time"] // HOUR) % 2 for x in lines if x["released"]}
+    assert hours == {0, 1}  # both kinds of round were released
+    eps_part = _hand_epsilon(lines, lambda t: int(t // HOUR) % 2 == 0, z, delta)
+    eps_always = _hand_epsilon(lines, lambda t: True, z, delta)
+    nominal = priv["nominal"]["epsilon"]
+    assert nominal < eps_part < eps_always
+    rs = priv["real_schedule"]
+    assert rs["distinct_patterns"] == 3 and rs["share_never_available"] == pytest.approx(300 / 800)
+    # Sorted: 300 never available (0), 400 part-time (the median), 100 always on (the worst).
+    assert rs["quantiles"]["0"] == 0.0
+    assert rs["median"] == pytest.approx(eps_part, rel=1e-9)
+    assert rs["max"] == pytest.approx(eps_always, rel=1e-9)
+    assert rs["share_above_nominal"] == pytest.approx(500 / 800)
+    (zone,) = rs["by_group"]["timezone"]  # one time zone: its group is the whole fleet, over 2 shards
+    assert zone["max"] == rs["max"] and zone["mean"] == pytest.approx(rs["mean"], rel=1e-12)
+    # The shards' own per-pattern answer, before any merging.
+    res = [s.schedule_privacy(*_schedule_args(cfg, lines, nominal)) for s in shards]
+    got = sorted((round(e, 9), int(c)) for r in res for e, c in zip(r["eps"], r["counts"], strict=True))
+    merged: dict[float, int] = {}
+    for e, c in got:
+        merged[e] = merged.get(e, 0) + c
+    assert list(merged.values()) == [300, 400, 100]
+
+
+def _schedule_args(cfg, lines, nominal):
+    released = [x for x in lines if x["released"]]
+    curves, _ = participation.rounds_rdp(
+        "poisson",
+        np.array([x["available"] for x in released]),
+        np.array([x["selected"] for x in released]),
+        cfg.privacy.noise_multiplier,
+    )
+    times = np.array([x["sim_time"] for x in released])
+    return times, curves, np.asarray(ORDERS), default_delta(800), nominal
+
+
+def test_interpolated_curves_bound_the_exact_ones_from_above():
+    available = np.array([900, 1200, 1500, 2100, 2600, 3300, 4000])
+    cohort = np.full(len(available), 60)
+    exact, info = participation.rounds_rdp("poisson", available, cohort, 1.0)
+    assert info == {"distinct_q": 7, "exact_curves": 7}
+    approx, info = participation.rounds_rdp("poisson", available, cohort, 1.0, grid=3)
+    assert info == {"distinct_q": 7, "exact_curves": 3}
+    finite = np.isfinite(exact)
+    assert np.all(approx[finite] >= exact[finite] * (1 - 1e-12))
+    np.testing.assert_array_equal(approx[[0, -1]], exact[[0, -1]])  # the grid's ends are exact
+    e_exact = compute_epsilon(ORDERS, exact.sum(axis=0), 1e-6)[0]
+    e_approx = compute_epsilon(ORDERS, approx.sum(axis=0), 1e-6)[0]
+    assert e_exact <= e_approx < e_exact * 1.05
+
+
+@pytest.mark.parametrize("model", ["diurnal", "markov"])
+def test_schedule_is_recomputed_as_the_run_saw_it(tmp_path, model):
+    # Without a participation limit, devices' available rounds add up to the rounds' check-ins:
+    # the recomputation (a fresh model replayed from the run's start) saw what the run saw.
+    cfg = tiny_mean(
+        f"fleet.availability.model={model}",
+        "fleet.population=3000",
+        "fleet.min_reports=1",
+        "train.eval_every=1000",
+    )
+    _, coord, lines = _run(cfg, 6)
+    audit = participation.run_audit(cfg, coord.shards, lines, tmp_path, figures=False)
+    exposure = np.asarray(audit["privacy"]["real_schedule"]["available_rounds"])
+    assert (np.arange(len(exposure)) * exposure).sum() == sum(x["available"] for x in lines if x["released"])
+
+
+def test_participation_counts_and_the_limit_only_bound(tmp_path):
+    cfg = tiny_mean(
+        "fleet.population=300",
+        "fleet.min_separation_hours=1",
+        "fleet.round_interval_s=900",
+        "fleet.min_reports=1",
+        "train.eval_every=1000",
+    )
+    _, coord, lines = _run(cfg, 10)
+    audit = participation.run_audit(cfg, coord.shards, lines, tmp_path, figures=False)
+    part = audit["participation"]
+    released = [x for x in lines if x["released"]]
+    counts = np.asarray(part["counts"]["observed"])
+    assert counts.sum() == 300
+    assert (np.arange(len(counts)) * counts).sum() == sum(x["reported"] for x in released)
+    assert part["never_trained"]["share"] == counts[0] / 300
+    assert sum(r["participations"] for r in part["by_group"]["timezone"]) == sum(
+        x["reported"] for x in released
+    )
+    assert sum(part["by_hour"]["last_participation_local"]) == 300 - counts[0]
+    limit = audit["privacy"]["participation_limit"]
+    span = released[-1]["sim_time"] - released[0]["sim_time"]
+    assert limit["max_participations"] == math.floor(span / HOUR) + 1 >= limit["max_observed"] > 1
+    acc = RdpAccountant(list(ORDERS))
+    acc.compose(GaussianDpEvent(cfg.privacy.noise_multiplier), limit["max_participations"])
+    assert limit["epsilon"] == pytest.approx(acc.get_epsilon(default_delta(300)), rel=1e-12)
+    # Per device, the better of the two bounds (every device here has the same schedule).
+    schedule = audit["privacy"]["real_schedule"]["max"]
+    assert limit["per_device"]["max"] == pytest.approx(min(schedule, limit["epsilon"]), rel=1e-12)
+    # Shares of each attribute's groups add up to one.
+    for a, b in audit["bias"].items():
+        assert sum(b["population_share"]) == pytest.approx(1.0), a
+
+
+def test_audit_outputs_hold_no_device_id(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    cfg = tiny_mean(
+        "fleet.id_mode=random",
+        "fleet.availability.model=diurnal",
+        "fleet.population=3000",
+        "fleet.failure_prob_mean=0.2",
+        "fleet.min_reports=1",
+        "fleet.timezones=[1.0,0.0]",
+        "train.eval_every=1000",
+        "seed=11",
+    )
+    shards, coord, lines = _run(cfg, 6)
+    task = MeanTask(cfg, "server")
+    params = coord.get_params()
+    seen_ids: list[np.ndarray] = []
+
+    def evaluate_devices(ids: np.ndarray, n: np.ndarray) -> dict:
+        seen_ids.append(ids)
+        losses = [
+            0.5 * np.mean(np.sum((task.device_data(d, k) - params) ** 2, axis=1))
+            for d, k in zip(ids, n, strict=True)
+        ]
+        return {"eval_loss": float(np.mean(losses)), "note": "not a number", "devices": len(ids)}
+
+    audit = participation.run_audit(cfg, shards, lines, tmp_path, evaluate_devices=evaluate_devices)
+    metrics = audit["bias"]["metrics_by_group"]
+    assert set(metrics) == {"timezone", "speed", "memory", "examples"}
+    assert set(metrics["timezone"]) == {"UTC+0", "UTC+1"}
+    assert all(set(m) == {"eval_loss", "devices"} for by in metrics.values() for m in by.values())
+    out = tmp_path / participation.OUT_DIR
+    assert {p.name for p in out.iterdir()} >= {"participation.json", "participation_counts.png", "bias.png"}
+    figs = participation.participation_figures(json.loads((out / "participation.json").read_text()))
+    assert "epsilon_per_device" in figs and "metrics_by_group" in figs
+
+    ids = set(int(x) for x in population.generate(cfg.fleet, cfg.seed, 0, 3000)["device_id"])
+    ids |= set(int(x) for a in seen_ids for x in a)  # held-out devices' ids stay out too
+    assert min(ids) > 10**12
+    texts = [p.read_bytes().decode("utf-8", "replace") for p in out.iterdir()] + [caplog.text]
+    numbers = set()
+    for text in texts:
+        numbers.update(int(m) for m in re.findall(r"\d{9,}", text))
+        numbers.update(int(m, 16) for m in re.findall(r"[0-9a-fA-F]{12,}", text))
+    assert not numbers & ids
+
+
+def test_fleet_audit_after_the_fact_matches_the_live_audit(tmp_path, capsys):
+    cfg = tiny_mean(
+        "fleet.availability.model=diurnal",
+        "fleet.population=2000",
+        "fleet.min_reports=1",
+        "fleet.min_separation_hours=2",
+        "train.eval_every=1000",
+    )
+    run_dir = tmp_path / "run"
+    state = run_dir / checkpoint.STATE_DIR
+    state.mkdir(parents=True)
+    checkpoint.save_config(run_dir, asdict(cfg))
+    shards, coord, lines = _run(cfg, 6, state_dir=state)
+    coord.checkpoint()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    live = participation.run_audit(cfg, shards, lines, run_dir, figures=False)
+
+    audit_cli.main([str(run_dir), "--participation", "--no-figures"])
+    assert "participation audit: 2000 devices" in capsys.readouterr().out
+    after = json.loads((run_dir / participation.OUT_DIR / "participation.json").read_text())
+    for section in ("participation", "bias"):
+        assert after[section] == json.loads(json.dumps(live[section]))
+    for key in ("median", "p99", "max", "distinct_patterns", "available_rounds"):
+        assert after["privacy"]["real_schedule"][key] == pytest.approx(live["privacy"]["real_schedule"][key])
+
+    audit_cli.main([str(run_dir)])
+    assert capsys.readouterr().out.strip() == "memorization audit not available yet"
