@@ -21,6 +21,10 @@ from fleet.data.vocab import OOV, PAD
 
 
 class FederatedCorpus(Protocol):
+    """What the fleet asks of a dataset. A stored corpus (num_devices not None, `ArrowCorpus`)
+    also has `device_table(start, stop) -> (device_ids int64, num_examples int32)` for rows
+    [start, stop) of its device index, from which each shard builds its part of the population."""
+
     vocab_size: int  # V words, without the 4 specials
     seq_len: int
     num_devices: int | None  # devices stored (arrow); None when any id has data (synthetic)
