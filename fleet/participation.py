@@ -11,7 +11,8 @@ none in the others. The fleet knows every schedule, so this audit measures the g
 2. per-device epsilon under the real schedule: a device available in released round r is sampled
    with probability q_r = cohort_r / available_r, and with 0 when it is not; its RDP is the sum of
    those rounds' curves (dp-accounting), reported as a distribution against the nominal epsilon.
-   Devices with the same bitmap of available rounds (a pattern) share one computation;
+   Devices with the same bitmap of available rounds (a pattern) share one computation. Rounds the
+   participation limit excluded a device from count as available: that can only raise epsilon;
 3. with a participation limit, the bound that needs no sampling assumption: at most one
    participation per separation window, each a Gaussian mechanism, composed without amplification;
 4. bias: how the trained-on population differs from the fleet, and (given an evaluation callback)
@@ -309,7 +310,9 @@ def holdout_devices(
     cfg: Any, groups: dict[str, list[dict]], per_group: int
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Held-out devices by group: rows past the end of the population, drawn from the configured
-    distributions, so they are never in the fleet and never trained; up to `per_group` a group."""
+    distributions, so they are never in the fleet and never trained; up to `per_group` a group.
+    Their data must come from a corpus that has any device (synthetic): an Arrow corpus that
+    defines the fleet has no rows for them."""
     f = cfg.fleet
     pop = population.population_size(f)
     size = max(2000, 40 * per_group)

@@ -20,10 +20,13 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from fleet import audit as audit_cli
 from fleet import checkpoint, participation, population
 from fleet.coordinator import Coordinator, default_delta
+from fleet.data.corpus import make_corpus
+from fleet.model import build_model
 from fleet.participation_shard import epsilons
 from fleet.privacy.accountant import ORDERS
 from fleet.shard import ShardCore
 from fleet.tasks.mean import MeanTask
+from fleet.tasks.nwp import evaluate_tokens
 
 HOUR = 3600.0
 
@@ -281,3 +284,32 @@ def test_fleet_audit_after_the_fact_matches_the_live_audit(tmp_path, capsys):
 
     audit_cli.main([str(run_dir)])
     assert capsys.readouterr().out.strip() == "memorization audit not available yet"
+
+
+def test_metrics_by_group_with_the_nwp_task(tmp_path):
+    # Held-out devices of each group through the NWP model's own evaluation; whatever it returns
+    # (recall, perplexity, ...) is reported by group. A fresh fleet: no round needed for this part.
+    cfg = tiny_mean("fleet.timezones=[1.0,0.0]", "fleet.population=1000")
+    corpus = make_corpus(cfg)
+    model = build_model(cfg.model)
+    model.eval()
+
+    def evaluate_devices(ids: np.ndarray, n: np.ndarray) -> dict:
+        tokens = [corpus.examples(int(d), min(int(k), 4)) for d, k in zip(ids, n, strict=True)]
+        return evaluate_tokens(model, np.concatenate(tokens))
+
+    audit = participation.run_audit(
+        cfg,
+        [ShardCore(cfg, 0, 0, 1000)],
+        [],
+        tmp_path,
+        evaluate_devices=evaluate_devices,
+        holdout_per_group=3,
+        figures=False,
+    )
+    metrics = audit["bias"]["metrics_by_group"]
+    assert set(metrics["timezone"]) == {"UTC+0", "UTC+1"}
+    assert len(metrics["speed"]) == 5
+    for by in metrics.values():
+        for m in by.values():
+            assert 0.0 <= m["recall@1"] <= m["recall@3"] <= 1.0 and m["perplexity"] > 1.0
