@@ -153,18 +153,18 @@ def w1_config(shards: int, rounds: int, engine: str) -> Config:
             server_momentum=0.9,
             eval_every=10**9,
         ),
-        ray=RayConfig(shards=shards, cpus_per_shard=1.0),
+        ray=RayConfig(num_cpus=len(os.sched_getaffinity(0)), shards=shards, cpus_per_shard=1.0),
         tracking=TrackingConfig(mode="disabled"),
         progress=False,
     )
 
 
 # ---- measurements ----------------------------------------------------------------------------
-def matmul_gflops(seconds: float = 3.0) -> float:
-    """Sustained fp32 GFLOP/s of 2048 x 2048 matmuls on all cores."""
+def matmul_gflops(threads: int, seconds: float = 3.0) -> float:
+    """Sustained fp32 GFLOP/s of 2048 x 2048 matmuls on `threads` threads."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     c = torch.empty(2048, 2048)
     for _ in range(2):
@@ -176,65 +176,79 @@ def matmul_gflops(seconds: float = 3.0) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def plain_loop(cohort: int, population: int, warmup: int, rounds: int, seed: int) -> dict:
-    """The baseline, run in a child process: nn.LSTM + autograd + optim.SGD, one device at a time.
+class PlainLoop:
+    """The baseline: nn.LSTM + autograd + optim.SGD, one device at a time, all cores, one process.
 
     Each round trains `cohort` distinct devices from the global weights, clips each delta to 1.0,
     adds N(0, 1.0^2) to the sum, divides by the cohort and takes a Nesterov-momentum server step.
     """
-    import torch
-    from torch import nn
-    from torch.nn import functional
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    emb = nn.Embedding(VOCAB, 96)
-    nn.init.uniform_(emb.weight, -0.1, 0.1)
-    lstm = nn.LSTM(96, 670, proj_size=96, batch_first=True)
-    params = [*emb.parameters(), *lstm.parameters()]
-    opt = torch.optim.SGD(params, lr=0.5)
-    weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    server = torch.optim.SGD([weights], lr=1.0, momentum=0.9, nesterov=True)
+    def __init__(self, cohort: int, population: int, seed: int, threads: int):
+        import torch
+        from torch import nn
 
-    def update(dev: int, round_idx: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.cohort, self.population, self.seed = cohort, population, seed
+        self.emb = nn.Embedding(VOCAB, 96)
+        nn.init.uniform_(self.emb.weight, -0.1, 0.1)
+        self.lstm = nn.LSTM(96, 670, proj_size=96, batch_first=True)
+        self.params = [*self.emb.parameters(), *self.lstm.parameters()]
+        self.opt = torch.optim.SGD(self.params, lr=0.5)
+        self.weights = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
+        self.server = torch.optim.SGD([self.weights], lr=1.0, momentum=0.9, nesterov=True)
+
+    def update(self, dev: int, round_idx: int) -> Any:
+        import torch
+        from torch.nn import functional
+
         with torch.no_grad():
             offset = 0
-            for p in params:
-                p.copy_(weights[offset : offset + p.numel()].view_as(p))
+            for p in self.params:
+                p.copy_(self.weights[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
         tok = torch.from_numpy(w1_tokens(dev))
-        order = rng.device_generator(seed, "w1_order", round_idx, dev).permutation(EXAMPLES)
+        order = rng.device_generator(self.seed, "w1_order", round_idx, dev).permutation(EXAMPLES)
         for s in range(0, EXAMPLES, 16):
             batch = tok[torch.from_numpy(order[s : s + 16])]
-            out, _ = lstm(emb(batch[:, :-1]))
-            loss = functional.cross_entropy(
-                (out @ emb.weight.t()).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
-            )
-            opt.zero_grad()
+            out, _ = self.lstm(self.emb(batch[:, :-1]))
+            logits = out @ self.emb.weight.t()
+            loss = functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
-        return torch.cat([p.detach().reshape(-1) for p in params]) - weights.detach()
+            self.opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in self.params]) - self.weights.detach()
 
-    def one_round(r: int) -> None:
-        devices = np.random.default_rng([seed, r]).choice(population, cohort, replace=False)
-        total = torch.zeros_like(weights)
+    def round(self, r: int) -> float:
+        """Run round r; returns its wall seconds."""
+        import torch
+
+        t0 = time.perf_counter()
+        devices = np.random.default_rng([self.seed, r]).choice(self.population, self.cohort, replace=False)
+        total = torch.zeros_like(self.weights)
         for dev in devices:
-            delta = update(int(dev), r)
+            delta = self.update(int(dev), r)
             total += delta * min(1.0, 1.0 / max(float(delta.norm()), 1e-12))
-        weights.grad = -(total + torch.randn(total.shape)) / cohort
-        server.step()
+        self.weights.grad = -(total + torch.randn(total.shape)) / self.cohort
+        self.server.step()
+        return time.perf_counter() - t0
 
-    for r in range(warmup):
-        one_round(r)
-    t0 = time.perf_counter()
-    for r in range(warmup, warmup + rounds):
-        one_round(r)
-    elapsed = time.perf_counter() - t0
-    return {
-        "updates_per_s": cohort * rounds / elapsed,
-        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "params": sum(p.numel() for p in params),
-    }
+
+# The baseline lives in a child process (its memory and threads are its own), driven one round at
+# a time so that its rounds interleave with the fleet's and both see the same machine load.
+_plain: PlainLoop | None = None
+
+
+def _plain_init(cohort: int, population: int, seed: int, threads: int) -> None:
+    global _plain
+    _plain = PlainLoop(cohort, population, seed, threads)
+
+
+def _plain_round(r: int) -> tuple[float, int, int]:
+    """(seconds, peak bytes of the child so far, parameter count)."""
+    seconds = _plain.round(r)
+    params = sum(p.numel() for p in _plain.params)
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, params
 
 
 def engine_alone(devices: int, engine: str) -> float:
@@ -266,40 +280,52 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def fleet_run(shards: int, warmup: int, rounds: int, engine: str) -> dict:
-    """W1 through the real round on a local Ray: returns updates/s, timing and memory."""
-    import psutil
-    import ray
+class Fleet:
+    """W1 through the real round on a local Ray: Coordinator + one FleetShard per core."""
 
-    from fleet.run import init_ray, start_actors
+    def __init__(self, shards: int, engine: str, rounds: int):
+        import ray
 
-    cfg = w1_config(shards, warmup + rounds, engine)
-    validate(cfg)
-    started = init_ray(cfg)
-    handles, coordinator = start_actors(cfg, cfg.fleet.population)
-    try:
-        infos = ray.get([s.info.remote() for s in handles])
-        ray.get(coordinator.get_params.remote())
-        for _ in range(warmup):
-            ray.get(coordinator.run_round.remote())
+        from fleet.run import init_ray, start_actors
+
+        cfg = w1_config(shards, rounds, engine)
+        validate(cfg)
+        self.started = init_ray(cfg)
+        self.shards, self.coordinator = start_actors(cfg, cfg.fleet.population)
+        self.pids = {i["pid"] for i in ray.get([s.info.remote() for s in self.shards])}
+        ray.get(self.coordinator.get_params.remote())
+
+    def round(self) -> dict:
+        """Run one round; its wall seconds, reported updates and training seconds."""
+        import ray
+
         t0 = time.perf_counter()
-        lines = [ray.get(coordinator.run_round.remote()) for _ in range(rounds)]
-        elapsed = time.perf_counter() - t0
-        me = psutil.Process()
-        session = [me.pid, *(p.pid for p in me.children(recursive=True))]
-        shard_pids = {i["pid"] for i in infos}
+        line = ray.get(self.coordinator.run_round.remote())
         return {
-            "updates_per_s": sum(x["reported"] for x in lines) / elapsed,
-            "reported": [x["reported"] for x in lines],
-            "train_share": sum(x["timing"]["training_s"] for x in lines) / elapsed,
-            "shard_peak_bytes": [_peak_rss(p) for p in sorted(shard_pids)],
-            "peak_bytes": sum(_peak_rss(p) for p in set(session) | shard_pids),
-            "processes": len(set(session) | shard_pids),
+            "s": time.perf_counter() - t0,
+            "reported": line["reported"],
+            "train_s": line["timing"]["training_s"],
         }
-    finally:
-        for a in [*handles, coordinator]:
+
+    def memory(self) -> dict:
+        """Peak RSS of the shards, and summed over every process of the session (this driver and
+        its descendants: Ray's GCS, raylet and workers, including the coordinator)."""
+        import psutil
+
+        me = psutil.Process()
+        pids = {me.pid, *(p.pid for p in me.children(recursive=True))} | self.pids
+        return {
+            "shards": [_peak_rss(p) for p in sorted(self.pids)],
+            "total": sum(_peak_rss(p) for p in pids),
+            "processes": len(pids),
+        }
+
+    def close(self) -> None:
+        import ray
+
+        for a in [*self.shards, self.coordinator]:
             ray.kill(a)
-        if started:
+        if self.started:
             ray.shutdown()
 
 
@@ -311,7 +337,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--engine", default="auto", choices=["auto", "fused", "reference"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
     args = ap.parse_args(argv)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     gflop = update_gflop()
     gboard = ModelShape(10_000 + SPECIAL_TOKENS, 96, 670, 96, "cifg").num_params()
     print(
@@ -319,35 +345,60 @@ def main(argv: list[str]) -> None:
         f"params ({gflop:.2f} GFLOP per update); cifg_gboard: {gboard:,} params; {cores} cores; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    mm = [matmul_gflops()]
+    mm = [matmul_gflops(cores)]
     print(f"matmul 2048^2 fp32, {cores} threads: {mm[0]:.1f} GFLOP/s")
     alone = engine_alone(12, args.engine)
     print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
-    base = None
+
+    pool = None
     if not args.no_baseline:
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            base = pool.submit(plain_loop, 50, 10_000, args.warmup, args.rounds, 0).result()
-        print(
-            f"plain loop (nn.LSTM, {base['params']:,} params, {cores} threads, 1 process): "
-            f"{base['updates_per_s']:.2f} updates/s, {base['updates_per_s'] * gflop:.1f} GFLOP/s, "
-            f"peak {base['peak_bytes'] / MIB:.0f} MiB"
+        pool = ProcessPoolExecutor(
+            1, mp_context=get_context("spawn"), initializer=_plain_init, initargs=(50, 10_000, 0, cores)
         )
-    fl = fleet_run(args.shards or cores, args.warmup, args.rounds, args.engine)
-    shard_mib = ", ".join(f"{b / MIB:.0f}" for b in fl["shard_peak_bytes"])
+    fleet = Fleet(args.shards or cores, args.engine, args.warmup + args.rounds)
+    try:
+        plain_s, fleet_rounds, plain_info = 0.0, [], (0.0, 0, 0)
+        for r in range(args.warmup + args.rounds):
+            if pool is not None:
+                plain_info = pool.submit(_plain_round, r).result()
+            fr = fleet.round()
+            if r >= args.warmup:
+                plain_s += plain_info[0]
+                fleet_rounds.append(fr)
+        mem = fleet.memory()
+    finally:
+        fleet.close()
+        if pool is not None:
+            pool.shutdown()
+    mm.append(matmul_gflops(cores))
+
+    fleet_s = sum(x["s"] for x in fleet_rounds)
+    fleet_ups = sum(x["reported"] for x in fleet_rounds) / fleet_s
+    shard_mib = ", ".join(f"{b / MIB:.0f}" for b in mem["shards"])
+    if pool is not None:
+        plain_ups = 50 * args.rounds / plain_s
+        print(
+            f"plain loop (nn.LSTM, {plain_info[2]:,} params, {cores} threads, 1 process): "
+            f"{plain_ups:.2f} updates/s, {plain_ups * gflop:.1f} GFLOP/s, peak {plain_info[1] / MIB:.0f} MiB"
+        )
+    n_shards = len(mem["shards"])
+    efficiency = fleet_ups / (n_shards * alone)
     print(
-        f"fleet ({len(fl['shard_peak_bytes'])} shards x 1 thread, engine {args.engine}): "
-        f"{fl['updates_per_s']:.2f} updates/s, {fl['updates_per_s'] * gflop:.1f} GFLOP/s; "
-        f"reported {fl['reported']}; training {100 * fl['train_share']:.0f}% of round wall time; "
-        f"peak {fl['peak_bytes'] / MIB:.0f} MiB over {fl['processes']} processes (shards {shard_mib} MiB)"
+        f"fleet ({n_shards} shards x 1 thread, engine {args.engine}): {fleet_ups:.2f} updates/s, "
+        f"{fleet_ups * gflop:.1f} GFLOP/s, {100 * efficiency:.0f}% of {n_shards} x engine alone; "
+        f"reported {[x['reported'] for x in fleet_rounds]}; training "
+        f"{100 * sum(x['train_s'] for x in fleet_rounds) / fleet_s:.0f}% of round time"
     )
-    mm.append(matmul_gflops())
+    print(
+        f"fleet peak memory: {mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes "
+        f"(shards {shard_mib} MiB)"
+    )
     ref = max(mm)
     print(f"matmul again: {mm[1]:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
-    pct = 100 * fl["updates_per_s"] * gflop / ref
-    line = f"targets: {pct:.0f}% of matmul rate >= 50%: {'PASS' if pct >= 50 else 'FAIL'}"
-    if base is not None:
-        ratio = fl["updates_per_s"] / base["updates_per_s"]
-        base_pct = 100 * base["updates_per_s"] * gflop / ref
+    pct = 100 * fleet_ups * gflop / ref
+    line = f"targets: fleet at {pct:.0f}% of matmul rate >= 50%: {'PASS' if pct >= 50 else 'FAIL'}"
+    if pool is not None:
+        ratio = fleet_ups / plain_ups
         line += f"; {ratio:.2f}x plain loop >= 1.3x: {'PASS' if ratio >= 1.3 else 'FAIL'}"
-        line += f" (plain loop at {base_pct:.0f}% of matmul rate)"
+        line += f" (plain loop at {100 * plain_ups * gflop / ref:.0f}% of matmul rate)"
     print(line)
