@@ -9,9 +9,11 @@ config alone, so every shard uses the same ones and the driver merges them exact
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from fleet import availability, population
+from fleet import population
 from fleet.availability import HOUR
 from fleet.config import FleetConfig
 
@@ -98,8 +100,7 @@ def epsilons(rdp: np.ndarray, orders: np.ndarray, delta: float) -> np.ndarray:
 
 
 def schedule_privacy(
-    avail: availability.Availability,
-    eligible: np.ndarray,
+    reachable: Callable[[float], np.ndarray],
     cols: dict[str, np.ndarray],
     f: FleetConfig,
     times: np.ndarray,
@@ -111,17 +112,18 @@ def schedule_privacy(
     """Each device's epsilon when it can only be sampled in the released rounds it was available.
 
     `rdp[r]` is the RDP curve of released round r (at time `times[r]`, ascending) for a device
-    available then. A device's bitmap of available rounds is its pattern; devices sharing one share
-    one computation. `avail` must be fresh from the run's start (a Markov model then replays the
-    run's states exactly). The participation limit is ignored: counting its excluded rounds as
-    available can only raise epsilon. Returned per pattern (no device named): the bitmap, epsilon,
+    available then; `reachable(t)` says which devices could be sampled at t (availability,
+    eligibility, outages), asked at ascending times, so a Markov model fresh from the run's start
+    replays the run's states exactly. A device's bitmap of available rounds is its pattern; devices
+    sharing one share one computation. The participation limit is ignored: counting its excluded
+    rounds as available can only raise epsilon. Returned per pattern (no device named): the bitmap, epsilon,
     available rounds and device count; per attribute bin: epsilon/nominal histograms, sum and max.
     """
-    n, r_count = len(eligible), len(times)
+    n, r_count = len(cols["device_id"]), len(times)
     nb = max(1, -(-r_count // 64))
     words = np.zeros((nb, n), dtype=np.uint64)
     for r, t in enumerate(times):
-        words[r // 64][avail.available(float(t)) & eligible] |= np.uint64(1) << np.uint64(r % 64)
+        words[r // 64][reachable(float(t))] |= np.uint64(1) << np.uint64(r % 64)
     rows = np.ascontiguousarray(words.T)
     keys = rows.view(np.dtype((np.void, 8 * nb))).ravel()
     _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)

@@ -161,16 +161,25 @@ def test_interpolated_curves_bound_the_exact_ones_from_above():
     assert e_exact <= e_approx < e_exact * 1.05
 
 
-@pytest.mark.parametrize("model", ["diurnal", "markov"])
-def test_schedule_is_recomputed_as_the_run_saw_it(tmp_path, model):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["fleet.availability.model=diurnal"],
+        ["fleet.availability.model=markov"],
+        [  # an outage takes one of two time zones offline for some of the rounds
+            "fleet.availability.model=diurnal",
+            "fleet.timezones=[1.0,0.0]",
+            "dropout.outage_timezones=[0.0]",
+            "dropout.outage_start_hour=0.05",
+            "dropout.outage_hours=0.1",
+        ],
+    ],
+    ids=["diurnal", "markov", "outage"],
+)
+def test_schedule_is_recomputed_as_the_run_saw_it(tmp_path, overrides):
     # Without a participation limit, devices' available rounds add up to the rounds' check-ins:
     # the recomputation (a fresh model replayed from the run's start) saw what the run saw.
-    cfg = tiny_mean(
-        f"fleet.availability.model={model}",
-        "fleet.population=3000",
-        "fleet.min_reports=1",
-        "train.eval_every=1000",
-    )
+    cfg = tiny_mean(*overrides, "fleet.population=3000", "fleet.min_reports=1", "train.eval_every=1000")
     _, coord, lines = _run(cfg, 6)
     audit = participation.run_audit(cfg, coord.shards, lines, tmp_path, figures=False)
     exposure = np.asarray(audit["privacy"]["real_schedule"]["available_rounds"])
