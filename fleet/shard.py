@@ -206,23 +206,18 @@ class ShardCore:
 
     # ---- introspection (aggregates only) -------------------------------------------------
     def info(self) -> dict:
-        """Size and whereabouts: devices, bytes of per-device state, node, process and the Ray
-        resources this shard holds (what the scale benchmark and the placement tests check)."""
         return {
             "index": self.index,
             "devices": self.n,
-            "state_bytes": self._state_bytes(),
+            "state_bytes": int(
+                sum(v.nbytes for v in self.cols.values())
+                + self.last_participation.nbytes
+                + self.participations.nbytes
+                + self.eligible.nbytes
+            ),
             "node_id": _node_id(),
             "pid": os.getpid(),
-            "resources": _assigned_resources(),
         }
-
-    def _state_bytes(self) -> int:
-        """Columns, participation, eligibility and the availability model's own arrays (each
-        array once: the model holds some columns by reference)."""
-        arrays = [*self.cols.values(), self.last_participation, self.participations, self.eligible]
-        arrays += [v for v in vars(self.avail).values() if isinstance(v, np.ndarray)]
-        return int(sum({id(a): a.nbytes for a in arrays}.values()))
 
     def availability_counts(self, times: list[float]) -> list[int]:
         """How many devices are available (eligible, ignoring participation) at each time.
@@ -281,16 +276,6 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # outside a Ray worker
         return None
-
-
-def _assigned_resources() -> dict[str, float]:
-    """The Ray resources this process holds ({} outside a Ray actor)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
-    except Exception:  # outside a Ray worker
-        return {}
 
 
 def remote_shard_class(num_cpus: float, num_gpus: float) -> Any:
