@@ -170,8 +170,9 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto" or ray://... to join a cluster
     num_cpus: int | None = None  # local Ray only; default: all cores
     shards: int = 0  # 0: one per CPU
-    cpus_per_shard: float = 1.0
+    cpus_per_shard: float = 1.0  # each shard's placement-group bundle (and its actor) reserves these
     gpus_per_shard: float = 0.0
+    placement_timeout_s: float = 300.0  # a cluster may take this long to find (or add) the nodes
     dashboard: bool = False
     log_to_driver: bool = False
 
@@ -397,6 +398,10 @@ def validate_memorization(cfg: Any, key: str = "memorization") -> None:
 def validate(cfg: Any) -> None:
     """Check a composed config (dataclass or DictConfig) before anything is started."""
     validate_fleet(cfg.fleet)
+    if cfg.task.name == "nwp":
+        from fleet.data.corpus import validate_data  # fleet.data imports this module
+
+        validate_data(cfg)
     _choice(cfg.rng, "rng", ("reproducible", "secure"))
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
@@ -421,6 +426,9 @@ def validate(cfg: Any) -> None:
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
+    _check(cfg.ray.cpus_per_shard > 0, "ray.cpus_per_shard", f"must be > 0 (got {cfg.ray.cpus_per_shard})")
+    _check(cfg.ray.gpus_per_shard >= 0, "ray.gpus_per_shard", f"must be >= 0 (got {cfg.ray.gpus_per_shard})")
+    _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
     validate_dropout(cfg.dropout)
     if cfg.ray.num_cpus is not None:
