@@ -28,6 +28,7 @@ RUN_DIR --participation` (fleet.audit) rebuilds the shards from the run's checkp
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -117,7 +118,7 @@ def run_audit(
         t0 = time.perf_counter()
         held = holdout_devices(cfg, groups, holdout_per_group)
         callbacks = {
-            a: {label: _bind(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
+            a: {label: functools.partial(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
             for a, by in held.items()
         }
         audit.setdefault("bias", {})["metrics_by_group"] = group_metrics(callbacks)
@@ -136,10 +137,6 @@ def run_audit(
     for text in summary_text(audit).splitlines():
         log.info(text)
     return audit
-
-
-def _bind(fn: DeviceEvaluator, ids: np.ndarray, n: np.ndarray) -> Callable[[], Mapping[str, Any]]:
-    return lambda: fn(ids, n)
 
 
 # ---- merging shard aggregates ------------------------------------------------------------------
