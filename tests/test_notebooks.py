@@ -39,12 +39,16 @@ def test_notebook_runs(path, tmp_path):
     assert images or path.stem == "memorization", "every notebook but the placeholder draws plots"
 
 
-def test_memorization_notebook_plots_a_given_file(tmp_path):
-    data = {"canaries": [{"run": run, "insertions": n, "exposure": e * n, "extracted": n > 8}
-                         for run, e in (("dp", 0.1), ("no_dp", 1.0)) for n in (1, 4, 16)]}
-    (tmp_path / "memorization.json").write_text(json.dumps(data))
+def test_memorization_notebook_plots_given_files(tmp_path):
+    paths = []
+    for label, scale in (("no DP", 1.0), ("dp_fedavg z=1", 0.1)):
+        canaries = [{"insertions": n, "exposure": scale * n, "extracted": scale * n > 8} for n in (1, 16, 64)]
+        path = tmp_path / f"{len(paths)}" / "memorization.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"label": label, "max_exposure": 14.0, "canaries": canaries}))
+        paths.append(str(path))
     nb = nbformat.read(next(p for p in NOTEBOOKS if p.stem == "memorization"), as_version=4)
-    (param,) = [c for c in nb.cells if c.source.startswith("MEMORIZATION_JSON = None")]
-    param.source = f"MEMORIZATION_JSON = {str(tmp_path / 'memorization.json')!r}"
+    (param,) = [c for c in nb.cells if c.source.startswith("MEMORIZATION_JSON = []")]
+    param.source = f"MEMORIZATION_JSON = {paths!r}"
     execute(nb, tmp_path)
     assert any("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs)

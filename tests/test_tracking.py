@@ -113,8 +113,8 @@ def test_multirun_wandb_runs_share_a_group_and_mirror_metrics(sweep):
     assert groups == {sweep_group(str(sweep_dir))}
 
 
-def _cfg(mode: str = "disabled", progress: bool = True) -> SimpleNamespace:
-    tracking = SimpleNamespace(mode=mode, project="fleet", entity=None, group=None, tags=[], media=True)
+def _cfg(mode: str = "disabled", progress: bool = True, media: bool = True) -> SimpleNamespace:
+    tracking = SimpleNamespace(mode=mode, project="fleet", entity=None, group=None, tags=[], media=media)
     return SimpleNamespace(tracking=tracking, progress=progress, resume=None)
 
 
@@ -148,10 +148,10 @@ def test_progress_bar_shows_epsilon_metric_and_funnel(tmp_path):
 
 def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    first = Tracker(tmp_path, _cfg("offline", progress=False), {"seed": 0}, total_rounds=4)
+    first = Tracker(tmp_path, _cfg("offline", progress=False, media=False), {"seed": 0}, total_rounds=4)
     first.log(_line(0))
     first.finish({"rounds": 1})
-    resumed = _cfg("offline", progress=False)
+    resumed = _cfg("offline", progress=False, media=False)
     resumed.resume = str(tmp_path)
     again = Tracker(tmp_path, resumed, {"seed": 0}, total_rounds=4)
     again.log(_line(1))
