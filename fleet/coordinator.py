@@ -384,6 +384,12 @@ class Coordinator:
     def evaluate(self) -> dict:
         return self.task.evaluate(self.params)
 
+    def evaluate_devices(self, device_ids: np.ndarray, num_examples: np.ndarray) -> dict:
+        """The model's metrics on given held-out devices (for metrics by group); {} if the task
+        cannot evaluate arbitrary devices."""
+        evaluate = getattr(self.task, "evaluate_devices", None)
+        return evaluate(self.params, device_ids, num_examples) if evaluate else {}
+
     def get_params(self) -> np.ndarray:
         return self.params
 
