@@ -77,8 +77,12 @@ def _is_number(v: Any) -> bool:
 def load_run(path: str | Path) -> Run:
     """Read one run directory (a run still going has no summary.json yet)."""
     path = Path(path)
-    text = (path / "metrics.jsonl").read_text()
-    lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+    lines = []
+    for text in (path / "metrics.jsonl").read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            break  # the line a running job is writing, or one a crash tore
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     overrides_file = path / ".hydra" / "overrides.yaml"

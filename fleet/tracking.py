@@ -64,9 +64,9 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        self.media = bool(cfg.tracking.media)
-        self.wandb = None
         t = cfg.tracking
+        self.media = bool(t.media)
+        self.wandb = None
         if t.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb

@@ -123,6 +123,13 @@ def test_plots_follow_the_metrics_present(tmp_path):
     assert report.write_report([run], tmp_path / "out").exists()
 
 
+def test_torn_last_line_of_a_running_job_is_left_out(tmp_path):
+    run = _write_run(tmp_path / "running", [_line(0), _line(1)])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"round": 2, "avail')
+    assert [x["round"] for x in report.load_run(run).lines] == [0, 1]
+
+
 def test_empty_run_gives_a_page_without_plots(tmp_path):
     empty = _write_run(tmp_path / "empty", [])
     page = report.write_report(report.find_runs([empty]), tmp_path / "out").read_text()
