@@ -11,7 +11,10 @@ from omegaconf import OmegaConf
 
 from fleet.config import Config, register_configs
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+# Ray workers import test doubles as `tests.doubles:Name`; they inherit the environment.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
