@@ -18,10 +18,12 @@ Four measurements, side by side in one run because the machine is shared and noi
 4. the fleet: the real round (Coordinator + FleetShard Ray actors, one per core, one thread
    each) with `W1Task`, whose devices train on the fused engine.
 
-Targets: fleet >= 1.3x the baseline's client updates per second, and >= 50% of the matmul rate
-(11.82 GFLOP per update). Memory is the sum of each process's peak resident set (VmHWM): an
-upper bound on the simultaneous peak, since processes do not all peak at once and shared pages
-count in each.
+The baseline and the fleet alternate round by round, so both see the same load from other users,
+and each is reported as its mean over the timed rounds and as its best round (what the code does
+when the machine is left alone). Targets: fleet >= 1.3x the baseline's client updates per second,
+and >= 50% of the matmul rate (11.82 GFLOP per update). Memory is the sum of each process's
+peak resident set (VmHWM): an upper bound on the simultaneous peak, since processes do not all
+peak at once and shared pages count in each.
 """
 
 from __future__ import annotations
@@ -356,49 +358,61 @@ def main(argv: list[str]) -> None:
             1, mp_context=get_context("spawn"), initializer=_plain_init, initargs=(50, 10_000, 0, cores)
         )
     fleet = Fleet(args.shards or cores, args.engine, args.warmup + args.rounds)
+    plain: list[tuple[float, int, int]] = []  # (seconds, peak bytes, params) per timed round
+    rounds: list[dict] = []
     try:
-        plain_s, fleet_rounds, plain_info = 0.0, [], (0.0, 0, 0)
         for r in range(args.warmup + args.rounds):
-            if pool is not None:
-                plain_info = pool.submit(_plain_round, r).result()
-            fr = fleet.round()
+            p = pool.submit(_plain_round, r).result() if pool is not None else None
+            f = fleet.round()
             if r >= args.warmup:
-                plain_s += plain_info[0]
-                fleet_rounds.append(fr)
+                rounds.append(f)
+                if p is not None:
+                    plain.append(p)
         mem = fleet.memory()
     finally:
         fleet.close()
         if pool is not None:
             pool.shutdown()
     mm.append(matmul_gflops(cores))
-
-    fleet_s = sum(x["s"] for x in fleet_rounds)
-    fleet_ups = sum(x["reported"] for x in fleet_rounds) / fleet_s
-    shard_mib = ", ".join(f"{b / MIB:.0f}" for b in mem["shards"])
-    if pool is not None:
-        plain_ups = 50 * args.rounds / plain_s
-        print(
-            f"plain loop (nn.LSTM, {plain_info[2]:,} params, {cores} threads, 1 process): "
-            f"{plain_ups:.2f} updates/s, {plain_ups * gflop:.1f} GFLOP/s, peak {plain_info[1] / MIB:.0f} MiB"
-        )
-    n_shards = len(mem["shards"])
-    efficiency = fleet_ups / (n_shards * alone)
-    print(
-        f"fleet ({n_shards} shards x 1 thread, engine {args.engine}): {fleet_ups:.2f} updates/s, "
-        f"{fleet_ups * gflop:.1f} GFLOP/s, {100 * efficiency:.0f}% of {n_shards} x engine alone; "
-        f"reported {[x['reported'] for x in fleet_rounds]}; training "
-        f"{100 * sum(x['train_s'] for x in fleet_rounds) / fleet_s:.0f}% of round time"
-    )
-    print(
-        f"fleet peak memory: {mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes "
-        f"(shards {shard_mib} MiB)"
-    )
     ref = max(mm)
     print(f"matmul again: {mm[1]:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
-    pct = 100 * fleet_ups * gflop / ref
-    line = f"targets: fleet at {pct:.0f}% of matmul rate >= 50%: {'PASS' if pct >= 50 else 'FAIL'}"
-    if pool is not None:
-        ratio = fleet_ups / plain_ups
-        line += f"; {ratio:.2f}x plain loop >= 1.3x: {'PASS' if ratio >= 1.3 else 'FAIL'}"
-        line += f" (plain loop at {100 * plain_ups * gflop / ref:.0f}% of matmul rate)"
-    print(line)
+
+    # Two figures per side: the mean over the timed rounds, and the best round, which is what the
+    # code can do when the shared machine leaves it alone (other users' load only slows rounds).
+    fleet_ups = (
+        sum(x["reported"] for x in rounds) / sum(x["s"] for x in rounds),
+        max(x["reported"] / x["s"] for x in rounds),
+    )
+    n_shards = len(mem["shards"])
+    shard_mib = ", ".join(f"{b / MIB:.0f}" for b in mem["shards"])
+    print(
+        f"fleet ({n_shards} shards x 1 thread, engine {args.engine}): {_rates(fleet_ups, gflop)}; "
+        f"{100 * fleet_ups[0] / (n_shards * alone):.0f}% of {n_shards} x engine alone; "
+        f"reported {[x['reported'] for x in rounds]}; training "
+        f"{100 * sum(x['train_s'] for x in rounds) / sum(x['s'] for x in rounds):.0f}% of round time; "
+        f"peak memory {mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes "
+        f"(shards {shard_mib} MiB)"
+    )
+    pct = tuple(100 * u * gflop / ref for u in fleet_ups)
+    verdict = [f"fleet at {pct[0]:.0f}% | {pct[1]:.0f}% of matmul rate >= 50%: {_pass(pct, 50)}"]
+    if plain:
+        plain_ups = (50 * len(plain) / sum(x[0] for x in plain), 50 / min(x[0] for x in plain))
+        print(
+            f"plain loop (nn.LSTM, {plain[-1][2]:,} params, {cores} threads, 1 process): "
+            f"{_rates(plain_ups, gflop)}; at {100 * plain_ups[0] * gflop / ref:.0f}% | "
+            f"{100 * plain_ups[1] * gflop / ref:.0f}% of matmul rate; peak {plain[-1][1] / MIB:.0f} MiB"
+        )
+        ratio = (fleet_ups[0] / plain_ups[0], fleet_ups[1] / plain_ups[1])
+        verdict.append(f"{ratio[0]:.2f}x | {ratio[1]:.2f}x plain loop >= 1.3x: {_pass(ratio, 1.3)}")
+    print("targets (mean | best round): " + "; ".join(verdict))
+
+
+def _rates(ups: tuple[float, float], gflop: float) -> str:
+    return (
+        f"{ups[0]:.2f} updates/s = {ups[0] * gflop:.1f} GFLOP/s mean, "
+        f"{ups[1]:.2f} updates/s = {ups[1] * gflop:.1f} GFLOP/s best round"
+    )
+
+
+def _pass(values: tuple[float, float], target: float) -> str:
+    return "/".join("PASS" if v >= target else "FAIL" for v in values)
