@@ -295,6 +295,9 @@ class Fleet:
 
         cfg = w1_config(shards, rounds, engine)
         validate(cfg)
+        # Ray runs its workers at niceness 15 by default; on a shared machine that would hand the
+        # fleet's cores to anyone else's work while the baseline runs at 0. Same priority for both.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         self.started = init_ray(cfg)
         self.shards, self.coordinator = start_actors(cfg, cfg.fleet.population)
         self.pids = {i["pid"] for i in ray.get([s.info.remote() for s in self.shards])}
