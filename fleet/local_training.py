@@ -96,7 +96,7 @@ class ReferenceEngine:
     ) -> tuple[np.ndarray, float]:
         _check(params, tokens, self.shape.num_params())
         set_flat(self.model, params)
-        tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
         ignore = -100 if self.pad_id is None else self.pad_id
         loss_sum, count = 0.0, 0
         for rows in _batches(len(tok), epochs, batch_size, rng):
@@ -189,7 +189,7 @@ class FusedEngine:
         _check(params, tokens, self.shape.num_params())
         params = np.asarray(params, dtype=np.float32)
         self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only
-        tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
         loss_sum, count = 0.0, 0
         with torch.no_grad():
             for rows in _batches(len(tok), epochs, batch_size, rng):
