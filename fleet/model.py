@@ -14,8 +14,10 @@ Architecture, and the choices made where the paper is silent:
   blocks (o, i, g) instead of four (o, i, f, g); no peepholes.
 - Gate pre-activations are x_t @ w_x + r_{t-1} @ w_r + bias, with all gates side by side in one
   matrix. The gate order puts o first and the candidate g last: the sigmoid gates are then one
-  contiguous block in the forward pass, and the gates whose gradient is scaled by dc (i, f, g)
-  are one contiguous block in the backward pass (see `fleet.local_training.FusedEngine`).
+  contiguous block (their derivative s (1 - s) is one pass), and the gates whose gradient is
+  scaled by dc (i, f, g) are one contiguous block (see `fleet.local_training.FusedEngine`).
+- Initialisation: embedding U(-init_scale, init_scale); w_x, w_r, w_p U(-1/sqrt(H), 1/sqrt(H))
+  as PyTorch's LSTM; biases 0.
 - Weights are stored as (in, out), so every layer is `x @ w`.
 
 The flat parameter vector (`get_flat`) is the concatenation, in this order, of embedding, w_x,
@@ -33,10 +35,7 @@ import torch
 from torch import nn
 
 SPECIAL_TOKENS = 4  # pad=0, bos=1, eos=2, oov=3; words are ids 4..vocab_size+3
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-OOV_ID = 3
+PAD_ID = 0  # targets equal to it are left out of the loss
 
 CELLS = {"cifg": 3, "lstm": 4}  # cell -> number of gate blocks
 
