@@ -96,8 +96,9 @@ def participation_audit(run_dir: Path, args: argparse.Namespace) -> int:
 
 
 def memorization_audit(run_dir: Path, args: argparse.Namespace) -> int:
-    print("memorization audit not available yet")
-    return 0
+    from fleet import memorization
+
+    return memorization.cli(run_dir, args)
 
 
 AUDITS: dict[str, Callable[[Path, argparse.Namespace], int]] = {
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         help="participation: q per round counts the selected cohort (over-selection) or the goal",
     )
     parser.add_argument("--no-figures", action="store_true", help="participation: the JSON only")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="memorization: set these runs beside RUN_DIR (memorization_compare.* in their parent)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     run_dir = Path(args.run_dir)
