@@ -36,7 +36,7 @@ def test_notebook_runs(path, tmp_path):
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert images or path.stem == "memorization", "every notebook but the placeholder draws plots"
+    assert images, "every notebook draws plots"
 
 
 def test_memorization_notebook_plots_given_files(tmp_path):
