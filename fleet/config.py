@@ -124,6 +124,7 @@ class TrainConfig:
     server_momentum: float = 0.9
     eval_every: int = 10
     checkpoint_every: int = 10  # rounds; also at the end and on Ctrl-C
+    participation_audit: bool = True  # audit who trained and per-device epsilon at the end (DP runs)
     max_wall_seconds: float | None = None
 
 

@@ -10,7 +10,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from fleet import checkpoint, population
+from fleet import checkpoint, memorization, participation, population
 from fleet.config import Config, ConfigError, validate
 from fleet.coordinator import Coordinator
 from fleet.shard import fleet_size, remote_shard_class
@@ -48,29 +49,107 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
 
 
 def shard_count(cfg: Any, pop: int) -> int:
+    """`ray.shards`, or as many shards as the cluster's CPUs (and GPUs, if shards take them) hold."""
     import ray
 
     if cfg.ray.shards:
         n = cfg.ray.shards
     else:
-        n = int(ray.cluster_resources().get("CPU", 1) // max(cfg.ray.cpus_per_shard, 1e-9))
+        total = ray.cluster_resources()
+        n = int(total.get("CPU", 1) // cfg.ray.cpus_per_shard)
+        if cfg.ray.gpus_per_shard:
+            n = min(n, int(total.get("GPU", 0) // cfg.ray.gpus_per_shard))
     return max(1, min(n, pop))
 
 
-def start_actors(cfg: Any, pop: int, state_dir: Path | None = None) -> tuple[list[Any], Any]:
-    """Create the shard actors (contiguous id ranges) and the coordinator actor."""
-    import ray
+def shard_bundle(cfg: Any) -> dict[str, float]:
+    """The resources one shard reserves: its placement-group bundle and its actor's request."""
+    bundle = {"CPU": float(cfg.ray.cpus_per_shard)}
+    if cfg.ray.gpus_per_shard:
+        bundle["GPU"] = float(cfg.ray.gpus_per_shard)
+    return bundle
 
-    n = shard_count(cfg, pop)
+
+def reserve_shards(cfg: Any, n: int) -> Any:
+    """A placement group of one bundle per shard, spread over the cluster's nodes.
+
+    SPREAD puts bundles on distinct nodes where it can and several on one node where shards
+    outnumber nodes (STRICT_SPREAD would refuse that). Reserving all bundles at once means a
+    round never starts with part of the fleet unplaced, and a shard that Ray restarts comes back
+    in its own bundle, with the same resources, on the same node while that node lives.
+    A local Ray never grows, so a request it cannot hold fails at once; a cluster may be
+    waiting for nodes (an autoscaler), so there we wait up to `ray.placement_timeout_s`.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = shard_bundle(cfg)
+    need = f"{n} shard(s) x {bundle}"
+    total = ray.cluster_resources()
+    has = {k: total.get(k, 0.0) for k in bundle}
+    if not cfg.ray.address and any(v * n > has[k] + 1e-9 for k, v in bundle.items()):
+        raise ConfigError(
+            f"ray.shards: {need} do not fit this Ray's {has}; lower ray.shards, "
+            "ray.cpus_per_shard or ray.gpus_per_shard, or raise ray.num_cpus"
+        )
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy="SPREAD")
+    if not pg.wait(timeout_seconds=cfg.ray.placement_timeout_s):
+        remove_placement_group(pg)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        raise ConfigError(
+            f"ray.shards: {need} could not be placed within {cfg.ray.placement_timeout_s:g} s "
+            f"on {len(nodes)} node(s) with {[{k: r.get(k, 0.0) for k in bundle} for r in nodes]}"
+        )
+    return pg
+
+
+def start_actors(
+    cfg: Any, pop: int, state_dir: Path | None = None, placement_group: Any = None
+) -> tuple[list[Any], Any]:
+    """Create the shard actors (contiguous id ranges), one per bundle of `placement_group`
+    (reserved here, for the Ray session's lifetime, if not given: `fleet_actors` releases it),
+    and the coordinator actor, on the driver's node with no CPU: it waits on the shards."""
+    import ray
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    pg = placement_group if placement_group is not None else reserve_shards(cfg, shard_count(cfg, pop))
     shard_cls = remote_shard_class(cfg.ray.cpus_per_shard, cfg.ray.gpus_per_shard)
     t0 = cfg.fleet.start_hour * 3600.0
     sd = str(state_dir) if state_dir else None
     shards = [
-        shard_cls.options(scheduling_strategy="SPREAD").remote(cfg, i, a, b, t0, sd)
-        for i, (a, b) in enumerate(population.shard_ranges(pop, n))
+        shard_cls.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        ).remote(cfg, i, a, b, t0, sd)
+        for i, (a, b) in enumerate(population.shard_ranges(pop, len(pg.bundle_specs)))
     ]
-    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(cfg, shards, pop, sd)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = (
+        ray.remote(num_cpus=0)(Coordinator).options(scheduling_strategy=here).remote(cfg, shards, pop, sd)
+    )
     return shards, coordinator
+
+
+@contextmanager
+def fleet_actors(cfg: Any, pop: int, state_dir: Path | None = None) -> Iterator[tuple[list[Any], Any]]:
+    """`start_actors` in a placement group of its own; on exit the actors and the group go, so the
+    next job of a sweep (or test) sharing this Ray session finds the resources free again."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    pg = reserve_shards(cfg, shard_count(cfg, pop))
+    shards: list[Any] = []
+    coordinator = None
+    try:
+        shards, coordinator = start_actors(cfg, pop, state_dir, pg)
+        yield shards, coordinator
+    finally:
+        for a in [*shards, coordinator]:
+            if a is not None:
+                ray.kill(a, no_restart=True)
+        remove_placement_group(pg)
 
 
 def config_from_dict(d: dict) -> Config:
@@ -127,9 +206,11 @@ def train(
         config_dict = asdict(cfg) if is_dataclass(cfg) else {}
     if not cfg.resume:
         checkpoint.save_config(run_dir, config_dict)
+    memorization.prepare(cfg, run_dir)  # canary plan for the shards (RUN_DIR/canaries/), if any
     started = init_ray(cfg, run_dir)
     wall0 = time.perf_counter()
-    shards, coordinator = start_actors(cfg, pop, state_dir)
+    actors = ExitStack()  # the shards, the coordinator and their placement group, released at the end
+    shards, coordinator = actors.enter_context(fleet_actors(cfg, pop, state_dir))
     try:
         infos = ray.get([s.info.remote() for s in shards])
         first = ray.get(coordinator.resume.remote()) if cfg.resume else 0
@@ -183,12 +264,21 @@ def train(
             "privacy": ray.get(coordinator.privacy_summary.remote()),
             "run_dir": str(run_dir),
         }
+        if memorization.planted(cfg) and cfg.memorization.audit and stop_reason != "interrupted":
+            memorization.run_audit(run_dir, cfg)  # before finish: its figures go to the W&B run
+        if cfg.train.participation_audit and stop_reason != "interrupted" and cfg.privacy.enabled:
+            # Who trained and the epsilon of each device under the real schedule, computed in the
+            # shards while they still hold their state; released as histograms only.
+            def evaluate(ids: np.ndarray, n: np.ndarray) -> dict:
+                return ray.get(coordinator.evaluate_devices.remote(ids, n))
+
+            audit = participation.run_audit(cfg, shards, lines, run_dir, evaluate_devices=evaluate)
+            summary["participation"] = participation.headline(audit)
         tracker.finish(summary)
         if stop_reason == "interrupted":
             raise KeyboardInterrupt
         return summary
     finally:
-        for a in [*shards, coordinator]:
-            ray.kill(a, no_restart=True)
+        actors.close()
         if started:
             ray.shutdown()

@@ -30,7 +30,14 @@ def make_cfg(*overrides: str) -> Config:
 
 def tiny_mean(*overrides: str) -> Config:
     """A tiny always-available fleet training the mean-estimation task, no W&B, no progress bar."""
-    return make_cfg("fleet=tiny", "task.name=mean", "tracking.mode=disabled", "progress=false", *overrides)
+    return make_cfg(
+        "fleet=tiny",
+        "task.name=mean",
+        "tracking.mode=disabled",
+        "progress=false",
+        "train.participation_audit=false",  # tested on its own (test_participation, test_run)
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
         "train.eval_every=3",
         "ray.shards=2",
         "seed=11",
+        "train.participation_audit=true",
     )
     run_dir = tmp_path / "run"
     summary = train(cfg, run_dir)
@@ -43,6 +44,8 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
         ):
             assert key in line
     assert "eval_distance" in lines[2] and summary["privacy"]["epsilon"] > 0
+    assert (run_dir / "participation" / "participation.json").exists()
+    assert summary["participation"]["released_rounds"] == 6
 
     ids = population.generate(cfg.fleet, cfg.seed, 0, 3000)["device_id"]
     assert ids.min() > 10**12

@@ -29,17 +29,26 @@ from fleet.config import (
 GIB = 1024**3
 
 
-def session_pss() -> int:
-    """Proportional set size of this process and all its descendants (the local Ray session:
-    GCS, raylet, workers), so shared pages count once and other users' processes not at all."""
+def session_pss_by_process() -> dict[int, tuple[str, int]]:
+    """pid -> (name, proportional set size) for this process and all its descendants (the local
+    Ray session: GCS, raylet, workers), so shared pages count once and other users' processes
+    not at all."""
     me = psutil.Process()
-    total = 0
+    out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
-            total += p.memory_full_info().pss
+            name = p.name()
+            if name.startswith("python"):  # Ray's Python daemons: name them by their script
+                name = next((os.path.basename(a) for a in p.cmdline() if a.endswith(".py")), name)
+            out[p.pid] = (name, p.memory_full_info().pss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return total
+    return out
+
+
+def session_pss() -> int:
+    """Total proportional set size of this process and its descendants (see above)."""
+    return sum(pss for _, pss in session_pss_by_process().values())
 
 
 def bench_config(population: int, shards: int) -> Config:
@@ -59,23 +68,21 @@ def bench_config(population: int, shards: int) -> Config:
 def measure(population: int, shards: int, rounds: int) -> dict:
     import ray
 
-    from fleet.run import start_actors
+    from fleet.run import fleet_actors
 
     base = session_pss()
     t0 = time.perf_counter()
     cfg = bench_config(population, shards)
-    shard_handles, coordinator = start_actors(cfg, population)
-    infos = ray.get([s.info.remote() for s in shard_handles])
-    ray.get(coordinator.get_params.remote())
-    build = time.perf_counter() - t0
-    after = session_pss()
-    lines = [ray.get(coordinator.run_round.remote()) for _ in range(rounds)]
-    checkin = np.median([x["timing"]["checkin_s"] for x in lines])
-    sampling = np.median([x["timing"]["sampling_s"] for x in lines])
-    plan = np.median([x["timing"]["plan_s"] for x in lines])
-    peak = session_pss()
-    for a in [*shard_handles, coordinator]:
-        ray.kill(a)
+    with fleet_actors(cfg, population) as (shard_handles, coordinator):
+        infos = ray.get([s.info.remote() for s in shard_handles])
+        ray.get(coordinator.get_params.remote())
+        build = time.perf_counter() - t0
+        after = session_pss()
+        lines = [ray.get(coordinator.run_round.remote()) for _ in range(rounds)]
+        checkin = np.median([x["timing"]["checkin_s"] for x in lines])
+        sampling = np.median([x["timing"]["sampling_s"] for x in lines])
+        plan = np.median([x["timing"]["plan_s"] for x in lines])
+        peak = session_pss()
     time.sleep(1.0)
     return {
         "population": population,

@@ -27,6 +27,11 @@ class NWPTask:
         self.mcfg = cfg.model
         self.seed = cfg.seed
         self.corpus = make_corpus(cfg)
+        if role == "client" and cfg.memorization.groups:
+            from fleet.memorization import CanaryCorpus
+
+            # Canaries go into training devices' data only; the server never reads the plan.
+            self.corpus = CanaryCorpus.from_config(cfg, self.corpus)
         size = model_bytes(self.mcfg)
         self.cost = JobCost(download_bytes=float(size), upload_bytes=float(size))
         self.engine = None
@@ -58,6 +63,17 @@ class NWPTask:
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """Loss, perplexity and recall@1/@3 (pad excluded; with and without oov) on held-out devices."""
         return evaluate_tokens(self._model_with(params), self.corpus.eval_examples()) | self.baseline()
+
+    def evaluate_devices(
+        self, params: np.ndarray, device_ids: np.ndarray, num_examples: np.ndarray
+    ) -> dict[str, float]:
+        """Metrics on the examples of the given devices (held-out ones: never in the fleet)."""
+        if self.corpus.num_devices is not None:
+            return {}  # a stored corpus holds data only for its own devices
+        tokens = np.concatenate(
+            [self.corpus.examples(int(d), int(n)) for d, n in zip(device_ids, num_examples, strict=True)]
+        )
+        return evaluate_tokens(self._model_with(params), tokens)
 
     def baseline(self) -> dict[str, float]:
         """The unigram (most-frequent-word) recall the model must beat, once per run."""

@@ -1,0 +1,174 @@
+"""Cluster mode: shards placed by resources over several nodes, the same model as on one node.
+
+The two-node cluster (`ray.cluster_utils.Cluster`: two raylets on this machine, each with its own
+custom resource) runs in a child process with a private Ray temp dir, so it neither meets the
+session-wide Ray of `ray_session` nor lets anyone else's `ray.init()` find it and connect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_mean
+
+from fleet import checkpoint
+from fleet.config import ConfigError
+from fleet.run import fleet_actors, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def _cfg(*extra: str):
+    """A short DP run of two shards of two CPUs each: on two 2-CPU nodes, one shard per node."""
+    return tiny_mean(
+        "fleet.population=4000",
+        "fleet.availability.model=diurnal",
+        "fleet.min_reports=1",
+        "fleet.failure_prob_mean=0.1",
+        "train.rounds=4",
+        "train.eval_every=2",
+        "ray.shards=2",
+        "ray.cpus_per_shard=2",
+        "seed=5",
+        *extra,
+    )
+
+
+def _weights(run_dir: Path) -> np.ndarray:
+    return checkpoint.load_coordinator(run_dir / "state")["server"]["weights"]
+
+
+def _train_on_two_nodes(run_dir: Path) -> None:
+    """Child process: start a head and a worker node, train through `ray.address`, write where
+    every actor ran to RUN_DIR/placement.json."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"node_a": 1}, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=2, resources={"node_b": 1})
+        cluster.wait_for_nodes()
+        seen: dict = {}
+
+        def where(line: dict, shards: list, coordinator) -> None:
+            if seen:
+                return
+            seen["shards"] = [i["node_id"] for i in ray.get([s.info.remote() for s in shards])]
+            seen["coordinator"] = ray.get(
+                coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+            )
+            seen["driver"] = ray.get_runtime_context().get_node_id()
+            seen["nodes"] = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+
+        train(_cfg(f"ray.address={cluster.address}"), run_dir, on_round=where)
+        (run_dir / "placement.json").write_text(json.dumps(seen))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_two_node_cluster_trains_the_same_model_as_one_node(ray_session, tmp_path):
+    two = tmp_path / "two_nodes"
+    # A short private temp dir: Ray's socket paths must stay under the 107-byte limit.
+    ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    cluster = subprocess.Popen(
+        [sys.executable, __file__, str(two)],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        one = tmp_path / "one_node"
+        train(_cfg(), one)  # meanwhile, the session's single 4-CPU node: both shards on it
+        _, err = cluster.communicate(timeout=240)
+    finally:
+        cluster.kill()  # only if it overran: Ray's reaper then stops the cluster's processes
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert cluster.returncode == 0, err[-4000:]
+    placed = json.loads((two / "placement.json").read_text())
+    assert len(placed["nodes"]) == 2
+    # One shard on each node (a 2-CPU bundle fits a 2-CPU node once), the coordinator with the driver.
+    assert sorted(placed["shards"]) == sorted(placed["nodes"])
+    assert {"node_a", "node_b"} == {
+        r for n in placed["shards"] for r in placed["nodes"][n] if r.startswith("node_")
+    }
+    assert placed["coordinator"] == placed["driver"]
+    np.testing.assert_allclose(_weights(two), _weights(one), rtol=1e-12, atol=0)
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(x["released"] for x in lines)
+
+
+def _wait(predicate, timeout: float = 30.0) -> bool:
+    """Poll (Ray's resource view and actor restarts settle asynchronously)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_placement_and_restart_honour_cpus_per_shard(ray_session):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    cfg = tiny_mean("ray.cpus_per_shard=2", "fleet.population=3000")  # ray.shards=0: as many as fit
+    with fleet_actors(cfg, 3000) as (shards, coordinator):
+        infos = ray.get([s.info.remote() for s in shards])
+        assert len(shards) == 2  # 4 CPUs / 2 per shard
+        assert [i["resources"] for i in infos] == [{"CPU": 2.0}, {"CPU": 2.0}]
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        assert [g["bundles"] for g in groups] == [{0: {"CPU": 2.0}, 1: {"CPU": 2.0}}]
+        assert _wait(lambda: ray.available_resources().get("CPU", 0.0) == 0.0)
+
+        ray.kill(shards[0], no_restart=False)
+
+        def restarted() -> bool:
+            try:
+                return ray.get(shards[0].info.remote(), timeout=5)["pid"] != infos[0]["pid"]
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.ActorUnavailableError,
+                ray.exceptions.GetTimeoutError,
+            ):
+                return False
+
+        assert _wait(restarted, 60.0)
+        back = ray.get(shards[0].info.remote())
+        # Back in its own bundle: the same CPUs, the same node, and nothing taken from outside it.
+        assert back["resources"] == {"CPU": 2.0} and back["node_id"] == infos[0]["node_id"]
+        assert ray.available_resources().get("CPU", 0.0) == 0.0
+        assert ray.get(coordinator.run_round.remote())["round"] == 0
+    # Leaving releases the actors and their bundles for the next job in this Ray session.
+    assert _wait(lambda: ray.available_resources().get("CPU", 0.0) == 4.0)
+    assert not [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+
+
+def test_shards_that_cannot_fit_a_local_ray_fail_at_once(ray_session):
+    import ray
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^ray.shards: 3 shard\(s\) x \{'CPU': 2.0\} do not fit"):
+        with fleet_actors(tiny_mean("ray.shards=3", "ray.cpus_per_shard=2"), 2000):
+            pass
+    assert time.monotonic() - t0 < 10
+    assert _wait(lambda: ray.available_resources().get("CPU", 0.0) == 4.0)
+
+
+if __name__ == "__main__":
+    _train_on_two_nodes(Path(sys.argv[1]))

@@ -1,0 +1,75 @@
+"""Scale: what a device costs in memory, and the fast check-in path that 10 million devices need.
+
+Budget: 10 million devices in 2 GiB on one machine, everything included, is 214 bytes a device.
+Processes (Ray, torch, the coordinator) take a fixed share of that, so the per-device cost must
+stay well under it; `python -m fleet.bench scale` measures the whole session.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import tiny_mean
+
+from fleet import availability, population, rng
+from fleet.config import FleetConfig
+from fleet.shard import remote_shard_class
+
+BUDGET = 2 * 1024**3 / 10_000_000  # bytes a device, all included
+DEVICES = 1_000_000
+
+
+def test_a_million_devices_cost_well_under_the_budget(ray_session):
+    """Resident memory a shard actor gains per device, against one of 1,000 devices (same code
+    loaded): rows, availability, participation and the check-in's working arrays, after rounds."""
+    import psutil
+
+    ray = ray_session
+    cfg = tiny_mean(
+        f"fleet.population={DEVICES}",
+        "fleet.availability.model=diurnal",
+        "fleet.min_separation_hours=24",
+        "fleet.min_reports=1",
+    )
+    shard_cls = remote_shard_class(1, 0)
+    small, big = shard_cls.remote(cfg, 0, 0, 1000), shard_cls.remote(cfg, 0, 0, DEVICES)
+    try:
+        for r in range(3):  # night hours, when the most devices are available
+            t = 3600.0 * (1 + r)
+            counts = ray.get([s.check_in.remote(r, t) for s in (small, big)])
+            ray.get(
+                [
+                    s.plan.remote(r, t, t + 600.0, np.arange(min(c, 50)))
+                    for s, c in zip((small, big), counts, strict=True)
+                ]
+            )
+        infos = ray.get([small.info.remote(), big.info.remote()])
+        pss = [psutil.Process(i["pid"]).memory_full_info().pss for i in infos]
+    finally:
+        for s in (small, big):
+            ray.kill(s, no_restart=True)
+    state = infos[1]["state_bytes"] / DEVICES
+    resident = (pss[1] - pss[0]) / (DEVICES - 1000)
+    assert state <= 64, state  # tens of bytes a device (DESIGN.md): columns, schedule, participation
+    assert resident < BUDGET / 2, (resident, state)  # the other half: fixed costs of processes
+
+
+def _diurnal_by_definition(av: availability.Diurnal, t: float) -> np.ndarray:
+    """Available at t: inside the daily window that opened last (in float64), present that day."""
+    rel = t - av.open_s.astype(np.float64)
+    day = np.floor(rel / availability.DAY)
+    inside = rel - day * availability.DAY < av.len_s
+    coin = rng.uniform(av.seed, "nightly", day.astype(np.int64), av.ids)
+    return inside & (coin < av.prob)
+
+
+def test_fast_diurnal_check_in_is_the_definition():
+    """Check-in computes the phase in float32 from the time of day and hashes one day per group;
+    it must pick exactly the devices the plain definition picks, across days and time zones."""
+    f = FleetConfig(timezones=[-8.0, 1.0, 5.5, 13.0])
+    cols = population.generate(f, 7, 0, 200_000)
+    av = availability.make(f.availability, cols, 7)
+    for t in (0.0, 1.5, 3600.0 * 5 + 0.25, 86_400.0 * 3 + 77_777.7, 1.44e6 + 12.34, 9.9e6):
+        got = av.available(t)
+        np.testing.assert_array_equal(got, _diurnal_by_definition(av, t))
+        idx = np.flatnonzero(got)
+        assert len(idx) > 1000 and np.all(av.window_end(t, idx) > t)
