@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from fleet import checkpoint, memorization, participation, population
+from fleet import checkpoint, memorization, population
 from fleet.config import Config, ConfigError, validate
 from fleet.coordinator import Coordinator
 from fleet.shard import fleet_size, remote_shard_class
@@ -271,6 +271,8 @@ def train(
             # shards while they still hold their state; released as histograms only.
             def evaluate(ids: np.ndarray, n: np.ndarray) -> dict:
                 return ray.get(coordinator.evaluate_devices.remote(ids, n))
+
+            from fleet import participation  # here: it loads matplotlib, scipy and dp-accounting
 
             audit = participation.run_audit(cfg, shards, lines, run_dir, evaluate_devices=evaluate)
             summary["participation"] = participation.headline(audit)

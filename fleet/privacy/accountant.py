@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
+
+if TYPE_CHECKING:  # imported where used: only the coordinator needs it (~70 MiB with scipy)
+    import dp_accounting
+    from dp_accounting import rdp
 
 # RDP orders: dense at small orders where the optimum usually lies, sparse up to 1024.
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
@@ -28,6 +31,8 @@ class Mechanism:
     noise_multiplier: float
 
     def event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.goal / self.population, gaussian)
@@ -36,6 +41,8 @@ class Mechanism:
         raise ValueError(f"privacy.sampling: unknown value {self.sampling!r}")
 
     def neighbouring(self) -> rdp.rdp_privacy_accountant.NeighborRel:
+        from dp_accounting import rdp
+
         rel = rdp.rdp_privacy_accountant.NeighborRel
         return rel.REPLACE_ONE if self.sampling == "fixed_size" else rel.ADD_OR_REMOVE_ONE
 
@@ -43,6 +50,8 @@ class Mechanism:
 @functools.lru_cache(maxsize=256)
 def _rdp_one_round(mech: Mechanism) -> np.ndarray:
     """RDP curve of one released round, computed once by dp-accounting and cached."""
+    from dp_accounting import rdp
+
     acc = rdp.RdpAccountant(ORDERS, mech.neighbouring())
     acc.compose(mech.event(), 1)
     return np.asarray(acc.rdp, dtype=np.float64)
@@ -58,6 +67,8 @@ def epsilon(mech: Mechanism, rounds: int, delta: float) -> float:
         return 0.0
     if mech.noise_multiplier <= 0:
         return math.inf
+    from dp_accounting import rdp
+
     eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(ORDERS, rounds * _rdp_one_round(mech), delta)
     return float(eps)
 
