@@ -129,6 +129,14 @@ def start_actors(
     coordinator = (
         ray.remote(num_cpus=0)(Coordinator).options(scheduling_strategy=here).remote(cfg, shards, pop, sd)
     )
+    # Wait for the coordinator's constructor: an error in it (a bad task, a shard that failed to
+    # build) surfaces here, at start-up, and no caller can act on shards it is still reading.
+    try:
+        ray.get(coordinator.__ray_ready__.remote())
+    except BaseException:
+        for a in [*shards, coordinator]:
+            ray.kill(a, no_restart=True)
+        raise
     return shards, coordinator
 
 
