@@ -178,8 +178,14 @@ def main() -> None:
     # Hydra then raises instead of printing its own multi-line report; we print one line instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        if not (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
-                or args.config_dir):
+        if not (
+            args.help
+            or args.hydra_help
+            or args.info
+            or args.shell_completion
+            or args.config_path
+            or args.config_dir
+        ):
             preflight(args.overrides, args.multirun, args.config_name or CONFIG_NAME)
         register_configs()
         hydra.main(version_base=None, config_path=CONF_DIR, config_name=CONFIG_NAME)(_train)()

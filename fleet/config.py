@@ -9,6 +9,7 @@ because a user sweeping hundreds of runs needs to see at once which override was
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -85,7 +86,9 @@ class ModelConfig:
     hidden_dim: int = 96
     proj_dim: int = 32
     seq_len: int = 20
-    engine: str = "auto"  # auto | fused | reference
+    engine: str = "auto"  # auto (batched on a GPU, fused on CPU) | fused | reference | batched
+    device: str = "auto"  # auto (cuda when the shard has a GPU, see ray.gpus_per_shard) | cpu | cuda[:N]
+    batch_devices: int = 32  # batched engine: devices trained in lockstep
     init_scale: float = 0.1
 
 
@@ -404,6 +407,19 @@ def validate(cfg: Any) -> None:
 
         validate_data(cfg)
     _choice(cfg.rng, "rng", ("reproducible", "secure"))
+    m = cfg.model
+    _choice(m.engine, "model.engine", ("auto", "fused", "reference", "batched"))
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(m.device)) is not None,
+        "model.device",
+        f"expected auto, cpu, cuda or cuda:N (got {m.device!r})",
+    )
+    _check(m.batch_devices >= 1, "model.batch_devices", f"must be >= 1 (got {m.batch_devices})")
+    _check(
+        not (str(m.device).startswith("cuda") and m.engine in ("fused", "reference")),
+        "model.engine",
+        f"{m.engine!r} runs on CPU only; use model.engine=batched (or auto) with model.device={m.device}",
+    )
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
     p = cfg.privacy

@@ -1,6 +1,6 @@
 """Local training: E epochs of minibatch SGD on one device's examples, from the broadcast weights.
 
-Two engines with one contract (`Engine.train_device`):
+Three engines with one contract (`Engine.train_device`, and `Engine.train_devices` for a cohort):
 
 - `ReferenceEngine`: the eager `NWPModel`, `loss.backward()` and a manual SGD step. Slow and
   obviously right; tests hold every other engine to its deltas.
@@ -17,6 +17,14 @@ Two engines with one contract (`Engine.train_device`):
       allocations (and their page faults) never recur.
   `python -m fleet.bench train` measures it against PyTorch's `nn.LSTM` loop and the machine's
   matmul rate (workload W1).
+- `BatchedEngine`: the GPU engine. A GPU is kept busy only by large kernels, and one device's
+  steps (batch 16 x one timestep) are far too small, so it trains `group` devices in lockstep:
+  each device's weights are one row of a stacked (devices, params) tensor, every layer is a
+  batched matmul over the devices, and plain autograd gives each row its own device's gradient
+  (devices never mix: the loss is a sum of per-device losses). Devices whose step sequence is
+  shorter (fewer examples) ride along on masked rows that carry exactly zero gradient. On CPU
+  it is slower than the fused engine at Gboard size (DESIGN.md step 4), so `auto` picks it only
+  when the shard has a GPU.
 
 Semantics shared by both engines: `tokens` is (n, seq_len + 1) = [bos, w1..w_seq_len]; the input
 is tokens[:, :-1] and the target tokens[:, 1:]. Targets equal to `pad_id` are left out of the loss,
@@ -29,6 +37,8 @@ steps, each measured before its step's update.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,6 +68,33 @@ class Engine(Protocol):
         order given by rng.permutation(n) each epoch. Returns (delta = local - params as flat
         float32, mean training loss)."""
 
+    def train_devices(
+        self,
+        params: np.ndarray,
+        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+    ) -> Iterator[tuple[np.ndarray, float]]:
+        """`train_device` for each (tokens, rng) of a cohort, results in the cohort's order. `jobs`
+        is consumed lazily, as far as the engine needs, so a shard never holds the whole cohort's
+        data at once."""
+
+
+class _OneAtATime:
+    """`train_devices` for engines that train devices one after another."""
+
+    def train_devices(
+        self,
+        params: np.ndarray,
+        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+    ) -> Iterator[tuple[np.ndarray, float]]:
+        for tokens, order in jobs:
+            yield self.train_device(params, tokens, epochs, batch_size, lr, order)
+
 
 def _batches(n: int, epochs: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Row indices of every step, in training order (the contract both engines share)."""
@@ -75,7 +112,7 @@ def _check(params: np.ndarray, tokens: np.ndarray, num_params: int) -> None:
         raise ValueError(f"tokens: expected (n, seq_len + 1) with seq_len >= 1, got {tokens.shape}")
 
 
-class ReferenceEngine:
+class ReferenceEngine(_OneAtATime):
     """Plain eager PyTorch, one device at a time: the ground truth for every other engine."""
 
     def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID):
@@ -120,7 +157,7 @@ class ReferenceEngine:
         return delta, loss_sum / count if count else math.nan
 
 
-class FusedEngine:
+class FusedEngine(_OneAtATime):
     """Hand-written forward/backward with fused SGD updates and reused buffers (module docstring).
 
     Layout: activations are time-major, (time, batch, features), so one timestep is a contiguous
@@ -365,14 +402,171 @@ class _Views:
         ]
 
 
-def make_engine(mcfg: Any, name: str = "auto", pad_id: int | None = PAD_ID) -> Engine:
-    """The engine for a `fleet.config.ModelConfig`; "auto" is the fused engine (fastest on CPU).
+class BatchedEngine:
+    """Devices in lockstep on one torch device, `group` at a time (module docstring).
+
+    Step k of the lockstep trains, for every device of the group, that device's own k-th batch
+    (from its own rng, exactly as the other engines order it); a device with fewer steps, or a
+    short last batch, fills the rest with masked rows. Results equal the reference engine's within
+    float tolerance (tested), so the choice of engine never changes what a run means.
+    """
+
+    def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID, device: str = "cpu", group: int = 32):
+        if group < 1:
+            raise ValueError(f"model.batch_devices: must be >= 1 (got {group})")
+        self.shape = shape
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.group = group
+        self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        offset = 0
+        for name, s in shape.param_shapes().items():
+            n = math.prod(s)
+            self._slices[name] = (offset, offset + n, s)
+            offset += n
+
+    def train_device(
+        self,
+        params: np.ndarray,
+        tokens: np.ndarray,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, float]:
+        return next(self.train_devices(params, [(tokens, rng)], epochs, batch_size, lr))
+
+    def train_devices(
+        self,
+        params: np.ndarray,
+        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+    ) -> Iterator[tuple[np.ndarray, float]]:
+        jobs = iter(jobs)
+        base = None
+        while chunk := list(islice(jobs, self.group)):
+            for tokens, _ in chunk:
+                _check(params, tokens, self.shape.num_params())
+            if base is None:
+                base = torch.from_numpy(np.array(params, dtype=np.float32)).to(self.device)
+            deltas, losses = self._train_group(base, chunk, epochs, batch_size, lr)
+            yield from zip(deltas, losses, strict=True)
+
+    def _train_group(
+        self,
+        base: torch.Tensor,
+        chunk: list[tuple[np.ndarray, np.random.Generator]],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+    ) -> tuple[np.ndarray, list[float]]:
+        width = {tokens.shape[1] for tokens, _ in chunk}
+        if len(width) != 1:
+            raise ValueError(f"tokens: every device of a group needs the same sequence length, got {width}")
+        steps = [_batches(len(tokens), epochs, batch_size, order) for tokens, order in chunk]
+        d, k, t1 = len(chunk), max(len(s) for s in steps), width.pop()
+        # Every step's tokens and row mask, built on the host and moved once.
+        tok = np.zeros((k, d, batch_size, t1), dtype=np.int64)
+        valid = np.zeros((k, d, batch_size), dtype=bool)
+        for j, ((tokens, _), rows) in enumerate(zip(chunk, steps, strict=True)):
+            for step, r in enumerate(rows):
+                tok[step, j, : len(r)] = tokens[r]
+                valid[step, j, : len(r)] = True
+        tok_t = torch.from_numpy(tok).to(self.device)
+        valid_t = torch.from_numpy(valid).to(self.device)
+        flat = base.expand(d, -1).clone().requires_grad_(True)
+        loss_sum = torch.zeros(d, dtype=torch.float64, device=self.device)
+        count = torch.zeros(d, dtype=torch.int64, device=self.device)
+        for step in range(k):
+            loss, nll_sum, n = self._loss(flat, tok_t[step], valid_t[step])
+            loss.backward()
+            with torch.no_grad():
+                flat.sub_(flat.grad, alpha=lr)  # rows of devices with no targets: zero gradient
+            flat.grad = None
+            loss_sum += nll_sum.double()
+            count += n
+        with torch.no_grad():
+            deltas = (flat - base).cpu().numpy()
+        sums, counts = loss_sum.cpu().numpy(), count.cpu().numpy()
+        losses = [float(s / c) if c else math.nan for s, c in zip(sums, counts, strict=True)]
+        return deltas, losses
+
+    def _loss(
+        self, flat: torch.Tensor, tok: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum over devices of each device's mean cross-entropy on its batch; also each device's
+        summed loss and counted targets. tok (devices, rows, seq_len + 1), valid (devices, rows)."""
+        w = {name: flat[:, a:b].view(-1, *s) for name, (a, b, s) in self._slices.items()}
+        d, b, t1 = tok.shape
+        t, hd, e = t1 - 1, self.shape.hidden_dim, self.shape.embed_dim
+        inp, target = tok[:, :, :-1], tok[:, :, 1:].reshape(d, b * t)
+        emb = w["embedding"]
+        which = torch.arange(d, device=tok.device).view(d, 1, 1)
+        x = emb[which, inp].view(d, b * t, e)  # each device's lookup in its own table
+        gx = torch.baddbmm(w["bias"].unsqueeze(1), x, w["w_x"]).view(d, b, t, -1)
+        r = x.new_zeros(d, b, self.shape.proj_dim)
+        c = x.new_zeros(d, b, hd)
+        outs = []
+        for s in range(t):
+            z = gx[:, :, s] + torch.bmm(r, w["w_r"])
+            o = torch.sigmoid(z[..., :hd])
+            i = torch.sigmoid(z[..., hd : 2 * hd])
+            f = 1.0 - i if self.shape.cell == "cifg" else torch.sigmoid(z[..., 2 * hd : 3 * hd])
+            g = torch.tanh(z[..., -hd:])
+            c = f * c + i * g
+            r = torch.bmm(o * torch.tanh(c), w["w_p"])
+            outs.append(r)
+        out = torch.stack(outs, dim=2).view(d, b * t, -1)
+        logits = torch.bmm(out, emb.transpose(1, 2))
+        nll = functional.cross_entropy(logits.view(d * b * t, -1), target.reshape(-1), reduction="none").view(
+            d, b * t
+        )
+        mask = valid.unsqueeze(2).expand(d, b, t).reshape(d, b * t)
+        if self.pad_id is not None:
+            mask = mask & (target != self.pad_id)
+        n = mask.sum(1)
+        # where, not multiply: a masked row's loss never reaches the gradient, even if not finite.
+        nll_sum = torch.where(mask, nll, 0.0).sum(1)
+        loss = (nll_sum / n.clamp(min=1)).sum()
+        return loss, nll_sum.detach(), n
+
+
+ENGINES = ("auto", "fused", "reference", "batched")
+
+
+def resolve_device(mcfg: Any, gpus: float = 0.0) -> str:
+    """The torch device local training runs on: `model.device`, or with "auto" CUDA when this
+    process was given a GPU (`ray.gpus_per_shard` > 0) and CPU otherwise."""
+    want = str(mcfg.device)
+    if want == "auto":
+        return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"model.device: {want!r} but this process sees no CUDA device (give shards a GPU with "
+            "ray.gpus_per_shard, or use model.device=cpu)"
+        )
+    if want != "cpu" and not want.startswith("cuda"):
+        raise ValueError(f"model.device: unknown value {want!r}; expected auto, cpu, cuda or cuda:N")
+    return want
+
+
+def make_engine(mcfg: Any, name: str = "auto", pad_id: int | None = PAD_ID, gpus: float = 0.0) -> Engine:
+    """The engine for a `fleet.config.ModelConfig`: "auto" is the batched engine on a GPU and the
+    fused engine (the fastest on CPU) otherwise. `gpus` is what the calling shard was given.
 
     `pad_id=None` counts every target (the W1 benchmark, whose token ids are all words).
     """
     shape = ModelShape.from_config(mcfg)
-    if name in ("auto", "fused"):
-        return FusedEngine(shape, pad_id)
+    if name not in ENGINES:
+        raise ValueError(f"model.engine: unknown value {name!r}; expected one of {', '.join(ENGINES)}")
+    device = resolve_device(mcfg, gpus)
+    group = int(mcfg.batch_devices)
+    if name == "batched" or (name == "auto" and device != "cpu"):
+        return BatchedEngine(shape, pad_id, device, group)
+    if device != "cpu":
+        raise ValueError(f"model.engine: {name!r} runs on CPU only; use model.engine=batched on {device}")
     if name == "reference":
         return ReferenceEngine(shape, pad_id)
-    raise ValueError(f"model.engine: unknown value {name!r}; expected one of auto, fused, reference")
+    return FusedEngine(shape, pad_id)

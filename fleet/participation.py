@@ -555,6 +555,7 @@ def headline(audit: dict) -> dict[str, float | int | None]:
             out.update({f"epsilon_device_{k}": rs[k] for k in ("median", "p99", "max")})
             out["distinct_patterns"] = rs["distinct_patterns"]
             out["share_above_nominal"] = rs["share_above_nominal"]
+            out["share_never_available"] = rs["share_never_available"]
         if "participation_limit" in priv:
             out["epsilon_participation_limit"] = priv["participation_limit"]["epsilon"]
             best = priv["participation_limit"].get("per_device")
@@ -581,7 +582,8 @@ def summary_text(audit: dict) -> str:
                 f"; per device under the real schedule: median {h['epsilon_device_median']:.4g}, "
                 f"p99 {h['epsilon_device_p99']:.4g}, worst {h['epsilon_device_max']:.4g} "
                 f"({h['distinct_patterns']} availability patterns, "
-                f"{h['share_above_nominal']:.1%} above nominal)"
+                f"{h['share_above_nominal']:.1%} above nominal, "
+                f"{h['share_never_available']:.1%} never available: epsilon 0)"
             )
         lines.append(text)
         if "epsilon_participation_limit" in h:

@@ -391,8 +391,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Plot runs (or sweep directories of runs) as PNGs and a self-contained HTML page.",
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or multirun sweep directories")
-    parser.add_argument("-o", "--out", type=Path, help="output folder (default: RUN_DIR/report, or the "
-                        "runs' common parent/report)")
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help="output folder (default: RUN_DIR/report, or the runs' common parent/report)",
+    )
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)

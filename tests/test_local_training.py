@@ -1,4 +1,4 @@
-"""Local training engines: the fused engine must give the reference engine's deltas and loss."""
+"""Local training engines: every engine must give the reference engine's deltas and loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fleet.config import ModelConfig
-from fleet.local_training import FusedEngine, ReferenceEngine, make_engine
+from fleet.local_training import BatchedEngine, FusedEngine, ReferenceEngine, make_engine
 from fleet.model import PAD_ID, ModelShape, NWPModel, get_flat
 
 
@@ -57,10 +57,81 @@ def test_all_pad_device_does_not_move():
         assert not np.any(delta) and np.isnan(loss)
 
 
+def _cohort(shape: ModelShape, sizes: list[int], seed: int = 5) -> list[np.ndarray]:
+    """Devices with different example counts and some padded targets."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        tokens = gen.integers(4, shape.vocab_total, (n, 7))
+        tokens[:, 0] = 1
+        tokens[: n // 3, 5:] = PAD_ID
+        out.append(tokens)
+    return out
+
+
+def _batched_matches_reference(device: str, cell: str, pad_id: int | None) -> None:
+    shape, params, _ = _setup(cell)
+    # 1 example (fewer than a batch), 13 (a short last batch), 8 (exact batches), 20 (the most
+    # steps: the others ride along masked), and one all-pad device that must not move.
+    cohort = _cohort(shape, [1, 13, 8, 20, 6])
+    cohort[-1][:, 1:] = PAD_ID
+    ref = ReferenceEngine(shape, pad_id)
+    want = [
+        ref.train_device(params, t, 2, 4, 0.7, np.random.default_rng(10 + j)) for j, t in enumerate(cohort)
+    ]
+    # Groups of 2: the cohort crosses group boundaries, and results must stay in cohort order.
+    engine = BatchedEngine(shape, pad_id, device, group=2)
+    jobs = ((t, np.random.default_rng(10 + j)) for j, t in enumerate(cohort))
+    got = list(engine.train_devices(params, jobs, 2, 4, 0.7))
+    assert len(got) == len(cohort)
+    for (d_want, l_want), (d_got, l_got) in zip(want[:-1], got[:-1], strict=True):
+        assert d_got.dtype == np.float32 and d_got.shape == params.shape
+        assert np.abs(d_want).max() > 1e-2  # it did train
+        np.testing.assert_allclose(d_got, d_want, rtol=0, atol=5e-6)
+        assert l_got == pytest.approx(l_want, rel=1e-5)
+    if pad_id is None:
+        np.testing.assert_allclose(got[-1][0], want[-1][0], rtol=0, atol=5e-6)
+    else:
+        assert not np.any(got[-1][0]) and np.isnan(got[-1][1])
+
+
+@pytest.mark.parametrize("cell", ["cifg", "lstm"])
+@pytest.mark.parametrize("pad_id", [PAD_ID, None])
+def test_batched_matches_reference_on_cpu(cell: str, pad_id: int | None):
+    _batched_matches_reference("cpu", cell, pad_id)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cell", ["cifg", "lstm"])
+def test_batched_matches_reference_on_cuda(cell: str):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the comparison is to fp32 on CPU
+    _batched_matches_reference("cuda", cell, PAD_ID)
+
+
+def test_batched_refuses_mixed_sequence_lengths():
+    shape, params, tokens = _setup("cifg")
+    jobs = [(tokens, np.random.default_rng(0)), (tokens[:, :5], np.random.default_rng(1))]
+    with pytest.raises(ValueError, match="same sequence length"):
+        list(BatchedEngine(shape).train_devices(params, jobs, 1, 4, 0.5))
+
+
 def test_make_engine():
     mcfg = ModelConfig(vocab_size=36, embed_dim=8, hidden_dim=12, proj_dim=8)
-    assert isinstance(make_engine(mcfg), FusedEngine)
+    assert isinstance(make_engine(mcfg), FusedEngine)  # CPU is the default
     assert isinstance(make_engine(mcfg, "reference"), ReferenceEngine)
     assert make_engine(mcfg, "fused").shape.vocab_total == 40
+    batched = make_engine(
+        ModelConfig(vocab_size=36, embed_dim=8, hidden_dim=12, proj_dim=8, batch_devices=7), "batched"
+    )
+    assert isinstance(batched, BatchedEngine) and batched.group == 7 and batched.device.type == "cpu"
     with pytest.raises(ValueError, match="model.engine"):
         make_engine(mcfg, "vmap")
+    # A shard given a GPU trains on it with the batched engine; without CUDA, "auto" stays on CPU
+    # and an explicit cuda device is refused with a message naming the key.
+    auto_gpu = make_engine(mcfg, gpus=1.0)
+    if torch.cuda.is_available():
+        assert isinstance(auto_gpu, BatchedEngine) and auto_gpu.device.type == "cuda"
+    else:
+        assert isinstance(auto_gpu, FusedEngine)
+        with pytest.raises(ValueError, match="model.device"):
+            make_engine(ModelConfig(vocab_size=36, embed_dim=8, hidden_dim=12, proj_dim=8, device="cuda"))

@@ -100,7 +100,11 @@ class W1Task:
         nbytes = float(model_bytes(cfg.model))
         self.cost = JobCost(download_bytes=nbytes, upload_bytes=nbytes)
         # Every W1 token is a word, so no target is a pad: pad_id=None.
-        self.engine = make_engine(cfg.model, cfg.model.engine, pad_id=None) if role == "client" else None
+        self.engine = (
+            make_engine(cfg.model, cfg.model.engine, pad_id=None, gpus=cfg.ray.gpus_per_shard)
+            if role == "client"
+            else None
+        )
 
     def init_params(self) -> np.ndarray:
         import torch
@@ -117,18 +121,18 @@ class W1Task:
         self, params: np.ndarray, device_ids: np.ndarray, num_examples: np.ndarray, round_idx: int
     ) -> Iterator[tuple[np.ndarray, float]]:
         t = self.cfg.train
-        for dev in device_ids:
-            order = rng.device_generator(self.cfg.seed, "w1_order", round_idx, int(dev))
-            yield self.engine.train_device(
-                params, w1_tokens(dev), t.client_epochs, t.batch_size, t.client_lr, order
-            )
+        jobs = (
+            (w1_tokens(dev), rng.device_generator(self.cfg.seed, "w1_order", round_idx, int(dev)))
+            for dev in device_ids
+        )
+        return self.engine.train_devices(params, jobs, t.client_epochs, t.batch_size, t.client_lr)
 
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """W1 measures speed only: no held-out set."""
         return {}
 
 
-def w1_config(shards: int, rounds: int, engine: str) -> Config:
+def w1_config(shards: int, rounds: int, engine: str, gpus_per_shard: float = 0.0) -> Config:
     return Config(
         fleet=FleetConfig(
             name="w1",
@@ -156,7 +160,12 @@ def w1_config(shards: int, rounds: int, engine: str) -> Config:
             server_momentum=0.9,
             eval_every=10**9,
         ),
-        ray=RayConfig(num_cpus=len(os.sched_getaffinity(0)), shards=shards, cpus_per_shard=1.0),
+        ray=RayConfig(
+            num_cpus=len(os.sched_getaffinity(0)),
+            shards=shards,
+            cpus_per_shard=1.0,
+            gpus_per_shard=gpus_per_shard,
+        ),
         tracking=TrackingConfig(mode="disabled"),
         progress=False,
     )
@@ -256,19 +265,21 @@ def _plain_round(r: int) -> tuple[float, int, int]:
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, params
 
 
-def engine_alone(devices: int, engine: str) -> float:
+def engine_alone(devices: int, engine: str, gpus: float) -> float:
     """Updates/s of the engine in this process on one thread, outside the round: what one shard
-    could do with the machine to itself, to tell engine speed from round overhead and imbalance."""
+    could do with the machine to itself, to tell engine speed from round overhead and imbalance.
+    A warm-up pass (buffers, kernels) comes first; then `devices` devices are timed."""
     import torch
 
     torch.set_num_threads(1)
-    task = W1Task(w1_config(1, 1, engine), "client")
+    task = W1Task(w1_config(1, 1, engine, gpus), "client")
     params = task.init_params()
-    ids = np.arange(devices + 1)
-    updates = task.client_updates(params, ids, np.full(len(ids), EXAMPLES), 0)
-    next(updates)  # warm-up: buffers are allocated on the first device
+    warm = getattr(task.engine, "group", 1)
+    for _ in task.client_updates(params, np.arange(warm), np.full(warm, EXAMPLES), 0):
+        pass
+    ids = np.arange(warm, warm + devices)
     t0 = time.perf_counter()
-    for _ in updates:
+    for _ in task.client_updates(params, ids, np.full(len(ids), EXAMPLES), 0):
         pass
     return devices / (time.perf_counter() - t0)
 
@@ -288,12 +299,12 @@ def _peak_rss(pid: int) -> int:
 class Fleet:
     """W1 through the real round on a local Ray: Coordinator + one FleetShard per core."""
 
-    def __init__(self, shards: int, engine: str, rounds: int):
+    def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float):
         import ray
 
         from fleet.run import init_ray, start_actors
 
-        cfg = w1_config(shards, rounds, engine)
+        cfg = w1_config(shards, rounds, engine, gpus_per_shard)
         validate(cfg)
         # Ray runs its workers at niceness 15 by default; on a shared machine that would hand the
         # fleet's cores to anyone else's work while the baseline runs at 0. Same priority for both.
@@ -341,8 +352,11 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m fleet.bench train", description=__doc__)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--shards", type=int, default=0, help="0: one per core")
-    ap.add_argument("--engine", default="auto", choices=["auto", "fused", "reference"])
+    ap.add_argument("--shards", type=int, default=0, help="0: as many as the cores (and GPUs) hold")
+    ap.add_argument("--engine", default="auto", choices=["auto", "fused", "reference", "batched"])
+    ap.add_argument(
+        "--gpus-per-shard", type=float, default=0.0, help="> 0: shards train on CUDA (batched engine)"
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
@@ -355,7 +369,9 @@ def main(argv: list[str]) -> None:
     )
     mm = [matmul_gflops(cores)]
     print(f"matmul 2048^2 fp32, {cores} threads, best call: {mm[0]:.1f} GFLOP/s")
-    alone = engine_alone(12, args.engine)
+    alone = engine_alone(
+        50 if args.engine == "batched" or args.gpus_per_shard else 12, args.engine, args.gpus_per_shard
+    )
     print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
 
     pool = None
@@ -363,7 +379,7 @@ def main(argv: list[str]) -> None:
         pool = ProcessPoolExecutor(
             1, mp_context=get_context("spawn"), initializer=_plain_init, initargs=(50, 10_000, 0, cores)
         )
-    fleet = Fleet(args.shards or cores, args.engine, args.warmup + args.rounds)
+    fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard)
     plain: list[tuple[float, int, int]] = []  # (seconds, peak bytes, params) per timed round
     rounds: list[dict] = []
     try:

@@ -38,7 +38,7 @@ class NWPTask:
         if role == "client":
             from fleet.local_training import make_engine
 
-            self.engine = make_engine(self.mcfg, self.mcfg.engine)
+            self.engine = make_engine(self.mcfg, self.mcfg.engine, gpus=cfg.ray.gpus_per_shard)
         self._model = None
         self._baseline: dict[str, float] | None = None
 
@@ -55,10 +55,14 @@ class NWPTask:
         self, params: np.ndarray, device_ids: np.ndarray, num_examples: np.ndarray, round_idx: int
     ) -> Iterator[tuple[np.ndarray, float]]:
         t = self.cfg.train
-        for dev, n in zip(device_ids, num_examples, strict=True):
-            tokens = self.corpus.examples(int(dev), int(n))
-            order = rng.device_generator(self.seed, "minibatch_order", round_idx, int(dev))
-            yield self.engine.train_device(params, tokens, t.client_epochs, t.batch_size, t.client_lr, order)
+        jobs = (
+            (
+                self.corpus.examples(int(dev), int(n)),
+                rng.device_generator(self.seed, "minibatch_order", round_idx, int(dev)),
+            )
+            for dev, n in zip(device_ids, num_examples, strict=True)
+        )
+        return self.engine.train_devices(params, jobs, t.client_epochs, t.batch_size, t.client_lr)
 
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """Loss, perplexity and recall@1/@3 (pad excluded; with and without oov) on held-out devices."""
