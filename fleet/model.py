@@ -34,8 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-SPECIAL_TOKENS = 4  # pad=0, bos=1, eos=2, oov=3; words are ids 4..vocab_size+3
-PAD_ID = 0  # targets equal to it are left out of the loss
+from fleet.data.vocab import NUM_SPECIAL, PAD
+
+# The id space is fleet.data.vocab's (pad=0, bos=1, eos=2, oov=3, words from 4); named here for
+# the model's use: the vocabulary gains SPECIAL_TOKENS ids, targets equal to PAD_ID are not losses.
+SPECIAL_TOKENS = NUM_SPECIAL
+PAD_ID = PAD
 
 CELLS = {"cifg": 3, "lstm": 4}  # cell -> number of gate blocks
 

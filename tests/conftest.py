@@ -21,11 +21,42 @@ os.environ.setdefault("WANDB_SILENT", "true")
 register_configs()
 
 
+# A small next-word-prediction setup for in-process runs (test_nwp, test_memorization).
+SMALL_NWP = (
+    "fleet=tiny",
+    "tracking.mode=disabled",
+    "progress=false",
+    "model.vocab_size=300",
+    "model.embed_dim=16",
+    "model.hidden_dim=32",
+    "model.proj_dim=16",
+    "fleet.examples_median=24",
+    "fleet.examples_max=48",
+    "data.eval_examples=600",
+    "model.init_scale=1.0",  # small tied embeddings start on a plateau with the usual 0.1
+    "train.batch_size=8",
+)
+
+
 def make_cfg(*overrides: str) -> Config:
     """The composed config with overrides, as the typed dataclass the actors receive."""
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose("config", overrides=list(overrides))
     return OmegaConf.to_object(cfg)
+
+
+def in_process_fleet(cfg: Config, shards: int = 2, state_dir: Path | str | None = None):
+    """Shards and a coordinator in this process, as `fleet.run.start_actors` builds them in Ray:
+    contiguous ranges, the run's start time, the same state dir."""
+    from fleet.coordinator import Coordinator
+    from fleet.population import population_size, shard_ranges
+    from fleet.shard import ShardCore
+
+    pop = population_size(cfg.fleet)
+    sd = str(state_dir) if state_dir else None
+    t0 = cfg.fleet.start_hour * 3600.0
+    sh = [ShardCore(cfg, i, a, b, t0, sd) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
+    return sh, Coordinator(cfg, sh, pop, sd)
 
 
 def tiny_mean(*overrides: str) -> Config:

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_mean
+from conftest import in_process_fleet, tiny_mean
 
 from fleet import dropout
 from fleet.config import DropoutConfig
-from fleet.coordinator import Coordinator
-from fleet.population import shard_ranges
 from fleet.shard import ShardCore
 from fleet.timing import Reason
 
 HOUR = 3600.0
-
-
-def _fleet(cfg, shards: int = 1):
-    pop = cfg.fleet.population
-    sh = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
-    return sh, Coordinator(cfg, sh, pop)
 
 
 def test_outage_of_one_time_zone_removes_exactly_those_devices_in_its_window():
@@ -66,7 +58,7 @@ def _completion_rate(overselect: float) -> float:
         "fleet.failure_prob_mean=0.02",
         "dropout.extra_failure=0.3",
     )
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg, 1)
     lines = [coord.run_round() for _ in range(20)]
     return float(np.mean([not x["abandoned"] for x in lines]))
 
@@ -84,7 +76,7 @@ def test_wasted_compute_is_the_job_flops_of_trained_but_uncounted_devices():
         "fleet.min_reports=1",
         "fleet.failure_prob_mean=0.1",
     )
-    (shard,), coord = _fleet(cfg)
+    (shard,), coord = in_process_fleet(cfg, 1)
     line = coord.run_round()
     # Replay the same round by hand (all randomness is keyed by seed, round and device).
     total = shard.check_in(0, 0.0)
@@ -114,7 +106,7 @@ def test_below_goal_round_divides_by_the_goal():
         "dropout.extra_failure=0.4",
         "train.server_optimizer=sgd",
     )
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg, 1)
     before = coord.get_params().copy()
     line = coord.run_round()
     assert 5 <= line["reported"] < 20 and line["released"]
@@ -166,7 +158,7 @@ def test_active_hours_force_rounds_into_the_band():
     assert dropout.next_active_time(wrap, 1 * HOUR) == 1 * HOUR
     assert dropout.next_active_time(wrap, 12 * HOUR) == 22 * HOUR
     cfg = tiny_mean("dropout.active_hours=[10,14]", "fleet.round_interval_s=3600", "fleet.min_reports=1")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg, 1)
     hours = [coord.run_round()["hour_of_day"] for _ in range(8)]
     assert all(10 <= h < 14 for h in hours), hours
 

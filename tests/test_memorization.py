@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import SMALL_NWP, make_cfg
 
 from fleet import memorization as mz
 from fleet import population
@@ -22,21 +22,6 @@ from fleet.data.vocab import NUM_SPECIAL
 from fleet.local_training import FusedEngine
 from fleet.model import NWPModel, get_flat, set_flat
 from fleet.run import train
-
-SMALL = (
-    "fleet=tiny",
-    "tracking.mode=disabled",
-    "progress=false",
-    "model.vocab_size=300",
-    "model.embed_dim=16",
-    "model.hidden_dim=32",
-    "model.proj_dim=16",
-    "fleet.examples_median=24",
-    "fleet.examples_max=48",
-    "data.eval_examples=600",
-    "model.init_scale=1.0",
-    "train.batch_size=8",
-)
 
 
 def fixed_distribution_model(word_logp: np.ndarray) -> NWPModel:
@@ -110,7 +95,7 @@ def one_thread():
 
 
 def test_a_canary_trained_many_times_is_exposed_and_extracted_an_unseen_one_is_not(one_thread):
-    cfg = make_cfg(*SMALL, "memorization=secret_sharer")
+    cfg = make_cfg(*SMALL_NWP, "memorization=secret_sharer")
     corpus = make_corpus(cfg)
     g = np.random.default_rng(3)
     word_p = mz.word_distribution(corpus, "unigram")
@@ -150,7 +135,7 @@ def test_a_canary_trained_many_times_is_exposed_and_extracted_an_unseen_one_is_n
 
 def plan_cfg(*overrides: str):
     return make_cfg(
-        *SMALL,
+        *SMALL_NWP,
         "fleet.id_mode=random",
         "memorization=secret_sharer",
         "memorization.groups=[{devices:1,repeats:3,canaries:2},{devices:5,repeats:6,canaries:1},"
@@ -207,7 +192,7 @@ def test_plan_on_an_arrow_corpus_uses_its_devices(tmp_path):
     out = tmp_path / "corpus"
     ingest.main([str(src), str(out), "--user-column", "user", "--vocab-size", "50", "--no-progress"])
     cfg = make_cfg(
-        *SMALL,
+        *SMALL_NWP,
         "data=arrow",
         f"data.path={out}",
         "model.vocab_size=50",
@@ -229,7 +214,7 @@ def test_plan_on_an_arrow_corpus_uses_its_devices(tmp_path):
     with pytest.raises(ConfigError, match="memorization.prefix"):
         mz.make_plan(
             make_cfg(
-                *SMALL,
+                *SMALL_NWP,
                 "data=arrow",
                 f"data.path={out}",
                 "model.vocab_size=50",
@@ -252,7 +237,7 @@ def test_config_errors_name_the_key():
 
 def test_run_with_canaries_audits_and_leaks_no_planted_device_id(ray_session, tmp_path, capfd):
     cfg = make_cfg(
-        *SMALL,
+        *SMALL_NWP,
         "fleet.id_mode=random",
         "fleet.goal=20",
         "privacy=none",

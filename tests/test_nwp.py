@@ -7,27 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import SMALL_NWP, in_process_fleet, make_cfg
 
 from fleet.coordinator import Coordinator
-from fleet.population import shard_ranges
 from fleet.shard import ShardCore, fleet_size
 from fleet.tasks.nwp import evaluate_tokens
-
-SMALL = (
-    "fleet=tiny",
-    "tracking.mode=disabled",
-    "progress=false",
-    "model.vocab_size=300",
-    "model.embed_dim=16",
-    "model.hidden_dim=32",
-    "model.proj_dim=16",
-    "fleet.examples_median=24",
-    "fleet.examples_max=48",
-    "data.eval_examples=600",
-    "model.init_scale=1.0",  # small tied embeddings start on a plateau with the usual 0.1
-    "train.batch_size=8",
-)
 
 
 class FixedLogits(torch.nn.Module):
@@ -54,10 +38,8 @@ def test_recall_excludes_pad_and_handles_oov():
 
 
 def test_short_run_beats_the_unigram_baseline():
-    cfg = make_cfg(*SMALL, "privacy.noise_multiplier=0.3", "fleet.goal=20", "train.client_lr=1.0")
-    pop = cfg.fleet.population
-    shards = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
-    coord = Coordinator(cfg, shards, pop)
+    cfg = make_cfg(*SMALL_NWP, "privacy.noise_multiplier=0.3", "fleet.goal=20", "train.client_lr=1.0")
+    _, coord = in_process_fleet(cfg)
     first = coord.evaluate()
     for _ in range(25):
         coord.run_round()
@@ -71,11 +53,8 @@ def test_engine_choice_does_not_change_the_run():
     the same clipped sums: the engine is a speed choice, never a change of mechanism."""
     runs = {}
     for engine in ("fused", "batched"):
-        cfg = make_cfg(*SMALL, "fleet.goal=12", f"model.engine={engine}", "model.batch_devices=5")
-        pop = cfg.fleet.population
-        coord = Coordinator(
-            cfg, [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, 2))], pop
-        )
+        cfg = make_cfg(*SMALL_NWP, "fleet.goal=12", f"model.engine={engine}", "model.batch_devices=5")
+        _, coord = in_process_fleet(cfg)
         lines = [coord.run_round() for _ in range(2)]
         runs[engine] = (coord.params.copy(), lines)
     (p_f, l_f), (p_b, l_b) = runs["fused"], runs["batched"]
@@ -86,7 +65,7 @@ def test_engine_choice_does_not_change_the_run():
 
 
 def test_dp_round_on_nwp_is_clipped_and_noised():
-    cfg = make_cfg(*SMALL, "fleet.goal=10", "privacy.clip_norm=0.1", "privacy.noise_multiplier=1.0")
+    cfg = make_cfg(*SMALL_NWP, "fleet.goal=10", "privacy.clip_norm=0.1", "privacy.noise_multiplier=1.0")
     pop = cfg.fleet.population
     coord = Coordinator(cfg, [ShardCore(cfg, 0, 0, pop)], pop)
     line = coord.run_round()
@@ -119,7 +98,7 @@ def test_arrow_corpus_defines_the_fleet(tmp_path):
             "--no-progress",
         ]
     )
-    cfg = make_cfg(*SMALL, "data=arrow", f"data.path={out}", "model.vocab_size=50", "fleet.goal=5")
+    cfg = make_cfg(*SMALL_NWP, "data=arrow", f"data.path={out}", "model.vocab_size=50", "fleet.goal=5")
     pop = fleet_size(cfg)
     assert 30 <= pop < 60  # the training devices of the corpus, not fleet.population
     shard = ShardCore(cfg, 0, 0, pop)

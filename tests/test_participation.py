@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_mean
+from conftest import in_process_fleet, tiny_mean
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from fleet import audit as audit_cli
 from fleet import checkpoint, participation, population
-from fleet.coordinator import Coordinator, default_delta
+from fleet.coordinator import default_delta
 from fleet.data.corpus import make_corpus
 from fleet.model import build_model
 from fleet.participation_shard import epsilons
@@ -31,16 +31,8 @@ from fleet.tasks.nwp import evaluate_tokens
 HOUR = 3600.0
 
 
-def _fleet(cfg, shards: int = 2, state_dir=None):
-    pop = population.population_size(cfg.fleet)
-    ranges = population.shard_ranges(pop, shards)
-    sd = str(state_dir) if state_dir else None
-    sh = [ShardCore(cfg, i, a, b, cfg.fleet.start_hour * HOUR, sd) for i, (a, b) in enumerate(ranges)]
-    return sh, Coordinator(cfg, sh, pop, sd)
-
-
 def _run(cfg, rounds: int, shards: int = 2, state_dir=None):
-    sh, coord = _fleet(cfg, shards, state_dir)
+    sh, coord = in_process_fleet(cfg, shards, state_dir)
     return sh, coord, [coord.run_round() for _ in range(rounds)]
 
 

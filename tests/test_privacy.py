@@ -5,21 +5,12 @@ from __future__ import annotations
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import tiny_mean
+from conftest import in_process_fleet, tiny_mean
 from dp_accounting import rdp
 from scipy import stats
 
-from fleet.coordinator import Coordinator
-from fleet.population import shard_ranges
 from fleet.privacy.accountant import Mechanism, epsilon, noise_for_epsilon
 from fleet.privacy.clipping import clip
-from fleet.shard import ShardCore
-
-
-def _fleet(cfg, shards: int = 2):
-    pop = cfg.fleet.population
-    sh = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
-    return sh, Coordinator(cfg, sh, pop)
 
 
 def test_clip_bounds_norm_even_for_huge_float32():
@@ -31,7 +22,7 @@ def test_clip_bounds_norm_even_for_huge_float32():
 
 def test_sensitivity_huge_update_moves_sum_by_at_most_s():
     cfg = tiny_mean("task.name=tests.doubles:HugeTask", "privacy.clip_norm=0.5", "fleet.failure_prob_mean=0")
-    shards, _ = _fleet(cfg, 1)
+    shards, _ = in_process_fleet(cfg, 1)
     shard = shards[0]
     n = shard.check_in(0, 0.0)
     shard.plan(0, 0.0, 600.0, np.arange(min(n, 7)))
@@ -60,7 +51,7 @@ def test_noise_std_is_z_times_s_and_present_whatever_the_dropout():
         "train.server_optimizer=sgd",
         "train.server_lr=1.0",
     )
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     samples, below_goal = [], 0
     for _ in range(10):
         before = coord.get_params().copy()
@@ -80,7 +71,7 @@ def test_noise_std_is_z_times_s_and_present_whatever_the_dropout():
 
 def test_no_noise_without_dp():
     cfg = tiny_mean("task.name=tests.doubles:ZeroTask", "privacy=none", "train.server_optimizer=sgd")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     before = coord.get_params().copy()
     coord.run_round()
     np.testing.assert_array_equal(coord.get_params(), before)
@@ -89,7 +80,7 @@ def test_no_noise_without_dp():
 @pytest.mark.parametrize("sampling", ["poisson", "fixed_size"])
 def test_epsilon_matches_independent_dp_accounting(sampling):
     cfg = tiny_mean(f"privacy.sampling={sampling}", "privacy.noise_multiplier=0.9", "fleet.min_reports=1")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     for _ in range(4):
         line = coord.run_round()
     pop, goal, delta = cfg.fleet.population, cfg.fleet.goal, coord.delta
@@ -107,7 +98,7 @@ def test_target_epsilon_stops_before_it_is_passed():
     mech = Mechanism("poisson", 2000, 20, 1.0)
     target = epsilon(mech, 5, 2000**-1.1) * 1.001
     cfg = tiny_mean(f"privacy.target_epsilon={target}", "fleet.min_reports=1")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     rounds = 0
     while not coord.budget_exhausted():
         coord.run_round()
@@ -132,7 +123,7 @@ def test_adaptive_clipping_tracks_the_median_norm():
         "fleet.min_reports=1",
         "train.client_lr=0.01",
     )
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     z, sb = 0.5, 100 / 20
     assert coord.update_noise == pytest.approx((z**-2 - (2 * sb) ** -2) ** -0.5)
     lines = [coord.run_round() for _ in range(40)]

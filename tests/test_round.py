@@ -6,19 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import tiny_mean
+from conftest import in_process_fleet, tiny_mean
 
 from fleet import timing
-from fleet.coordinator import Coordinator
-from fleet.population import shard_ranges
-from fleet.shard import ShardCore
 from fleet.timing import Reason
-
-
-def _fleet(cfg, shards: int = 2):
-    pop = cfg.fleet.population
-    sh = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
-    return sh, Coordinator(cfg, sh, pop)
 
 
 def _funnel_ok(line: dict) -> None:
@@ -27,7 +18,7 @@ def _funnel_ok(line: dict) -> None:
 
 def test_funnel_sums_and_overselection():
     cfg = tiny_mean("fleet.failure_prob_mean=0.2", "fleet.goal=40", "fleet.overselect=1.5")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     for _ in range(5):
         line = coord.run_round()
         _funnel_ok(line)
@@ -41,7 +32,7 @@ def test_funnel_sums_and_overselection():
 def test_deadline_and_window_drops_are_reasons():
     # Slow devices and a short deadline: many miss it.
     cfg = tiny_mean("fleet.compute_flops_median=1.0", "fleet.deadline_s=60", "fleet.min_reports=1")
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     line = coord.run_round()
     _funnel_ok(line)
     assert line["dropped"]["deadline"] > 0
@@ -71,7 +62,7 @@ def test_plan_picks_the_earliest_event():
 
 def test_first_goal_arrivals_win_and_round_closes_at_goal():
     cfg = tiny_mean("fleet.failure_prob_mean=0", "fleet.goal=10", "fleet.overselect=2.0")
-    shards, coord = _fleet(cfg)
+    shards, coord = in_process_fleet(cfg)
     line = coord.run_round()
     assert line["reported"] == 10 and line["dropped"]["after_goal"] == 10
     # The round closed at the 10th arrival, before the deadline.
@@ -82,7 +73,7 @@ def test_abandoned_round_changes_nothing():
     cfg = tiny_mean(
         "fleet.failure_prob_mean=0.9", "fleet.goal=50", "fleet.min_reports=50", "fleet.overselect=1.0"
     )
-    shards, coord = _fleet(cfg)
+    shards, coord = in_process_fleet(cfg)
     before = coord.get_params().copy()
     line = coord.run_round()
     assert line["abandoned"] and not line["released"]
@@ -97,7 +88,7 @@ def test_participation_recorded_for_counted_devices_only():
     cfg = tiny_mean(
         "fleet.failure_prob_mean=0.3", "fleet.goal=30", "fleet.overselect=1.5", "fleet.min_reports=1"
     )
-    shards, coord = _fleet(cfg)
+    shards, coord = in_process_fleet(cfg)
     line = coord.run_round()
     assert sum(int(np.isfinite(s.last_participation).sum()) for s in shards) == line["reported"]
     assert sum(int(s.participations.sum()) for s in shards) == line["reported"]
@@ -108,7 +99,7 @@ def test_rounds_run_for_each_availability_model(availability_model):
     cfg = tiny_mean(
         f"fleet.availability.model={availability_model}", "fleet.population=4000", "fleet.min_reports=1"
     )
-    _, coord = _fleet(cfg)
+    _, coord = in_process_fleet(cfg)
     for _ in range(3):
         line = coord.run_round()
         _funnel_ok(line)

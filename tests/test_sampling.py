@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_mean
+from conftest import in_process_fleet, tiny_mean
 from scipy import stats
 
-from fleet.coordinator import Coordinator
-from fleet.population import shard_ranges
 from fleet.sampling import Sampler, split_ranks
-from fleet.shard import ShardCore
 
 
 def _selection_counts(draw, n_avail: int, k: int, trials: int) -> np.ndarray:
@@ -58,9 +55,7 @@ def test_split_ranks_maps_global_ranks_to_shards():
 
 def _sampled_ids(cfg, shards_n: int, rounds: int = 3) -> list[np.ndarray]:
     """Ids each round's accepted devices, read from inside the (in-process) shards."""
-    pop = cfg.fleet.population
-    shards = [ShardCore(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(pop, shards_n))]
-    coord = Coordinator(cfg, shards, pop)
+    shards, coord = in_process_fleet(cfg, shards_n)
     out = []
     for _ in range(rounds):
         coord.run_round()
