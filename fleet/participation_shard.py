@@ -25,6 +25,8 @@ RATIO_EDGES = np.concatenate([[0.0, 1e-12], 2.0 ** np.arange(-8.0, 8.0 + 1 / 32,
 
 # Patterns converted to epsilon per block: bounds the (block x rounds) and (block x orders) arrays.
 _BLOCK = 4096
+# Devices audited per block: bounds every per-device temporary of `schedule_privacy`.
+DEVICE_BLOCK = 1 << 18
 
 
 def attribute_bins(f: FleetConfig) -> dict[str, np.ndarray]:
@@ -108,6 +110,7 @@ def schedule_privacy(
     orders: np.ndarray,
     delta: float,
     nominal: float,
+    block: int = DEVICE_BLOCK,
 ) -> dict:
     """Each device's epsilon when it can only be sampled in the released rounds it was available.
 
@@ -116,44 +119,77 @@ def schedule_privacy(
     eligibility, outages), asked at ascending times, so a Markov model fresh from the run's start
     replays the run's states exactly. A device's bitmap of available rounds is its pattern; devices
     sharing one share one computation. The participation limit is ignored: counting its excluded
-    rounds as available can only raise epsilon. Returned per pattern (no device named): the bitmap, epsilon,
-    available rounds and device count; per attribute bin: epsilon/nominal histograms, sum and max.
+    rounds as available can only raise epsilon. Returned per pattern (no device named): the bitmap,
+    epsilon, available rounds and device count; per attribute bin: epsilon/nominal histograms, sum
+    and max.
+
+    Memory: the bitmaps (8 bytes per device per 64 rounds) are the only per-device arrays held for
+    the whole shard; everything else is done `block` devices at a time, so a shard of millions of
+    devices audits in little more than its bitmaps.
     """
     n, r_count = len(cols["device_id"]), len(times)
     nb = max(1, -(-r_count // 64))
-    words = np.zeros((nb, n), dtype=np.uint64)
+    rows = np.zeros((n, nb), dtype=np.uint64)  # row-major: a block of devices is contiguous
     for r, t in enumerate(times):
-        words[r // 64][reachable(float(t))] |= np.uint64(1) << np.uint64(r % 64)
-    rows = np.ascontiguousarray(words.T)
-    keys = rows.view(np.dtype((np.void, 8 * nb))).ravel()
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    patterns = rows[first]
-    col = np.arange(r_count) // 64
-    shift = (np.arange(r_count) % 64).astype(np.uint64)
+        word = rows[:, r // 64]
+        word[reachable(float(t))] |= np.uint64(1) << np.uint64(r % 64)
     # An order at which some round's RDP is infinite is infinite for every pattern holding that
     # round; kept out of the product, where 0 * inf would be nan.
     infinite = np.isinf(rdp)
     finite = np.where(infinite, 0.0, rdp)
+    bins = attribute_bins(f)
+    nr = len(RATIO_EDGES) - 1
+    groups = {
+        name: {
+            "ratio_hist": np.zeros((len(e) - 1, nr), dtype=np.int64),
+            "eps_sum": np.zeros(len(e) - 1),
+            "eps_max": np.zeros(len(e) - 1),
+        }
+        for name, e in bins.items()
+    }
+    found = []  # (patterns, eps, available rounds, devices) of each block
+    for s in range(0, n, block):
+        part = rows[s : s + block]
+        keys = part.view(np.dtype((np.void, 8 * nb))).ravel()
+        _, first, inverse, counts = np.unique(
+            keys, return_index=True, return_inverse=True, return_counts=True
+        )
+        patterns = part[first]
+        eps, rounds = _pattern_privacy(patterns, finite, infinite, orders, delta)
+        found.append((patterns, eps, rounds, counts))
+        device_eps = eps[inverse.ravel()]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = bin_index(device_eps / nominal, RATIO_EDGES)
+        block_cols = {k: v[s : s + block] for k, v in cols.items()}
+        for name, values in attribute_values(block_cols).items():
+            b, g = bin_index(values, bins[name]), groups[name]
+            m = len(g["eps_sum"])
+            g["ratio_hist"] += np.bincount(b * nr + ratio, minlength=m * nr).reshape(m, nr)
+            g["eps_sum"] += np.bincount(b, weights=device_eps, minlength=m)
+            np.maximum.at(g["eps_max"], b, device_eps)
+    # Blocks share patterns: one entry per distinct pattern, its devices summed over the blocks.
+    if not found:
+        found.append((rows, np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+    patterns, eps, rounds, counts = (np.concatenate(x) for x in zip(*found, strict=True))
+    keys = np.ascontiguousarray(patterns).view(np.dtype((np.void, 8 * nb))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=counts, minlength=len(first)).astype(np.int64)
+    out = {"patterns": patterns[first], "eps": eps[first], "rounds": rounds[first], "counts": counts}
+    return out | groups
+
+
+def _pattern_privacy(
+    patterns: np.ndarray, finite: np.ndarray, infinite: np.ndarray, orders: np.ndarray, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Epsilon and number of available rounds of each bitmap, `_BLOCK` bitmaps at a time (bounds
+    the bitmaps x rounds and bitmaps x orders arrays)."""
+    r_count = len(finite)
+    col = np.arange(r_count) // 64
+    shift = (np.arange(r_count) % 64).astype(np.uint64)
     eps = np.zeros(len(patterns))
     rounds = np.zeros(len(patterns), dtype=np.int64)
     for s in range(0, len(patterns), _BLOCK):
         bits = ((patterns[s : s + _BLOCK, col] >> shift) & np.uint64(1)).astype(np.float64)
-        total = np.where(bits @ infinite > 0, np.inf, bits @ finite)
-        eps[s : s + _BLOCK] = epsilons(total, orders, delta)
+        eps[s : s + _BLOCK] = epsilons(np.where(bits @ infinite > 0, np.inf, bits @ finite), orders, delta)
         rounds[s : s + _BLOCK] = bits.sum(axis=1)
-    device_eps = eps[inverse.ravel()]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = bin_index(device_eps / nominal, RATIO_EDGES)
-    nr = len(RATIO_EDGES) - 1
-    out: dict = {"patterns": patterns, "eps": eps, "rounds": rounds, "counts": counts}
-    bins = attribute_bins(f)
-    for name, values in attribute_values(cols).items():
-        b, m = bin_index(values, bins[name]), len(bins[name]) - 1
-        top = np.zeros(m)
-        np.maximum.at(top, b, device_eps)
-        out[name] = {
-            "ratio_hist": np.bincount(b * nr + ratio, minlength=m * nr).reshape(m, nr),
-            "eps_sum": np.bincount(b, weights=device_eps, minlength=m),
-            "eps_max": top,
-        }
-    return out
+    return eps, rounds

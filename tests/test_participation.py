@@ -126,6 +126,41 @@ def test_part_time_devices_epsilon_matches_hand_built_dp_accounting(tmp_path):
     assert list(merged.values()) == [300, 400, 100]
 
 
+def test_device_blocks_do_not_change_the_schedule_audit():
+    """The audit walks a shard's devices in blocks to bound memory; any block size gives the same
+    patterns, counts, epsilons and group histograms, also for a pattern that spans blocks."""
+    from fleet import participation_shard
+    from fleet.shard import ShardCore
+
+    cfg = tiny_mean("fleet.population=500", "fleet.timezones=[0.0,5.0]")
+    cols = ShardCore(cfg, 0, 0, 500).cols
+    rounds = 70  # two 64-bit words per bitmap
+    gen = np.random.default_rng(0)
+    avail = gen.random((rounds, 500)) < np.linspace(0.05, 0.9, 500)
+    avail[:, 100:200] = avail[:, [100]]  # 100 devices with one pattern, over several blocks
+    avail[:, 450:] = False  # and 50 never available
+    curves, _ = participation.rounds_rdp("poisson", np.full(rounds, 400), np.full(rounds, 20), 1.0)
+
+    def audit(block: int) -> dict:
+        steps = iter(avail)
+        return participation_shard.schedule_privacy(
+            lambda t: next(steps), cols, cfg.fleet, np.arange(rounds) * 600.0, curves,
+            np.asarray(ORDERS), 1e-5, 0.5, block=block,
+        )  # fmt: skip
+
+    one, many = audit(1 << 18), audit(37)
+    for key in ("patterns", "rounds", "counts"):
+        np.testing.assert_array_equal(many[key], one[key])
+    np.testing.assert_allclose(many["eps"], one["eps"], rtol=1e-12)  # BLAS sums depend on block size
+    assert one["counts"].sum() == 500 and 100 in one["counts"] and 50 in one["counts"]
+    assert (one["rounds"] * one["counts"]).sum() == avail.sum()
+    assert one["eps"][one["rounds"] == 0].tolist() == [0.0] and one["eps"].max() > 0.5
+    for name in participation_shard.ATTRIBUTES:
+        np.testing.assert_array_equal(many[name]["ratio_hist"], one[name]["ratio_hist"])
+        np.testing.assert_allclose(many[name]["eps_max"], one[name]["eps_max"], rtol=1e-12)
+        np.testing.assert_allclose(many[name]["eps_sum"], one[name]["eps_sum"], rtol=1e-12)
+
+
 def _schedule_args(cfg, lines, nominal):
     released = [x for x in lines if x["released"]]
     curves, _ = participation.rounds_rdp(
