@@ -61,28 +61,50 @@ def participation(
     participations: np.ndarray,
     last_participation: np.ndarray,
     f: FleetConfig,
+    block: int = DEVICE_BLOCK,
 ) -> dict:
-    """Participation counts as histograms: overall, by hour of last participation, by attribute."""
-    p = participations.astype(np.int64)
-    trained = p > 0
-    hour_utc = np.floor(last_participation[trained].astype(np.float64) / HOUR) % 24
-    hour_local = np.floor(hour_utc + cols["tz_offset_hours"][trained]) % 24
-    out: dict = {
-        "devices": len(p),
-        "count_hist": np.bincount(p),
-        "count_hist_eligible": np.bincount(p[eligible]),
-        "last_hour_utc": np.bincount(hour_utc.astype(np.int64), minlength=24),
-        "last_hour_local": np.bincount(hour_local.astype(np.int64), minlength=24),
-    }
+    """Participation counts as histograms: overall, by hour of last participation, by attribute.
+
+    Walked `block` devices at a time, so its temporaries do not grow with the shard."""
     bins = attribute_bins(f)
-    for name, values in attribute_values(cols).items():
-        b, m = bin_index(values, bins[name]), len(bins[name]) - 1
-        out[name] = {
-            "devices": np.bincount(b, minlength=m),
-            "eligible": np.bincount(b[eligible], minlength=m),
-            "participants": np.bincount(b[trained], minlength=m),
-            "participations": np.bincount(b, weights=p, minlength=m).astype(np.int64),
-        }
+    out: dict = {
+        "devices": len(participations),
+        "count_hist": np.zeros(1, dtype=np.int64),
+        "count_hist_eligible": np.zeros(1, dtype=np.int64),
+        "last_hour_utc": np.zeros(24, dtype=np.int64),
+        "last_hour_local": np.zeros(24, dtype=np.int64),
+    }
+    for name, e in bins.items():
+        out[name] = {k: np.zeros(len(e) - 1, dtype=np.int64) for k in _COUNTS}
+    for s in range(0, len(participations), block):
+        p = participations[s : s + block].astype(np.int64)
+        ok = eligible[s : s + block]
+        trained = p > 0
+        tz = cols["tz_offset_hours"][s : s + block][trained]
+        hour_utc = np.floor(last_participation[s : s + block][trained].astype(np.float64) / HOUR) % 24
+        hour_local = np.floor(hour_utc + tz) % 24
+        out["count_hist"] = _add(out["count_hist"], np.bincount(p))
+        out["count_hist_eligible"] = _add(out["count_hist_eligible"], np.bincount(p[ok]))
+        out["last_hour_utc"] += np.bincount(hour_utc.astype(np.int64), minlength=24)
+        out["last_hour_local"] += np.bincount(hour_local.astype(np.int64), minlength=24)
+        block_cols = {k: v[s : s + block] for k, v in cols.items()}
+        for name, values in attribute_values(block_cols).items():
+            b, m, g = bin_index(values, bins[name]), len(bins[name]) - 1, out[name]
+            g["devices"] += np.bincount(b, minlength=m)
+            g["eligible"] += np.bincount(b[ok], minlength=m)
+            g["participants"] += np.bincount(b[trained], minlength=m)
+            g["participations"] += np.bincount(b, weights=p, minlength=m).astype(np.int64)
+    return out
+
+
+_COUNTS = ("devices", "eligible", "participants", "participations")
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sum of two histograms of possibly different lengths (counts 0, 1, 2, ...)."""
+    out = np.zeros(max(len(a), len(b)), dtype=np.int64)
+    out[: len(a)] += a
+    out[: len(b)] += b
     return out
 
 

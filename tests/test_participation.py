@@ -126,9 +126,9 @@ def test_part_time_devices_epsilon_matches_hand_built_dp_accounting(tmp_path):
     assert list(merged.values()) == [300, 400, 100]
 
 
-def test_device_blocks_do_not_change_the_schedule_audit():
+def test_device_blocks_do_not_change_the_audit():
     """The audit walks a shard's devices in blocks to bound memory; any block size gives the same
-    patterns, counts, epsilons and group histograms, also for a pattern that spans blocks."""
+    patterns, counts, epsilons and histograms, also for a pattern that spans blocks."""
     from fleet import participation_shard
     from fleet.shard import ShardCore
 
@@ -155,7 +155,20 @@ def test_device_blocks_do_not_change_the_schedule_audit():
     assert one["counts"].sum() == 500 and 100 in one["counts"] and 50 in one["counts"]
     assert (one["rounds"] * one["counts"]).sum() == avail.sum()
     assert one["eps"][one["rounds"] == 0].tolist() == [0.0] and one["eps"].max() > 0.5
+    # The participation histograms, walked in blocks, against a one-block walk.
+    counts = gen.poisson(0.7, 500).astype(np.uint16)
+    last = np.where(counts > 0, gen.uniform(0, 3 * 86400, 500), 0.0)
+    eligible = gen.random(500) < 0.9
+    whole = participation_shard.participation(cols, eligible, counts, last, cfg.fleet)
+    parts = participation_shard.participation(cols, eligible, counts, last, cfg.fleet, block=37)
+    assert whole["count_hist"].tolist() == np.bincount(counts).tolist()
+    assert whole["last_hour_utc"].sum() == (counts > 0).sum()
+    for key in ("count_hist", "count_hist_eligible", "last_hour_utc", "last_hour_local"):
+        np.testing.assert_array_equal(parts[key], whole[key])
     for name in participation_shard.ATTRIBUTES:
+        for key in ("devices", "eligible", "participants", "participations"):
+            np.testing.assert_array_equal(parts[name][key], whole[name][key])
+        assert whole[name]["participations"].sum() == counts.sum()
         np.testing.assert_array_equal(many[name]["ratio_hist"], one[name]["ratio_hist"])
         np.testing.assert_allclose(many[name]["eps_max"], one[name]["eps_max"], rtol=1e-12)
         np.testing.assert_allclose(many[name]["eps_sum"], one[name]["eps_sum"], rtol=1e-12)
