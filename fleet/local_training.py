@@ -36,6 +36,7 @@ steps, each measured before its step's update.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -46,6 +47,8 @@ import torch
 from torch.nn import functional
 
 from fleet.model import PAD_ID, ModelShape, NWPModel, get_flat, set_flat
+
+log = logging.getLogger(__name__)
 
 # Probabilities are clamped here before the log that gives the reported loss, so a target the
 # model rules out entirely costs at most -log(tiny) ~ 87 instead of inf (the gradient is exact).
@@ -541,6 +544,8 @@ def resolve_device(mcfg: Any, gpus: float = 0.0) -> str:
     process was given a GPU (`ray.gpus_per_shard` > 0) and CPU otherwise."""
     want = str(mcfg.device)
     if want == "auto":
+        if gpus > 0 and not torch.cuda.is_available():
+            log.warning("this shard was given %g GPU(s) but sees no CUDA device; training on CPU", gpus)
         return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
