@@ -185,6 +185,30 @@ def _metrics_before(path: Path, round_idx: int) -> list[dict]:
     return kept
 
 
+def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: float, run_dir: Path) -> str:
+    """What is about to run, in a few lines: the fleet as built, the model, the mechanism."""
+    engines = sorted({i["engine"] for i in infos if i.get("engine")})
+    p, f = cfg.privacy, cfg.fleet
+    if p.enabled:
+        clip = f"adaptive clip from {p.initial_clip:g}" if p.adaptive else f"clip S={p.clip_norm:g}"
+        privacy = f"DP-FedAvg, z={p.noise_multiplier:g}, {clip}, {p.sampling} sampling"
+    else:
+        privacy = "no DP (privacy=none)"
+    return "\n".join(
+        [
+            f"fleet: {pop:,} devices ({f.availability.model} availability) in {len(infos)} shard(s), "
+            f"{sum(i['state_bytes'] for i in infos) / pop:.0f} bytes of state per device, "
+            f"ready in {build_s:.1f} s",
+            f"task: {cfg.task.name}; "
+            + (f"model {cfg.model.name}: " if cfg.task.name == "nwp" else "")
+            + f"{num_params:,} parameters"
+            + (f"; local training: {', '.join(engines)}" if engines else ""),
+            f"rounds: {cfg.train.rounds}, goal {f.goal} reports ({f.overselect:g}x selected); {privacy}",
+            f"run dir: {run_dir}",
+        ]
+    )
+
+
 def train(
     cfg: Any,
     run_dir: str | Path,
@@ -224,6 +248,8 @@ def train(
         first = ray.get(coordinator.resume.remote()) if cfg.resume else 0
         lines = _metrics_before(run_dir / "metrics.jsonl", first)
         build_s = time.perf_counter() - wall0
+        num_params = int(ray.get(coordinator.get_params.remote()).size)
+        log.info("%s", _header(cfg, pop, infos, num_params, build_s, run_dir))
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
         tracker.bar.update(first)
         stop_reason = "rounds"
@@ -266,6 +292,7 @@ def train(
             "wall_s": time.perf_counter() - wall0,
             "sim_hours": (lines[-1]["sim_time"] + lines[-1]["round_duration_s"]) / 3600.0 if lines else 0.0,
             "state_bytes_per_device": sum(i["state_bytes"] for i in infos) / pop,
+            "model_params": num_params,
             "mean_reported": float(np.mean([x["reported"] for x in lines])) if lines else math.nan,
             "incidents": ray.get(coordinator.get_incidents.remote()),
             "final": final_eval,

@@ -219,6 +219,7 @@ class ShardCore:
             "node_id": _node_id(),
             "pid": os.getpid(),
             "resources": _assigned_resources(),
+            "engine": _engine_name(self.task),
         }
 
     def _state_bytes(self) -> int:
@@ -262,6 +263,14 @@ class ShardCore:
         return participation_shard.schedule_privacy(
             reachable, self.cols, f, times, rdp, orders, delta, nominal
         )
+
+
+def _engine_name(task: Any) -> str | None:
+    """The task's local-training engine and where it runs ("FusedEngine on cpu"), if it has one."""
+    engine = getattr(task, "engine", None)
+    if engine is None:
+        return None
+    return f"{type(engine).__name__} on {getattr(engine, 'device', 'cpu')}"
 
 
 def corpus_defines_devices(cfg: Any) -> bool:

@@ -60,3 +60,8 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
     leaked = numbers & set(int(x) for x in ids)
     assert not leaked
     assert np.isfinite(summary["state_bytes_per_device"]) and summary["state_bytes_per_device"] < 100
+    # The start-up header says what runs: the fleet as built, the parameter count, the mechanism.
+    assert summary["model_params"] == cfg.task.mean_dim
+    assert "fleet: 3,000 devices (diurnal availability) in 2 shard(s)" in caplog.text
+    assert f"task: mean; {cfg.task.mean_dim:,} parameters" in caplog.text
+    assert f"DP-FedAvg, z={cfg.privacy.noise_multiplier:g}" in caplog.text
