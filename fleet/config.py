@@ -415,11 +415,17 @@ def validate(cfg: Any) -> None:
         f"expected auto, cpu, cuda or cuda:N (got {m.device!r})",
     )
     _check(m.batch_devices >= 1, "model.batch_devices", f"must be >= 1 (got {m.batch_devices})")
-    _check(
-        not (str(m.device).startswith("cuda") and m.engine in ("fused", "reference")),
-        "model.engine",
-        f"{m.engine!r} runs on CPU only; use model.engine=batched (or auto) with model.device={m.device}",
-    )
+    if str(m.device).startswith("cuda"):
+        _check(
+            m.engine not in ("fused", "reference"),
+            "model.engine",
+            f"{m.engine!r} runs on CPU only; use model.engine=batched (or auto) with model.device={m.device}",
+        )
+        _check(
+            cfg.ray.gpus_per_shard > 0,
+            "model.device",
+            f"{m.device!r} needs a GPU for each shard: set ray.gpus_per_shard (1, or a fraction)",
+        )
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
     p = cfg.privacy
@@ -444,7 +450,12 @@ def validate(cfg: Any) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _check(cfg.ray.cpus_per_shard > 0, "ray.cpus_per_shard", f"must be > 0 (got {cfg.ray.cpus_per_shard})")
-    _check(cfg.ray.gpus_per_shard >= 0, "ray.gpus_per_shard", f"must be >= 0 (got {cfg.ray.gpus_per_shard})")
+    _check(
+        0 <= cfg.ray.gpus_per_shard <= 1,
+        "ray.gpus_per_shard",
+        f"must be in [0, 1]: a shard trains on one GPU; for more GPUs use more shards "
+        f"(got {cfg.ray.gpus_per_shard})",
+    )
     _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
     validate_dropout(cfg.dropout)

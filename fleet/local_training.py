@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
+from fleet.config import ConfigError
 from fleet.model import PAD_ID, ModelShape, NWPModel, get_flat, set_flat
 
 log = logging.getLogger(__name__)
@@ -108,11 +110,17 @@ def _batches(n: int, epochs: int, batch_size: int, rng: np.random.Generator) -> 
     return out
 
 
-def _check(params: np.ndarray, tokens: np.ndarray, num_params: int) -> None:
-    if params.shape != (num_params,):
-        raise ValueError(f"params: expected shape ({num_params},), got {params.shape}")
+def _check(params: np.ndarray, tokens: np.ndarray, shape: ModelShape) -> None:
+    if params.shape != (shape.num_params(),):
+        raise ValueError(f"params: expected shape ({shape.num_params()},), got {params.shape}")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens: expected (n, seq_len + 1) with seq_len >= 1, got {tokens.shape}")
+    # Checked on the host: on a GPU an id out of range is a device-side assert that poisons the
+    # process's CUDA context for good, not an exception.
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= shape.vocab_total):
+        raise ValueError(
+            f"tokens: ids must be in [0, {shape.vocab_total}), got [{tokens.min()}, {tokens.max()}]"
+        )
 
 
 class ReferenceEngine(_OneAtATime):
@@ -134,7 +142,7 @@ class ReferenceEngine(_OneAtATime):
         lr: float,
         rng: np.random.Generator,
     ) -> tuple[np.ndarray, float]:
-        _check(params, tokens, self.shape.num_params())
+        _check(params, tokens, self.shape)
         set_flat(self.model, params)
         tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
         ignore = -100 if self.pad_id is None else self.pad_id
@@ -226,7 +234,7 @@ class FusedEngine(_OneAtATime):
         lr: float,
         rng: np.random.Generator,
     ) -> tuple[np.ndarray, float]:
-        _check(params, tokens, self.shape.num_params())
+        _check(params, tokens, self.shape)
         params = np.asarray(params, dtype=np.float32)
         self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only
         tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
@@ -414,13 +422,27 @@ class BatchedEngine:
     float tolerance (tested), so the choice of engine never changes what a run means.
     """
 
-    def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID, device: str = "cpu", group: int = 32):
+    def __init__(
+        self,
+        shape: ModelShape,
+        pad_id: int | None = PAD_ID,
+        device: str = "cpu",
+        group: int = 32,
+        deterministic: bool = True,
+    ):
         if group < 1:
             raise ValueError(f"model.batch_devices: must be >= 1 (got {group})")
         self.shape = shape
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.group = group
+        if deterministic and self.device.type == "cuda":
+            # Reproducible mode promises the same model run after run (and across a resume). On
+            # CUDA the embedding's gradient accumulates with atomics in a varying order unless
+            # PyTorch uses its deterministic kernels, and cuBLAS needs a fixed workspace for its
+            # own; both must be set before this process first touches the GPU.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         offset = 0
         for name, s in shape.param_shapes().items():
@@ -451,7 +473,7 @@ class BatchedEngine:
         base = None
         while chunk := list(islice(jobs, self.group)):
             for tokens, _ in chunk:
-                _check(params, tokens, self.shape.num_params())
+                _check(params, tokens, self.shape)
             if base is None:
                 base = torch.from_numpy(np.array(params, dtype=np.float32)).to(self.device)
             deltas, losses = self._train_group(base, chunk, epochs, batch_size, lr)
@@ -486,7 +508,10 @@ class BatchedEngine:
             loss, nll_sum, n = self._loss(flat, tok_t[step], valid_t[step])
             loss.backward()
             with torch.no_grad():
-                flat.sub_(flat.grad, alpha=lr)  # rows of devices with no targets: zero gradient
+                # Only devices with targets in this step move, as in the reference engine, which
+                # skips such a step. Their gradient is zero anyway, except that a device whose own
+                # weights overflow its masked rows' logits would get 0 * nan = nan from them.
+                flat.sub_(torch.where((n > 0).unsqueeze(1), flat.grad, 0.0), alpha=lr)
             flat.grad = None
             loss_sum += nll_sum.double()
             count += n
@@ -539,39 +564,56 @@ class BatchedEngine:
 ENGINES = ("auto", "fused", "reference", "batched")
 
 
-def resolve_device(mcfg: Any, gpus: float = 0.0) -> str:
+def resolve_device(mcfg: Any, gpus: float = 0.0, engine: str = "auto") -> str:
     """The torch device local training runs on: `model.device`, or with "auto" CUDA when this
-    process was given a GPU (`ray.gpus_per_shard` > 0) and CPU otherwise."""
+    process was given a GPU (`ray.gpus_per_shard` > 0) and the engine can use it, else CPU."""
     want = str(mcfg.device)
     if want == "auto":
-        if gpus > 0 and not torch.cuda.is_available():
+        if engine in ("fused", "reference") or gpus <= 0:
+            return "cpu"
+        if not torch.cuda.is_available():
             log.warning("this shard was given %g GPU(s) but sees no CUDA device; training on CPU", gpus)
-        return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"model.device: {want!r} but this process sees no CUDA device (give shards a GPU with "
-            "ray.gpus_per_shard, or use model.device=cpu)"
+            return "cpu"
+        return "cuda"
+    if want == "cpu":
+        return want
+    if not want.startswith("cuda"):
+        raise ConfigError(f"model.device: unknown value {want!r}; expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device: {want!r} but this shard sees no CUDA device (is PyTorch built with CUDA, "
+            "and does ray.gpus_per_shard give it a GPU?); use model.device=auto or cpu"
         )
-    if want != "cpu" and not want.startswith("cuda"):
-        raise ValueError(f"model.device: unknown value {want!r}; expected auto, cpu, cuda or cuda:N")
+    index = int(want.split(":")[1]) if ":" in want else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"model.device: {want!r} but this shard sees {torch.cuda.device_count()} CUDA device(s) "
+            "(Ray numbers each shard's own GPUs from 0)"
+        )
     return want
 
 
-def make_engine(mcfg: Any, name: str = "auto", pad_id: int | None = PAD_ID, gpus: float = 0.0) -> Engine:
+def make_engine(
+    mcfg: Any,
+    name: str = "auto",
+    pad_id: int | None = PAD_ID,
+    gpus: float = 0.0,
+    deterministic: bool = True,
+) -> Engine:
     """The engine for a `fleet.config.ModelConfig`: "auto" is the batched engine on a GPU and the
-    fused engine (the fastest on CPU) otherwise. `gpus` is what the calling shard was given.
+    fused engine (the fastest on CPU) otherwise. `gpus` is what the calling shard was given;
+    `deterministic` (reproducible mode) asks a GPU for its deterministic kernels.
 
     `pad_id=None` counts every target (the W1 benchmark, whose token ids are all words).
     """
     shape = ModelShape.from_config(mcfg)
     if name not in ENGINES:
-        raise ValueError(f"model.engine: unknown value {name!r}; expected one of {', '.join(ENGINES)}")
-    device = resolve_device(mcfg, gpus)
-    group = int(mcfg.batch_devices)
+        raise ConfigError(f"model.engine: unknown value {name!r}; expected one of {', '.join(ENGINES)}")
+    device = resolve_device(mcfg, gpus, name)
     if name == "batched" or (name == "auto" and device != "cpu"):
-        return BatchedEngine(shape, pad_id, device, group)
+        return BatchedEngine(shape, pad_id, device, int(mcfg.batch_devices), deterministic)
     if device != "cpu":
-        raise ValueError(f"model.engine: {name!r} runs on CPU only; use model.engine=batched on {device}")
+        raise ConfigError(f"model.engine: {name!r} runs on CPU only; use model.engine=batched on {device}")
     if name == "reference":
         return ReferenceEngine(shape, pad_id)
     return FusedEngine(shape, pad_id)

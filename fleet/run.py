@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -126,18 +127,35 @@ def start_actors(
         for i, (a, b) in enumerate(population.shard_ranges(pop, len(pg.bundle_specs)))
     ]
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = (
-        ray.remote(num_cpus=0)(Coordinator).options(scheduling_strategy=here).remote(cfg, shards, pop, sd)
-    )
-    # Wait for the coordinator's constructor: an error in it (a bad task, a shard that failed to
-    # build) surfaces here, at start-up, and no caller can act on shards it is still reading.
+    coordinator = None
+    # Wait for every constructor: an error in one (a bad config only a shard can check, such as a
+    # GPU it cannot see) surfaces here, at start-up, and no caller acts on actors still starting.
     try:
-        ray.get(coordinator.__ray_ready__.remote())
+        _ready(shards)
+        coordinator = (
+            ray.remote(num_cpus=0)(Coordinator).options(scheduling_strategy=here).remote(cfg, shards, pop, sd)
+        )
+        _ready([coordinator])
     except BaseException:
         for a in [*shards, coordinator]:
-            ray.kill(a, no_restart=True)
+            if a is not None:
+                ray.kill(a, no_restart=True)
         raise
     return shards, coordinator
+
+
+def _ready(actors: list[Any]) -> None:
+    """Wait for the actors' constructors; a ConfigError raised in one is raised here as itself
+    (one line naming the key), not as Ray's actor-died traceback."""
+    import ray
+
+    try:
+        ray.get([a.__ray_ready__.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        found = re.findall(r"ConfigError: (.+)", str(e)) if e.actor_init_failed else []
+        if found:
+            raise ConfigError(found[-1].strip()) from e
+        raise
 
 
 @contextmanager

@@ -63,3 +63,14 @@ class UnitPush(MeanTask):
     def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
         for _ in device_ids:
             yield np.full_like(params, 100.0), 0.0
+
+
+class NeedsAGpu(MeanTask):
+    """A client that refuses to start, as a shard asked for a GPU it cannot see does."""
+
+    def __init__(self, cfg, role: str):
+        super().__init__(cfg, role)
+        if role == "client":
+            from fleet.config import ConfigError
+
+            raise ConfigError("model.device: 'cuda' but this shard sees no CUDA device")

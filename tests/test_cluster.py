@@ -170,5 +170,16 @@ def test_shards_that_cannot_fit_a_local_ray_fail_at_once(ray_session):
     assert _wait(lambda: ray.available_resources().get("CPU", 0.0) == 4.0)
 
 
+def test_a_shard_that_refuses_to_start_stops_the_run_with_one_line(ray_session):
+    """A check only a shard can make (a GPU it cannot see) fails at start-up, as the ConfigError
+    it raised, and leaves nothing running."""
+    import ray
+
+    with pytest.raises(ConfigError, match=r"^model.device: 'cuda' but this shard sees no CUDA device$"):
+        with fleet_actors(tiny_mean("task.name=tests.doubles:NeedsAGpu", "ray.shards=2"), 2000):
+            pass
+    assert _wait(lambda: ray.available_resources().get("CPU", 0.0) == 4.0)
+
+
 if __name__ == "__main__":
     _train_on_two_nodes(Path(sys.argv[1]))

@@ -4,15 +4,17 @@ with one line naming it and exit code 2, before Ray starts and before any job of
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_cfg
 from omegaconf import OmegaConf
 
 from fleet.cli import CONF_DIR, load_config, one_line, preflight, sweep_jobs
-from fleet.config import Config, ConfigError
+from fleet.config import Config, ConfigError, validate
 
 GROUPS = ("fleet", "model", "data", "privacy", "dropout", "tracking", "ray", "experiment")
 PROFILES = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
@@ -88,6 +90,7 @@ def _fleet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["privacy.noise_multiplier=-1"], "error: privacy.noise_multiplier: must be >= 0"),
         (["fleet.goal=="], "error: Error parsing override 'fleet.goal=='"),
         (["tracking.mode=loud"], "error: tracking.mode: unknown value 'loud'"),
+        (["model.device=cuda"], "error: model.device: 'cuda' needs a GPU for each shard"),
         # a sweep stops before its first job when any point is bad
         (["-m", "fleet=tiny", "fleet.goal=10,5000"], "error: fleet.goal: must be <= fleet.population"),
     ],
@@ -98,6 +101,23 @@ def test_bad_override_is_one_line_naming_the_key(args, expected, tmp_path):
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(expected), p.stderr
     assert "HYDRA_FULL_ERROR" not in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.device=cuda"], "model.device: 'cuda' needs a GPU for each shard"),
+        (["model.device=cuda:1", "ray.gpus_per_shard=1", "model.engine=fused"], "model.engine: 'fused' runs"),
+        (["model.device=tpu"], "model.device: expected auto, cpu, cuda or cuda:N"),
+        (["model.engine=vmap"], "model.engine: unknown value 'vmap'"),
+        (["model.batch_devices=0"], "model.batch_devices: must be >= 1"),
+        (["ray.gpus_per_shard=2"], "ray.gpus_per_shard: must be in [0, 1]"),
+    ],
+)
+def test_engine_and_device_settings_are_checked(overrides, expected):
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)):
+        validate(make_cfg(*overrides))
+    validate(make_cfg("model.device=cuda:0", "ray.gpus_per_shard=0.5", "model.engine=batched"))
 
 
 def test_verbose_shows_the_traceback(tmp_path):

@@ -101,7 +101,9 @@ class W1Task:
         self.cost = JobCost(download_bytes=nbytes, upload_bytes=nbytes)
         # Every W1 token is a word, so no target is a pad: pad_id=None.
         self.engine = (
-            make_engine(cfg.model, cfg.model.engine, pad_id=None, gpus=cfg.ray.gpus_per_shard)
+            make_engine(
+                cfg.model, cfg.model.engine, pad_id=None, gpus=cfg.ray.gpus_per_shard, deterministic=False
+            )
             if role == "client"
             else None
         )

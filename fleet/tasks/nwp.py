@@ -38,7 +38,12 @@ class NWPTask:
         if role == "client":
             from fleet.local_training import make_engine
 
-            self.engine = make_engine(self.mcfg, self.mcfg.engine, gpus=cfg.ray.gpus_per_shard)
+            self.engine = make_engine(
+                self.mcfg,
+                self.mcfg.engine,
+                gpus=cfg.ray.gpus_per_shard,
+                deterministic=cfg.rng == "reproducible",
+            )
         self._model = None
         self._baseline: dict[str, float] | None = None
 
