@@ -155,6 +155,18 @@ def test_device_blocks_do_not_change_the_audit():
     assert one["counts"].sum() == 500 and 100 in one["counts"] and 50 in one["counts"]
     assert (one["rounds"] * one["counts"]).sum() == avail.sum()
     assert one["eps"][one["rounds"] == 0].tolist() == [0.0] and one["eps"].max() > 0.5
+    # An empty shard (a cluster with more shards than devices in a range) answers empty aggregates.
+    empty = {k: v[:0] for k, v in cols.items()}
+    none = participation_shard.schedule_privacy(
+        lambda t: np.zeros(0, dtype=bool), empty, cfg.fleet, np.arange(rounds) * 600.0, curves,
+        np.asarray(ORDERS), 1e-5, 0.5,
+    )  # fmt: skip
+    assert none["patterns"].shape == (0, 2) and none["counts"].sum() == 0
+    assert all(none[name]["ratio_hist"].sum() == 0 for name in participation_shard.ATTRIBUTES)
+    nobody = participation_shard.participation(
+        empty, np.zeros(0, bool), np.zeros(0, np.uint16), np.zeros(0), cfg.fleet
+    )
+    assert nobody["devices"] == 0 and nobody["count_hist"].tolist() == [0]
     # The participation histograms, walked in blocks, against a one-block walk.
     counts = gen.poisson(0.7, 500).astype(np.uint16)
     last = np.where(counts > 0, gen.uniform(0, 3 * 86400, 500), 0.0)
