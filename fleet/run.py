@@ -222,7 +222,7 @@ def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: flo
             + f"{num_params:,} parameters"
             + (f"; local training: {', '.join(engines)}" if engines else ""),
             f"rounds: {cfg.train.rounds}, goal {f.goal} reports ({f.overselect:g}x selected); {privacy}",
-            f"run dir: {run_dir}",
+            f"outputs: {run_dir}",
         ]
     )
 
