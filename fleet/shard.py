@@ -135,6 +135,12 @@ class ShardCore:
             raise RuntimeError(f"shard {self.index}: train for round {round_idx} without plan")
         accepted = np.asarray(accepted, dtype=bool)
         idx = self._selected[accepted]
+        order = getattr(self.task, "cohort_order", None)
+        if order is not None:  # the task's preferred training order; the set of devices is the same
+            perm = np.asarray(order(self.cols["num_examples"][idx]), dtype=np.int64)
+            if not np.array_equal(np.sort(perm), np.arange(len(idx))):
+                raise RuntimeError(f"shard {self.index}: task.cohort_order did not return a permutation")
+            idx = idx[perm]
         total = np.zeros(len(params), dtype=np.float64)
         counted: list[int] = []
         loss_sum, norm_sum, unclipped = 0.0, 0.0, 0

@@ -74,3 +74,21 @@ class NeedsAGpu(MeanTask):
             from fleet.config import ConfigError
 
             raise ConfigError("model.device: 'cuda' but this shard sees no CUDA device")
+
+
+class LargestFirst(MeanTask):
+    """Asks for its cohort largest device first, and records the example counts it was handed."""
+
+    seen: list[list[int]] = []
+
+    def cohort_order(self, num_examples):
+        return np.argsort(-np.asarray(num_examples), kind="stable")
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        LargestFirst.seen.append([int(n) for n in num_examples])
+        return super().client_updates(params, device_ids, num_examples, round_idx)
+
+
+class NotAPermutation(MeanTask):
+    def cohort_order(self, num_examples):
+        return np.zeros(len(num_examples), dtype=np.int64)

@@ -94,6 +94,33 @@ def test_participation_recorded_for_counted_devices_only():
     assert sum(int(s.participations.sum()) for s in shards) == line["reported"]
 
 
+def test_a_task_may_choose_its_training_order_but_not_who_counts():
+    """A task's cohort_order changes the order the shard hands it the cohort (a lockstep engine
+    groups similar devices), never which devices count or what the round releases."""
+    from tests.doubles import LargestFirst
+
+    base = (
+        "fleet.failure_prob_mean=0.2",
+        "fleet.goal=30",
+        "fleet.min_reports=1",
+        "privacy.noise_multiplier=0.5",
+    )
+    shards_a, plain = in_process_fleet(tiny_mean(*base))
+    LargestFirst.seen.clear()
+    shards_b, ordered = in_process_fleet(tiny_mean(*base, "task.name=tests.doubles:LargestFirst"))
+    for _ in range(3):
+        a, b = plain.run_round(), ordered.run_round()
+        assert (a["reported"], a["dropped"]) == (b["reported"], b["dropped"])
+    np.testing.assert_allclose(ordered.params, plain.params, rtol=1e-6, atol=1e-9)
+    for sa, sb in zip(shards_a, shards_b, strict=True):
+        np.testing.assert_array_equal(sa.participations, sb.participations)
+    assert LargestFirst.seen and all(s == sorted(s, reverse=True) for s in LargestFirst.seen)
+    assert any(len(set(s)) > 1 for s in LargestFirst.seen)  # the order was not trivially sorted
+    _, broken = in_process_fleet(tiny_mean(*base, "task.name=tests.doubles:NotAPermutation"))
+    with pytest.raises(RuntimeError, match="cohort_order did not return a permutation"):
+        broken.run_round()
+
+
 @pytest.mark.parametrize("availability_model", ["always", "diurnal", "markov"])
 def test_rounds_run_for_each_availability_model(availability_model):
     cfg = tiny_mean(

@@ -33,6 +33,10 @@ class Task(Protocol):
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """Held-out metrics of the global model (server side)."""
 
+    # Optional: `cohort_order(num_examples) -> permutation`, the order in which the shard hands
+    # the accepted devices to `client_updates` (default: as sampled). A lockstep engine groups
+    # devices of similar size with it; which devices count, and their updates, do not change.
+
 
 def make_task(cfg: Any, role: str) -> Task:
     """Build the configured task; `role` is "client" (in a shard) or "server" (coordinator)."""
