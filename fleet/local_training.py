@@ -179,12 +179,7 @@ class FusedEngine(_OneAtATime):
         self.shape = shape
         self.pad_id = pad_id
         self.flat = torch.empty(shape.num_params())
-        self.w: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, s in shape.param_shapes().items():
-            n = math.prod(s)
-            self.w[name] = self.flat[offset : offset + n].view(s)
-            offset += n
+        self.w = {name: self.flat[part].view(s) for name, (part, s) in shape.param_slices().items()}
         self._cap = (0, 0)  # (seq_len, batch rows) the buffers are sized for
         self._buf: dict[str, torch.Tensor] = {}
         self._cache: dict[tuple[int, int], _Views] = {}
@@ -436,6 +431,7 @@ class BatchedEngine:
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.group = group
+        self._slices = shape.param_slices()
         if deterministic and self.device.type == "cuda":
             # Reproducible mode promises the same model run after run (and across a resume). On
             # CUDA the embedding's gradient accumulates with atomics in a varying order unless
@@ -443,12 +439,6 @@ class BatchedEngine:
             # own; both must be set before this process first touches the GPU.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
-        offset = 0
-        for name, s in shape.param_shapes().items():
-            n = math.prod(s)
-            self._slices[name] = (offset, offset + n, s)
-            offset += n
 
     def train_device(
         self,
@@ -526,7 +516,7 @@ class BatchedEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sum over devices of each device's mean cross-entropy on its batch; also each device's
         summed loss and counted targets. tok (devices, rows, seq_len + 1), valid (devices, rows)."""
-        w = {name: flat[:, a:b].view(-1, *s) for name, (a, b, s) in self._slices.items()}
+        w = {name: flat[:, part].view(-1, *s) for name, (part, s) in self._slices.items()}
         d, b, t1 = tok.shape
         t, hd, e = t1 - 1, self.shape.hidden_dim, self.shape.embed_dim
         inp, target = tok[:, :, :-1], tok[:, :, 1:].reshape(d, b * t)

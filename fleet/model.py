@@ -92,6 +92,15 @@ class ModelShape:
             "w_p": (self.hidden_dim, self.proj_dim),
         }
 
+    def param_slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """Name -> (its slice of the flat vector, its shape): how engines view one flat buffer."""
+        out, offset = {}, 0
+        for name, s in self.param_shapes().items():
+            n = math.prod(s)
+            out[name] = (slice(offset, offset + n), s)
+            offset += n
+        return out
+
     def num_params(self) -> int:
         return sum(math.prod(s) for s in self.param_shapes().values())
 

@@ -38,6 +38,22 @@ SMALL_NWP = (
 )
 
 
+def write_users_jsonl(path: Path, per_user: tuple[int, int], users: int = 60, seed: int = 0) -> Path:
+    """A raw JSONL corpus for ingestion tests: `users` users, each with a random number of texts
+    in [per_user[0], per_user[1]) of 12 words drawn from 40."""
+    import json
+
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+    with open(path, "w") as f:
+        for u in range(users):
+            for _ in range(int(g.integers(*per_user))):
+                f.write(json.dumps({"user": f"user{u}", "text": " ".join(g.choice(words, 12))}) + "\n")
+    return path
+
+
 def make_cfg(*overrides: str) -> Config:
     """The composed config with overrides, as the typed dataclass the actors receive."""
     with initialize_config_dir(config_dir=CONF, version_base=None):

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NWP, make_cfg
+from conftest import SMALL_NWP, make_cfg, write_users_jsonl
 
 from fleet import memorization as mz
 from fleet import population
@@ -182,13 +182,7 @@ def test_plan_hits_exactly_the_configured_devices_and_repeats():
 def test_plan_on_an_arrow_corpus_uses_its_devices(tmp_path):
     from fleet.data import ingest
 
-    src = tmp_path / "raw.jsonl"
-    g = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(40)]
-    with open(src, "w") as f:
-        for u in range(60):
-            for _ in range(int(g.integers(2, 7))):
-                f.write(json.dumps({"user": f"user{u}", "text": " ".join(g.choice(words, 12))}) + "\n")
+    src = write_users_jsonl(tmp_path / "raw.jsonl", per_user=(2, 7))
     out = tmp_path / "corpus"
     ingest.main([str(src), str(out), "--user-column", "user", "--vocab-size", "50", "--no-progress"])
     cfg = make_cfg(

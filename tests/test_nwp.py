@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NWP, in_process_fleet, make_cfg
+from conftest import SMALL_NWP, in_process_fleet, make_cfg, write_users_jsonl
 
 from fleet.coordinator import Coordinator
 from fleet.shard import ShardCore, fleet_size
@@ -77,13 +75,7 @@ def test_dp_round_on_nwp_is_clipped_and_noised():
 def test_arrow_corpus_defines_the_fleet(tmp_path):
     from fleet.data import ingest
 
-    src = tmp_path / "raw.jsonl"
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(40)]
-    with open(src, "w") as f:
-        for u in range(60):
-            for _ in range(int(rng.integers(1, 6))):
-                f.write(json.dumps({"user": f"user{u}", "text": " ".join(rng.choice(words, 12))}) + "\n")
+    src = write_users_jsonl(tmp_path / "raw.jsonl", per_user=(1, 6))
     out = tmp_path / "corpus"
     ingest.main(
         [
