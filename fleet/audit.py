@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fleet import checkpoint, participation, population
+from fleet import checkpoint, participation
 from fleet.config import ConfigError
-from fleet.shard import ShardCore
+from fleet.shard import ShardCore, fleet_size
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def rebuild_shards(cfg: Any, run_dir: Path) -> tuple[list[ShardCore], int | None
     state_dir = run_dir / checkpoint.STATE_DIR
     saved = checkpoint.load_coordinator(state_dir) if state_dir.is_dir() else None
     if saved is None:
-        pop = population.population_size(cfg.fleet)
-        return [ShardCore(cfg, 0, 0, pop, t0)], None
+        return [ShardCore(cfg, 0, 0, fleet_size(cfg), t0)], None
     committed = int(saved["round"])
     name = re.compile(rf"shard_(\d+)_(\d+)_r{committed}\.npz")
     ranges = sorted(
@@ -116,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memorization", action="store_true", help="canary exposure (the default)")
     parser.add_argument(
         "--cohort",
-        choices=("selected", "goal"),
-        default="selected",
-        help="participation: q per round counts the selected cohort (over-selection) or the goal",
+        choices=("ledger", "goal"),
+        default="ledger",
+        help="participation: q per round as the run accounted it, or goal / available",
     )
     parser.add_argument("--no-figures", action="store_true", help="participation: the JSON only")
     parser.add_argument(

@@ -65,9 +65,13 @@ def prune_shard(state_dir: Path, start: int, stop: int, keep_round: int) -> None
             p.unlink(missing_ok=True)
 
 
-def load_shard(state_dir: Path, start: int, stop: int, upto_round: int) -> dict[str, np.ndarray] | None:
-    """The newest checkpoint of a shard range taken at or before `upto_round`."""
-    files = {r: p for r, p in _shard_files(state_dir, start, stop).items() if r <= upto_round}
+def load_shard(
+    state_dir: Path, start: int, stop: int, upto_round: int | None
+) -> dict[str, np.ndarray] | None:
+    """The newest checkpoint of a shard range taken at or before `upto_round` (None: the newest)."""
+    files = {
+        r: p for r, p in _shard_files(state_dir, start, stop).items() if upto_round is None or r <= upto_round
+    }
     if not files:
         return None
     with np.load(files[max(files)]) as z:

@@ -164,7 +164,21 @@ def _summary_text(s: dict, run_dir: str) -> str:
     ]
     priv = s["privacy"]
     if priv.get("dp"):
-        parts.append(f"epsilon: {priv['epsilon']:.4g} at delta {priv['delta']:.3g}")
+        q = priv["q"]
+        span = f"q_r {q['min']:.3g} to {q['max']:.3g}" if q["min"] is not None else "no round released"
+        parts.append(
+            f"epsilon: {priv['epsilon']:.4g} at delta {priv['delta']:.3g} ({priv['accountant'].upper()}, "
+            f"{priv['sampling']} sampling, {span}; {priv['device']})"
+        )
+        parts.append(f"  covers: {priv['covers']}")
+        parts.append(f"  {priv['guarantee']}")
+        t = priv["textbook"]
+        parts.append(
+            f"  textbook figure, q = goal / population = {t['q']:.3g}: {t['epsilon']:.4g} "
+            "(real availability does not give it)"
+        )
+        if priv.get("pure_noise_rounds"):
+            parts.append(f"  {priv['pure_noise_rounds']} released round(s) had no valid update: pure noise")
     else:
         parts.append("epsilon: inf (no DP)")
     for k, v in sorted(s["final"].items()):

@@ -133,13 +133,20 @@ class TrainConfig:
 
 @dataclass
 class PrivacyConfig:
+    """DP-FedAvg and its ledger (fleet.privacy; README "What epsilon means here")."""
+
     name: str = "dp_fedavg"
     enabled: bool = True
     noise_multiplier: float = 1.0
     clip_norm: float = 0.5
     delta: float | None = None  # default: 1 / population^1.1
     target_epsilon: float | None = None  # stop before this would be passed
-    sampling: str = "poisson"  # poisson | fixed_size
+    # poisson: each available device joins with q_r (zero-out neighbours); fixed_size: a cohort
+    # drawn without replacement (replace-one neighbours: the sum's sensitivity is 2S)
+    sampling: str = "poisson"
+    accountant: str = "pld"  # pld | rdp (dp-accounting)
+    telemetry: str = "full"  # full: research telemetry, not covered by epsilon | private: release only
+    allow_zero_noise: bool = False  # z = 0 with DP on: clipping without noise, epsilon infinite
     adaptive: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
@@ -280,6 +287,24 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """Reject inf and nan in every float setting: none of them means anything infinite, and a
+    non-finite clip norm or noise multiplier would otherwise become a privacy claim."""
+    if not is_dataclass(obj):
+        return
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{prefix}{f.name}", f"must be finite (got {value})")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, float):
+                    _check(math.isfinite(v), f"{prefix}{f.name}[{i}]", f"must be finite (got {v})")
+                check_finite(v, f"{prefix}{f.name}[{i}].")
+        else:
+            check_finite(value, f"{prefix}{f.name}.")
+
+
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
@@ -399,8 +424,49 @@ def validate_memorization(cfg: Any, key: str = "memorization") -> None:
             _check(0 < g.prob <= 1, f"{gk}.prob", f"must be in (0, 1] (got {g.prob})")
 
 
+def validate_privacy(cfg: Any) -> None:
+    """The mechanism's settings: a bad number must never become a privacy claim."""
+    p = cfg.privacy
+    _choice(p.telemetry, "privacy.telemetry", ("full", "private"))
+    if not p.enabled:
+        return
+    _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
+    _check(
+        p.noise_multiplier > 0 or p.allow_zero_noise,
+        "privacy.noise_multiplier",
+        "0 adds no noise: epsilon is infinite. Set privacy.allow_zero_noise=true to clip without "
+        "noise on purpose, or use privacy=none",
+    )
+    _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
+    _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
+    _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
+    _check(
+        not (p.accountant == "pld" and p.sampling == "fixed_size"),
+        "privacy.accountant",
+        "pld cannot account fixed_size sampling (dp-accounting has no PLD for sampling without "
+        "replacement under replace-one); set privacy.accountant=rdp or privacy.sampling=poisson",
+    )
+    if p.delta is not None:
+        _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+    if p.target_epsilon is not None:
+        _check(p.target_epsilon > 0, "privacy.target_epsilon", f"must be > 0 (got {p.target_epsilon})")
+    if p.adaptive:
+        _check(p.initial_clip > 0, "privacy.initial_clip", f"must be > 0 (got {p.initial_clip})")
+        _check(0 < p.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
+        _check(p.clip_lr > 0, "privacy.clip_lr", f"must be > 0 (got {p.clip_lr})")
+        sigma_b = p.count_noise if p.count_noise is not None else cfg.fleet.goal / 20.0
+        _check(sigma_b > 0, "privacy.count_noise", f"must be > 0 (got {sigma_b})")
+        _check(
+            p.noise_multiplier < 2 * sigma_b,
+            "privacy.noise_multiplier",
+            f"adaptive clipping needs z < 2 * count_noise ({p.noise_multiplier} >= {2 * sigma_b}); "
+            "raise privacy.count_noise or fleet.goal",
+        )
+
+
 def validate(cfg: Any) -> None:
     """Check a composed config (dataclass or DictConfig) before anything is started."""
+    check_finite(cfg)
     validate_fleet(cfg.fleet)
     if cfg.task.name == "nwp":
         from fleet.data.corpus import validate_data  # fleet.data imports this module
@@ -428,17 +494,7 @@ def validate(cfg: Any) -> None:
         )
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
-    p = cfg.privacy
-    if p.enabled:
-        _check(
-            p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})"
-        )
-        _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
-        _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
-        if p.delta is not None:
-            _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
-        if p.target_epsilon is not None:
-            _check(p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+    validate_privacy(cfg)
     t = cfg.train
     _check(t.rounds >= 0, "train.rounds", f"must be >= 0 (got {t.rounds})")
     _check(t.client_epochs >= 1, "train.client_epochs", "must be >= 1")

@@ -2,16 +2,21 @@
 
 One round (DESIGN.md steps 1-3, 5-7):
 1. check-in: each shard returns how many of its devices are available now;
-2. secret uniform sampling of ceil(goal * overselect) ranks over the whole fleet;
-3. plan: shards return each selected device's arrival time (or drop reason) by rank; the first
-   `goal` arrivals before the deadline are accepted, later arrivals are `after_goal`; with fewer
-   than `min_reports` the round is abandoned and releases nothing;
+2. secret uniform sampling over the whole fleet: `fixed_size` draws K = ceil(goal * overselect)
+   ranks without replacement, `poisson` takes each available device with q_r = min(1, K /
+   available_r) (privacy.sampling); a target epsilon that this round would pass stops here;
+3. plan: shards return each selected device's arrival time (or drop reason) by rank; fixed_size
+   accepts the first `goal` arrivals before the deadline (later ones are `after_goal`), poisson
+   accepts every arrival before the deadline (its cohort is random and nothing caps it); with
+   fewer than `min_reports` the round is abandoned and releases nothing;
 5. shards train the accepted devices and return one clipped sum each;
 6. Gaussian noise with std z*S is added once to the total, which is divided by the goal (fixed
    denominator) and applied with the server optimizer;
-7. the accountant records one event per released round.
+7. the round's release (q_r, n_r, m_r and the noise multiplier under the sampling's neighbouring
+   relation) is appended to the ledger and accounted before the round's line leaves.
 
-The coordinator never sees a device id: only counts, ranks, arrival times and sums.
+The coordinator never sees a device id: only counts, ranks, arrival times and sums. With
+`privacy.telemetry=private` the line it returns holds only what is released and accounted.
 """
 
 from __future__ import annotations
@@ -25,28 +30,44 @@ import numpy as np
 
 from fleet import checkpoint, dropout
 from fleet.config import min_reports
-from fleet.privacy.accountant import Accountant, Mechanism
+from fleet.privacy import mechanism
+from fleet.privacy.accountant import Accountant, nominal_epsilon, pld_interval
+from fleet.privacy.ledger import LEDGER_FILE, Ledger
+from fleet.privacy.mechanism import Release
 from fleet.privacy.noise import NoiseSource
 from fleet.sampling import Sampler, split_ranks
-from fleet.shard import NORM_BINS, ShardCore
+from fleet.shard import NORM_BINS, ShardCore, ShardStateLost
 from fleet.tasks import make_task
 from fleet.timing import Reason
 
 
 class ShardCrash(RuntimeError):
-    """A shard actor died during a call."""
+    """A shard actor died during a call, or was restarted (losing the round's state) between two."""
+
+
+# What a metrics line holds under `privacy.telemetry=private`: the release (the model is not in
+# the line), what is noised and accounted (the clip norm, moved by a noised count), the budget,
+# and evaluations of the released model on held-out devices.
+PRIVATE_KEYS = {"round", "released", "abandoned", "epsilon", "clip_norm", "incident", "stop"}
 
 
 def call_all(shards: list[Any], method: str, args: list[tuple]) -> list[Any]:
     """Call `method` on every shard, in parallel for Ray actors, in turn for in-process shards."""
     if shards and isinstance(shards[0], ShardCore):
-        return [getattr(s, method)(*a) for s, a in zip(shards, args, strict=True)]
+        try:
+            return [getattr(s, method)(*a) for s, a in zip(shards, args, strict=True)]
+        except ShardStateLost as e:
+            raise ShardCrash(str(e)) from e
     import ray
 
     try:
         return ray.get([getattr(s, method).remote(*a) for s, a in zip(shards, args, strict=True)])
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
         raise ShardCrash(f"a shard died during {method}") from e
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ShardStateLost):
+            raise ShardCrash(str(e.cause)) from e
+        raise
 
 
 def default_delta(population: int) -> float:
@@ -98,8 +119,10 @@ class Coordinator:
         self.cfg = cfg
         self.shards = shards
         self.state_dir = Path(state_dir) if state_dir else None
-        self.incidents = {"shard_crash": 0}
-        self._shard_pids = [info["pid"] for info in call_all(shards, "info", [()] * len(shards))]
+        self.incidents = {"shard_crash": 0, "shard_restart": 0}
+        infos = call_all(shards, "info", [()] * len(shards))
+        self._shard_pids = [info["pid"] for info in infos]
+        self._incarnations = [info["incarnation"] for info in infos]
         self.population = population
         self.task = make_task(cfg, role="server")
         self.server = ServerOptimizer(
@@ -113,42 +136,42 @@ class Coordinator:
         self.noise = NoiseSource(cfg.rng, cfg.seed)
         self.clock = cfg.fleet.start_hour * 3600.0
         self.round = 0
+        self.private = cfg.privacy.telemetry == "private"
         p = cfg.privacy
         self.dp = bool(p.enabled)
         self.clip_norm: float | None = None
         self.accountant: Accountant | None = None
+        self.pure_noise_rounds = 0
         if self.dp:
+            f = cfg.fleet
             self.clip_norm = p.initial_clip if p.adaptive else p.clip_norm
             self.delta = p.delta if p.delta is not None else default_delta(population)
-            self.accountant = Accountant(
-                Mechanism(p.sampling, population, cfg.fleet.goal, p.noise_multiplier), self.delta
-            )
-            self.count_noise = p.count_noise if p.count_noise is not None else cfg.fleet.goal / 20.0
-            self.update_noise = self._update_noise_multiplier()
-
-    def _update_noise_multiplier(self) -> float:
-        """z for the update sum; with adaptive clipping, the split that keeps the total at z."""
-        p = self.cfg.privacy
-        z = p.noise_multiplier
-        if not p.adaptive or z == 0:
-            return z
-        if z >= 2 * self.count_noise:
-            raise ValueError(
-                f"privacy.noise_multiplier: adaptive clipping needs z < 2 * count_noise "
-                f"({z} >= {2 * self.count_noise})"
-            )
-        return (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
+            self.cohort = math.ceil(f.goal * f.overselect)
+            plan = mechanism.noise_plan(p, f.goal)
+            self.update_noise, self.count_noise = plan.update, plan.count_std
+            # The multiplier accounted, under the sampling's neighbouring relation, from the noise
+            # the round adds and the sensitivities it implies.
+            self.accounted_noise = plan.accounted
+            q_floor = min(1.0, self.cohort / population)  # every q_r is at least this
+            interval = pld_interval(q_floor, self.accounted_noise, cfg.train.rounds, self.delta)
+            self.ledger = Ledger(self.state_dir / LEDGER_FILE if self.state_dir else None)
+            self.accountant = Accountant(p.accountant, self.delta, interval)
 
     # ---- the round -----------------------------------------------------------------------
     def budget_exhausted(self) -> bool:
-        """True when one more released round would pass privacy.target_epsilon."""
+        """True when even the least exposed round (q_r at its floor, cohort / population) would
+        pass privacy.target_epsilon: no round can be released any more."""
         target = self.cfg.privacy.target_epsilon
         if not self.dp or target is None:
             return False
-        return self.accountant.epsilon_after_next() > target
+        return self.accountant.epsilon_with(self._release(self.round, self.population)) > target
 
     def run_round(self) -> dict:
-        """One round; a shard crash abandons it (nothing released) and the shard is recovered."""
+        """One round; a shard crash abandons it (nothing released) and the shard is recovered.
+
+        Returns the round's metrics line; a line with `stop` set is a round that did not happen
+        (releasing it would pass privacy.target_epsilon): nothing ran and the round counter stays.
+        """
         wall0 = time.perf_counter()
         self.clock = dropout.next_active_time(self.cfg.dropout, self.clock)
         try:
@@ -158,11 +181,20 @@ class Coordinator:
             self._recover_shards(self.round + 1)  # the abandoned round's journal records stand
             line = self._crash_line(self.round, self.clock)
             self.clock += self.cfg.fleet.deadline_s + self.cfg.fleet.round_interval_s
+        if line.get("stop"):
+            return self._outgoing(line, {})
         self.round += 1
-        if self.round % self.cfg.train.eval_every == 0:
-            line.update(self.evaluate())
+        evaluation = self.evaluate() if self.round % self.cfg.train.eval_every == 0 else {}
+        line.update(evaluation)
         line["wall_s"] = time.perf_counter() - wall0
-        return line
+        return self._outgoing(line, evaluation)
+
+    def _outgoing(self, line: dict, evaluation: dict) -> dict:
+        """The line as it leaves the coordinator. Under private telemetry: only the release, what
+        is noised and accounted, and evaluations of the released model on held-out devices."""
+        if not self.private:
+            return line
+        return {k: v for k, v in line.items() if k in PRIVATE_KEYS or k in evaluation}
 
     def _crash_line(self, r: int, t: float) -> dict:
         """Metrics of a round abandoned because a shard died: it released nothing."""
@@ -183,8 +215,12 @@ class Coordinator:
             "clip_norm": self.clip_norm,
         }
 
-    def _recover_shards(self, upto_round: int) -> None:
-        """Wait for Ray to restart dead shards, then restore their state as of `upto_round`."""
+    def _recover_shards(self, upto_round: int | None) -> None:
+        """Wait for Ray to restart dead shards, then restore their state as of `upto_round`
+        (None: everything recorded). A restarted shard has already restored itself from its
+        files; this brings it to the round asked for."""
+        if self.shards and isinstance(self.shards[0], ShardCore):
+            return
         import ray
 
         for i, s in enumerate(self.shards):
@@ -200,24 +236,43 @@ class Coordinator:
                 if self.state_dir is not None:
                     ray.get(s.restore.remote(upto_round))
                 self._shard_pids[i] = alive["pid"]
+                self._incarnations[i] = alive["incarnation"]
+
+    def _release(self, r: int, available: int) -> Release:
+        """Round r's release as accounted, given how many devices are available."""
+        p = self.cfg.privacy
+        cohort = min(self.cohort, available)
+        q = min(1.0, self.cohort / available) if available else 0.0
+        return Release(r, p.sampling, q, int(available), int(cohort), self.accounted_noise)
 
     def _round(self, r: int, t: float) -> dict:
         f = self.cfg.fleet
         n = len(self.shards)
+        poisson = self.dp and self.cfg.privacy.sampling == "poisson"
 
         t0 = time.perf_counter()
         counts = call_all(self.shards, "check_in", [(r, t)] * n)
         t_checkin = time.perf_counter() - t0
         total = int(sum(counts))
 
+        release = self._release(r, total) if self.dp else None
+        target = self.cfg.privacy.target_epsilon
+        if release is not None and target is not None and total > 0:
+            if self.accountant.epsilon_with(release) > target:
+                return {"round": r, "stop": "target_epsilon", "epsilon": self.accountant.epsilon()}
+
         t0 = time.perf_counter()
-        ranks = self.sampler.draw(r, total, math.ceil(f.goal * f.overselect))
+        if poisson:
+            ranks = self.sampler.draw_poisson(r, total, release.q)
+        else:
+            ranks = self.sampler.draw(r, total, math.ceil(f.goal * f.overselect))
         local = split_ranks(ranks, counts)
         t_sampling = time.perf_counter() - t0
 
         deadline = t + f.deadline_s
         t0 = time.perf_counter()
         plans = call_all(self.shards, "plan", [(r, t, deadline, lr) for lr in local])
+        self._check_incarnations([p["incarnation"] for p in plans])
         arrival = np.concatenate([p["arrival"] for p in plans]) if plans else np.zeros(0)
         reason = np.concatenate([p["reason"] for p in plans]) if plans else np.zeros(0, np.int8)
         flops = np.concatenate([p["flops"] for p in plans]) if plans else np.zeros(0)
@@ -225,11 +280,19 @@ class Coordinator:
         # Ties in arrival go to the lower global rank: the concatenation is in rank order.
         order = np.argsort(arrival, kind="stable")
         n_arrived = int(np.count_nonzero(reason == Reason.REPORTED))
-        accepted = np.zeros(len(arrival), dtype=bool)
-        accepted[order[: min(f.goal, n_arrived)]] = True
-        reason[(reason == Reason.REPORTED) & ~accepted] = Reason.AFTER_GOAL
+        accepted = reason == Reason.REPORTED
+        if not poisson:  # a fixed-size round closes on its goal; Poisson's cohort is not capped
+            accepted = np.zeros(len(arrival), dtype=bool)
+            accepted[order[: min(f.goal, n_arrived)]] = True
+            reason[(reason == Reason.REPORTED) & ~accepted] = Reason.AFTER_GOAL
         n_accepted = int(accepted.sum())
-        close = float(arrival[order[f.goal - 1]]) if n_arrived >= f.goal else deadline
+        goal_time = float(arrival[order[f.goal - 1]]) if n_arrived >= f.goal else None
+        if not poisson:
+            close = goal_time if goal_time is not None else deadline
+        elif np.any(reason == Reason.DEADLINE) or n_arrived == 0:
+            close = deadline  # a Poisson round waits for every selected device
+        else:
+            close = float(arrival[accepted].max())
         t_plan = time.perf_counter() - t0
 
         abandoned = n_accepted < min_reports(f)
@@ -248,13 +311,14 @@ class Coordinator:
                 "train",
                 [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], self.clip_norm) for i in range(n)],
             )
+            self._check_incarnations([res["incarnation"] for res in results])
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
             reported = int(sum(res["count"] for res in results))
             invalid = int(sum(res["invalid"] for res in results))
             invalid_flops = float(sum(res["invalid_flops"] for res in results))
             reported_mix = _merge_mix([res["mix"] for res in results])
-            metrics.update(self._aggregate(r, results, reported))
+            metrics.update(self._aggregate(r, results, reported, release))
             t_agg = time.perf_counter() - t0
 
         dropped = {reason_name(c): int(np.count_nonzero(reason == c)) for c in Reason if c != Reason.REPORTED}
@@ -265,12 +329,13 @@ class Coordinator:
             "hour_of_day": (t / 3600.0) % 24.0,
             "available": total,
             "selected": int(len(ranks)),
+            "q": release.q if release is not None else None,
             "reported": reported if not abandoned else n_accepted,
             "dropped": dropped,
             "abandoned": bool(abandoned),
             "released": not abandoned,
             "round_duration_s": close - t,
-            "time_to_goal_s": close - t if n_arrived >= f.goal else None,
+            "time_to_goal_s": goal_time - t if goal_time is not None else None,
             # Compute the real fleet would spend on jobs that trained but were not counted
             # (late arrivals, invalid updates), and on jobs that aborted part-way.
             "wasted_flops": float(flops[reason == Reason.AFTER_GOAL].sum()) + invalid_flops,
@@ -292,6 +357,14 @@ class Coordinator:
         self.clock = close + f.round_interval_s
         return line
 
+    def _check_incarnations(self, seen: list[str]) -> None:
+        """Count shards that Ray restarted since the last call (each restored itself from its
+        files when it came back, so its participation limit held)."""
+        for i, inc in enumerate(seen):
+            if inc != self._incarnations[i]:
+                self.incidents["shard_restart"] += 1
+                self._incarnations[i] = inc
+
     def _broadcast(self, params: np.ndarray) -> Any:
         """One copy of the weights per round: an object-store ref for Ray shards."""
         if self.shards and isinstance(self.shards[0], ShardCore):
@@ -300,7 +373,7 @@ class Coordinator:
 
         return ray.put(params)
 
-    def _aggregate(self, r: int, results: list[dict], reported: int) -> dict:
+    def _aggregate(self, r: int, results: list[dict], reported: int, release: Release | None) -> dict:
         """Sum the shards' clipped sums, add noise once, average, apply; account the release."""
         total = np.sum([res["sum"] for res in results], axis=0)
         goal = self.cfg.fleet.goal
@@ -316,10 +389,16 @@ class Coordinator:
             noise = std * self.noise.normal(r, "update_noise", len(total))
             out["noise_norm"] = float(np.linalg.norm(noise))
             out["signal_to_noise"] = out["clipped_sum_norm"] / max(out["noise_norm"], 1e-30)
+            if reported == 0:  # every update was invalid: this release is the noise alone
+                out["pure_noise"] = True
+                self.pure_noise_rounds += 1
             update = (total + noise) / goal  # fixed denominator, whatever the dropout
             if self.cfg.privacy.adaptive:
-                self._adapt_clip(r, results, goal)
-            self.accountant.record(r)
+                unclipped = sum(res["unclipped"] for res in results)
+                self._adapt_clip(r, unclipped, reported, goal)
+            # Committed before the line leaves: a crash after this point cannot lose the release.
+            self.ledger.append(release)
+            self.accountant.record(release)
         elif reported > 0:
             update = total / reported
         else:
@@ -327,12 +406,17 @@ class Coordinator:
         self.params = self.server.step(update.astype(np.float32))
         return out
 
-    def _adapt_clip(self, r: int, results: list[dict], goal: int) -> None:
-        """Geometric update of the clip norm toward the target quantile (Andrew et al. 2021)."""
+    def _adapt_clip(self, r: int, unclipped: int, reported: int, goal: int) -> None:
+        """Geometric update of the clip norm toward the target quantile (Andrew et al. 2021).
+
+        Each reported device's bit enters centred, as b - 1/2 (sensitivity 1/2 under zero-out,
+        1 under replace-one), which is what the noise split of `mechanism.adaptive_split` assumes.
+        """
         p = self.cfg.privacy
-        b = sum(res["unclipped"] for res in results)
-        b_noised = b + self.count_noise * float(self.noise.normal(r, "count_noise", 1)[0])
-        self.clip_norm = float(self.clip_norm * math.exp(-p.clip_lr * (b_noised / goal - p.target_quantile)))
+        centred = unclipped - reported / 2.0
+        noised = centred + self.count_noise * float(self.noise.normal(r, "count_noise", 1)[0])
+        fraction = noised / goal + 0.5
+        self.clip_norm = float(self.clip_norm * math.exp(-p.clip_lr * (fraction - p.target_quantile)))
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -341,9 +425,11 @@ class Coordinator:
             "round": self.round,
             "clock": self.clock,
             "server": self.server.state(),
-            "accountant": self.accountant.state() if self.dp else None,
+            "accountant": self.accountant.snapshot() if self.dp else None,
+            "pld_interval": self.accountant.interval if self.dp else None,
             "clip_norm": self.clip_norm,
             "incidents": dict(self.incidents),
+            "pure_noise_rounds": self.pure_noise_rounds,
         }
 
     def checkpoint(self) -> int:
@@ -366,16 +452,29 @@ class Coordinator:
         return self.round
 
     def resume(self) -> int:
-        """Load the committed checkpoint and bring every shard to the same round."""
+        """Load the committed checkpoint and bring every shard to the same round.
+
+        Rounds released after the checkpoint are re-run. In reproducible mode they draw the same
+        cohort and noise and release the same outputs: their ledger entries and the shards'
+        journal records are replaced. In secure mode each re-run is a new release with a fresh
+        cohort: the lost rounds stay accounted and their participants stay recorded, so the
+        participation limit still counts them.
+        """
         state = checkpoint.load_coordinator(self.state_dir)
         self.round, self.clock = state["round"], state["clock"]
         self.server.load_state(state["server"])
         self.params = self.server.params()
+        secure = self.cfg.rng == "secure"
         if self.dp:
-            self.accountant.load_state(state["accountant"])
+            if not secure:
+                self.ledger.truncate(self.round)
+            if state.get("pld_interval"):
+                self.accountant.interval = state["pld_interval"]
+            self.accountant.load(self.ledger.releases, state.get("accountant"))
         self.clip_norm = state["clip_norm"]
         self.incidents.update(state["incidents"])
-        call_all(self.shards, "restore", [(self.round,)] * len(self.shards))
+        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
+        call_all(self.shards, "restore", [(None if secure else self.round,)] * len(self.shards))
         return self.round
 
     def get_incidents(self) -> dict:
@@ -393,19 +492,84 @@ class Coordinator:
     def get_params(self) -> np.ndarray:
         return self.params
 
+    def releases(self) -> list[dict]:
+        """The ledger, as dicts (what `fleet-privacy --run` and the audits read)."""
+        return [r.to_json() for r in self.accountant.releases] if self.dp else []
+
     def privacy_summary(self) -> dict:
-        if not self.dp:
-            return {"dp": False, "epsilon": None}
-        return {
-            "dp": True,
-            "epsilon": self.accountant.epsilon(),
-            "delta": self.delta,
-            "released_rounds": self.accountant.released,
-            "noise_multiplier": self.cfg.privacy.noise_multiplier,
-            "update_noise_multiplier": self.update_noise,
-            "sampling": self.cfg.privacy.sampling,
-            "q": self.cfg.fleet.goal / self.population,
-        }
+        """The epsilon and, beside it, what it covers, under which mechanism and assumptions."""
+        return privacy_summary(
+            self.cfg, self.population, self.accountant if self.dp else None, self.pure_noise_rounds
+        )
+
+
+def privacy_summary(
+    cfg: Any, population: int, accountant: Accountant | None, pure_noise_rounds: int = 0
+) -> dict:
+    """What a run's epsilon is, in one dict: the figure, the mechanism and the statement of what
+    it covers (summary.json, the console summary, W&B and fleet-report all show this)."""
+    p, f = cfg.privacy, cfg.fleet
+    covers = (
+        "the model (and the noised clip norm) only: metrics.jsonl holds nothing else"
+        if p.telemetry == "private"
+        else "the model only; telemetry not covered (metrics.jsonl, W&B and reports hold un-noised "
+        "per-round statistics: privacy.telemetry=private leaves them out)"
+    )
+    if not p.enabled or accountant is None:
+        return {"dp": False, "epsilon": None, "covers": "nothing: no DP (privacy=none)"}
+    guarantee = (
+        "secure randomness (cohort and noise from the OS CSPRNG)"
+        if cfg.rng == "secure"
+        else "not a guarantee: reproducible randomness (the cohort and the noise follow from the seed "
+        "in the config; use rng=secure)"
+    )
+    qs = np.array([r.q for r in accountant.releases]) if accountant.releases else np.zeros(0)
+    cohort = math.ceil(f.goal * f.overselect)
+    s = mechanism.sampling(p.sampling)
+    z_acc = accountant.releases[0].noise_multiplier if accountant.releases else None
+    textbook = nominal_epsilon(
+        accountant.kind,
+        p.sampling,
+        f.goal / population,
+        z_acc if z_acc is not None else 0.0,
+        len(accountant.releases),
+        accountant.delta,
+    )
+    return {
+        "dp": True,
+        "epsilon": accountant.epsilon(),
+        "delta": accountant.delta,
+        "accountant": accountant.kind,
+        "pld_interval": accountant.interval if accountant.kind == "pld" else None,
+        "mechanism": "DP-FedAvg",
+        "sampling": p.sampling,
+        "event": (
+            "PoissonSampledDpEvent(q_r, GaussianDpEvent(z_accounted))"
+            if p.sampling == "poisson"
+            else "SampledWithoutReplacementDpEvent(available_r, cohort_r, GaussianDpEvent(z_accounted))"
+        )
+        + " per released round, composed",
+        "neighbours": s.neighbours,
+        "device": "a device available in every released round (an upper bound for every device)",
+        "noise_multiplier": p.noise_multiplier,
+        "accounted_noise_multiplier": z_acc,
+        "released_rounds": len(accountant.releases),
+        "q": {
+            "min": float(qs.min()) if len(qs) else None,
+            "median": float(np.median(qs)) if len(qs) else None,
+            "max": float(qs.max()) if len(qs) else None,
+            "rule": f"min(1, {cohort} / available_r)",
+        },
+        "textbook": {
+            "q": f.goal / population,
+            "epsilon": textbook,
+            "note": "q = goal / population, every device always available: "
+            "real availability does not give it",
+        },
+        "pure_noise_rounds": pure_noise_rounds,
+        "covers": covers,
+        "guarantee": guarantee,
+    }
 
 
 def _merge_mix(mixes: list[dict]) -> dict:

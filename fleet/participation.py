@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, rdp
+from dp_accounting import GaussianDpEvent, rdp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
@@ -53,14 +53,13 @@ from fleet.participation_shard import (
     bin_index,
     epsilons,
 )
-from fleet.privacy.accountant import ORDERS, Mechanism, epsilon
+from fleet.privacy.accountant import ORDERS, rdp_epsilon, round_rdp
+from fleet.privacy.mechanism import Release, neighbouring, noise_plan
 from fleet.tracking import write_json
 
 log = logging.getLogger(__name__)
 
 OUT_DIR = "participation"
-# At most this many exact dp-accounting curves per audit; other rounds' are bounded by chords.
-RDP_GRID = 32
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 # Called with the held-out devices of one group (ids, example counts); returns metrics by name.
@@ -75,7 +74,7 @@ def run_audit(
     run_dir: str | Path,
     *,
     with_participation: bool = True,
-    cohort: str = "selected",
+    cohort: str = "ledger",
     evaluate_devices: DeviceEvaluator | None = None,
     holdout_per_group: int = 50,
     figures: bool = True,
@@ -85,19 +84,24 @@ def run_audit(
     Writes RUN_DIR/participation/participation.json and the figures, logs a summary, returns the
     audit. `with_participation=False` when the shards hold no participation state (a run audited
     after the fact without a checkpoint): the schedule's privacy needs only the config and lines.
-    `cohort` is "selected" (q_r counts over-selection: the chance of being asked, conservative) or
-    "goal" (the chance of being counted, the nominal accountant's convention).
+    `cohort` is "ledger" (each round's q_r as the run accounted it, the line's `q`; runs from
+    before the ledger: selected / available) or "goal" (goal / available: the chance of being
+    counted, smaller).
     `evaluate_devices`, if given, is called per group of held-out devices (fleet.participation's
     `holdout_devices`) and its metrics are reported by group. `figures=False` skips the PNGs (a
     second or so each), for sweeps and tests; `participation_figures` rebuilds them from the JSON.
     """
-    if cohort not in ("selected", "goal"):
-        raise ValueError(f"cohort: unknown value {cohort!r}; expected selected or goal")
+    if cohort not in ("ledger", "goal"):
+        raise ValueError(f"cohort: unknown value {cohort!r}; expected ledger or goal")
     wall0 = time.perf_counter()
     timing: dict[str, float] = {}
     f = cfg.fleet
-    pop = population.population_size(f)
     released = [x for x in lines if x.get("released")]
+    t0 = time.perf_counter()
+    # Population histograms come with it, so it is asked even when participation is not reported.
+    st = _merge(call_all(shards, "participation_stats", [()] * len(shards)))
+    timing["participation_s"] = time.perf_counter() - t0
+    pop = int(st["devices"])  # the fleet that ran: a corpus's devices, a Parquet population's rows
     audit: dict[str, Any] = {
         "population": pop,
         "rounds": len(lines),
@@ -105,10 +109,6 @@ def run_audit(
         "goal": f.goal,
         "availability_model": f.availability.model,
     }
-    t0 = time.perf_counter()
-    # Population histograms come with it, so it is asked even when participation is not reported.
-    st = _merge(call_all(shards, "participation_stats", [()] * len(shards)))
-    timing["participation_s"] = time.perf_counter() - t0
     groups = _groups(f, st)
     audit["groups"] = {a: [g["label"] for g in gs] for a, gs in groups.items()}
     if with_participation:
@@ -116,7 +116,7 @@ def run_audit(
         audit["bias"] = bias_section(st, groups)
     if evaluate_devices is not None:
         t0 = time.perf_counter()
-        held = holdout_devices(cfg, groups, holdout_per_group)
+        held = holdout_devices(cfg, groups, holdout_per_group, pop)
         callbacks = {
             a: {label: functools.partial(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
             for a, by in held.items()
@@ -304,14 +304,13 @@ def bias_section(st: dict, groups: dict[str, list[dict]]) -> dict:
 
 
 def holdout_devices(
-    cfg: Any, groups: dict[str, list[dict]], per_group: int
+    cfg: Any, groups: dict[str, list[dict]], per_group: int, pop: int
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Held-out devices by group: rows past the end of the population, drawn from the configured
     distributions, so they are never in the fleet and never trained; up to `per_group` a group.
     Their data must come from a corpus that has any device (synthetic): an Arrow corpus that
     defines the fleet has no rows for them."""
     f = cfg.fleet
-    pop = population.population_size(f)
     size = max(2000, 40 * per_group)
     cols = population.generate(f, cfg.seed, pop, pop + size)
     values = attribute_values(cols)
@@ -345,64 +344,22 @@ def group_metrics(
 
 
 # ---- 2 and 3. privacy --------------------------------------------------------------------------
-def _curve(event: Any, neighbouring: Any) -> np.ndarray:
-    """One event's RDP curve. With q near 1, dp-accounting cannot converge at some fractional
-    orders; it drops them (infinite RDP: a looser but valid bound) with a warning each, which an
-    audit of dozens of curves would spread over the run's log, so they are kept quiet here."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        acc = rdp.RdpAccountant(list(ORDERS), neighbouring)
-        acc.compose(event, 1)
-    finally:
-        absl.setLevel(level)
-    return np.asarray(acc.rdp, dtype=np.float64)
+def rounds_rdp(sampling: str, q: np.ndarray, z: float) -> tuple[np.ndarray, dict]:
+    """RDP curves (rows, at ORDERS) of released rounds for a device available in them: the run
+    accountant's own upper bounds (exact dp-accounting curves on a grid, `round_rdp`)."""
+    qs, inverse = np.unique(np.asarray(q, dtype=np.float64), return_inverse=True)
+    curves = np.array([round_rdp(Release(0, sampling, float(v), 0, 0, z)) for v in qs])
+    return curves[inverse.ravel()], {"distinct_q": len(qs)}
 
 
-def rounds_rdp(
-    sampling: str, available: np.ndarray, cohort: np.ndarray, z: float, grid: int = RDP_GRID
-) -> tuple[np.ndarray, dict]:
-    """RDP curves (rows, at ORDERS) of released rounds for a device available in them.
-
-    dp-accounting takes about 65 ms a curve, and nearly every round has its own q = cohort /
-    available. With Poisson sampling, exp((a - 1) RDP_a(q)) = E[(1 - q + q L)^a] is convex in q, so
-    the chord between two exact curves bounds every q between them from above: at most `grid`
-    exact curves (the distinct q themselves when there are that few, which is then exact) and the
-    rest interpolated, conservatively. Fixed-size sampling has no such convexity to lean on: every
-    distinct (available, cohort) pair gets its exact curve.
-    """
-    available = np.asarray(available, dtype=np.int64)
-    cohort = np.minimum(np.asarray(cohort, dtype=np.int64), available)
-    if sampling != "poisson":
-        pairs, inverse = np.unique(np.stack([available, cohort], axis=1), axis=0, return_inverse=True)
-        mechs = [Mechanism(sampling, int(n), int(k), z) for n, k in pairs]
-        curves = np.array([_curve(m.event(), m.neighbouring()) for m in mechs])
-        return curves[inverse.ravel()], {"distinct_q": len(pairs), "exact_curves": len(pairs)}
-    q = cohort / available
-    qs = np.unique(q)
-    info = {"distinct_q": len(qs), "exact_curves": min(len(qs), grid)}
-    if len(qs) > grid:
-        qs = np.geomspace(qs[0], qs[-1], grid)
-        qs[0], qs[-1] = q.min(), q.max()
-    add_remove = rdp.rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE
-    curves = np.array([_curve(PoissonSampledDpEvent(float(v), GaussianDpEvent(z)), add_remove) for v in qs])
-    if len(qs) == 1:
-        return np.repeat(curves, len(q), axis=0), info
-    j = np.clip(np.searchsorted(qs, q, side="right") - 1, 0, len(qs) - 2)
-    w = ((q - qs[j]) / (qs[j + 1] - qs[j]))[:, None]
-    a = np.asarray(ORDERS) - 1.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chord = np.logaddexp(np.log1p(-w) + a * curves[j], np.log(w) + a * curves[j + 1]) / a
-    out = np.where(w == 0, curves[j], np.where(w == 1, curves[j + 1], chord))
-    return out, info
-
-
-def gaussian_epsilons(z: float, most: int, delta: float) -> np.ndarray:
-    """Epsilon of j Gaussian mechanisms (noise multiplier z, no sampling amplification), j = 0..most.
+def gaussian_epsilons(z: float, most: int, delta: float, sampling: str = "poisson") -> np.ndarray:
+    """Epsilon of j Gaussian mechanisms (noise multiplier z under the sampling's relation, no
+    sampling amplification), j = 0..most.
 
     One dp-accounting curve; composition adds RDP, so j of them is j times the curve."""
-    curve = _curve(GaussianDpEvent(z), rdp.rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE)
+    acc = rdp.RdpAccountant(list(ORDERS), neighbouring(sampling))
+    acc.compose(GaussianDpEvent(z), 1)
+    curve = np.asarray(acc.rdp, dtype=np.float64)
     return epsilons(np.arange(most + 1)[:, None] * curve, np.asarray(ORDERS), delta)
 
 
@@ -420,21 +377,29 @@ def privacy_section(
     p, f = cfg.privacy, cfg.fleet
     if not p.enabled:
         return {"dp": False}
-    z = p.noise_multiplier
+    z = noise_plan(p, f.goal).accounted  # under the sampling's neighbouring relation
     delta = p.delta if p.delta is not None else default_delta(pop)
     r_count = len(released)
-    nominal = epsilon(Mechanism(p.sampling, pop, f.goal, z), r_count, delta)
+
+    def textbook(q: float) -> float:
+        return rdp_epsilon(r_count * round_rdp(Release(0, p.sampling, min(1.0, q), 0, 0, z)), delta)
+
+    nominal = textbook(f.goal / pop)
     k = min(math.ceil(f.goal * f.overselect), pop)
     out: dict[str, Any] = {
         "dp": True,
         "delta": delta,
-        "noise_multiplier": z,
+        "noise_multiplier": p.noise_multiplier,
+        "accounted_noise_multiplier": z,
         "sampling": p.sampling,
         "cohort": cohort,
+        "accountant": "rdp (per device; the run's headline used privacy.accountant)",
         "nominal": {"epsilon": nominal, "q": f.goal / pop},
-        "nominal_overselected": {
-            "epsilon": epsilon(Mechanism(p.sampling, pop, k, z), r_count, delta),
-            "q": k / pop,
+        "nominal_overselected": {"epsilon": textbook(k / pop), "q": k / pop},
+        "run": {
+            "epsilon": released[-1].get("epsilon") if released else 0.0,
+            "accountant": p.accountant,
+            "note": "each round's q_r, a device available in every released round",
         },
     }
     if z <= 0 or r_count == 0:
@@ -443,7 +408,7 @@ def privacy_section(
     if f.min_separation_hours > 0:
         span = released[-1]["sim_time"] - released[0]["sim_time"]
         most = min(r_count, math.floor(span / (f.min_separation_hours * HOUR)) + 1)
-        limit = gaussian_epsilons(z, most, delta)
+        limit = gaussian_epsilons(z, most, delta, p.sampling)
         out["participation_limit"] = {
             "separation_hours": f.min_separation_hours,
             "max_participations": most,
@@ -451,9 +416,12 @@ def privacy_section(
             "epsilon": float(limit[most]),
         }
     t0 = time.perf_counter()
-    avail = np.array([x["available"] for x in released])
-    sizes = np.array([x["selected"] for x in released]) if cohort == "selected" else np.full(r_count, f.goal)
-    curves, info = rounds_rdp(p.sampling, avail, sizes, z)
+    avail = np.array([x["available"] for x in released], dtype=np.float64)
+    if cohort == "goal":
+        q = np.minimum(1.0, f.goal / avail)
+    else:
+        q = np.array([x["q"] if x.get("q") is not None else x["selected"] / x["available"] for x in released])
+    curves, info = rounds_rdp(p.sampling, q, z)
     timing["rdp_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     times = np.array([x["sim_time"] for x in released], dtype=np.float64)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fleet import checkpoint, memorization, population
 from fleet.config import Config, ConfigError, validate
-from fleet.coordinator import Coordinator
+from fleet.coordinator import Coordinator, default_delta
 from fleet.shard import fleet_size, remote_shard_class
 from fleet.tracking import Tracker
 
@@ -184,23 +184,28 @@ def config_from_dict(d: dict) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 
-def _metrics_before(path: Path, round_idx: int) -> list[dict]:
-    """Keep the metrics of rounds before the checkpoint; later ones are re-run on resume."""
+def _metrics_before(path: Path, round_idx: int, secure: bool) -> list[dict]:
+    """The metrics of rounds before the checkpoint, which a resumed run continues after.
+
+    Later rounds are re-run. In reproducible mode they release the same outputs again, so their
+    lines are dropped; in secure mode their outputs were released and stay accounted, so their
+    lines stay in the file, marked `superseded` (the report draws the re-run instead)."""
     if not path.exists():
         return []
-    kept = []
+    kept, lost = [], []
     for text in path.read_text().splitlines():
         try:
             line = json.loads(text)
         except json.JSONDecodeError:
             break  # a torn last line from a crash
-        if line["round"] >= round_idx:
-            break
-        kept.append(line)
+        if line["round"] < round_idx:
+            kept.append(line)
+        elif secure:
+            lost.append(line | {"superseded": True})
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in kept))
+    tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in kept + lost))
     os.replace(tmp, path)
-    return kept
+    return kept + lost
 
 
 def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: float, run_dir: Path) -> str:
@@ -222,9 +227,108 @@ def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: flo
             + f"{num_params:,} parameters"
             + (f"; local training: {', '.join(engines)}" if engines else ""),
             f"rounds: {cfg.train.rounds}, goal {f.goal} reports ({f.overselect:g}x selected); {privacy}",
+            *_privacy_header(cfg, pop),
             f"outputs: {run_dir}",
         ]
     )
+
+
+def _privacy_header(cfg: Any, pop: int) -> list[str]:
+    """The textbook figure for the planned rounds, as `fleet-privacy` prints it for the same
+    settings, and what the run accounts instead."""
+    p, f = cfg.privacy, cfg.fleet
+    if not p.enabled:
+        return []
+    from fleet.privacy.accountant import nominal_epsilon
+    from fleet.privacy.mechanism import noise_plan
+
+    delta = p.delta if p.delta is not None else default_delta(pop)
+    z_acc = noise_plan(p, f.goal).accounted
+    eps = nominal_epsilon(p.accountant, p.sampling, f.goal / pop, z_acc, cfg.train.rounds, delta)
+    return [
+        f"privacy: textbook epsilon after {cfg.train.rounds} rounds {eps:.4g} at delta {delta:.3g} "
+        f"(q = goal / population = {f.goal / pop:.3g}, {p.accountant.upper()}; fleet-privacy "
+        f"--population {pop} --goal {f.goal} --rounds {cfg.train.rounds} --noise {p.noise_multiplier:g}"
+        + (f" --sampling {p.sampling} --accountant {p.accountant}" if p.sampling != "poisson" else "")
+        + (" (adaptive clipping: --noise is the total)" if p.adaptive else "")
+        + "); the run accounts each round's real q_r = "
+        + f"min(1, {math.ceil(f.goal * f.overselect)} / available)",
+    ]
+
+
+def check_privacy_budget(cfg: Any, pop: int) -> float:
+    """The run's delta, after refusing settings no round can satisfy (one line, before start-up):
+    a target epsilon below what a single round costs even at the smallest q_r (every device
+    available), and warning when delta is not below 1 / population."""
+    p, f = cfg.privacy, cfg.fleet
+    delta = p.delta if p.delta is not None else default_delta(pop)
+    if not p.enabled:
+        return delta
+    if delta >= 1.0 / pop:
+        log.warning(
+            "privacy.delta = %.3g is not below 1 / population = %.3g: a guarantee that fails with "
+            "that probability may fail for a whole device",
+            delta,
+            1.0 / pop,
+        )
+    if p.target_epsilon is None:
+        return delta
+    from fleet.privacy.accountant import noise_for_epsilon, nominal_epsilon
+    from fleet.privacy.mechanism import noise_plan
+
+    cohort = math.ceil(f.goal * f.overselect)
+    q_floor = min(1.0, cohort / pop)
+    z_acc = noise_plan(p, f.goal).accounted
+    one = nominal_epsilon(p.accountant, p.sampling, q_floor, z_acc, 1, delta)
+    if one > p.target_epsilon:
+        scale = p.noise_multiplier / z_acc if z_acc > 0 else 1.0
+        z = noise_for_epsilon(
+            p.accountant, p.sampling, q_floor, cfg.train.rounds, delta, p.target_epsilon, scale
+        )
+        raise ConfigError(
+            f"privacy.target_epsilon: {p.target_epsilon:g} is unreachable: one round costs at least "
+            f"{one:.4g} (q >= {cohort} / {pop}, z = {p.noise_multiplier:g}); "
+            f"privacy.noise_multiplier={z:.4g} would allow {cfg.train.rounds} rounds"
+        )
+    return delta
+
+
+def _summary(
+    cfg: Any,
+    lines: list[dict],
+    stop_reason: str,
+    pop: int,
+    infos: list[dict],
+    num_params: int,
+    build_s: float,
+    wall0: float,
+    run_dir: Path,
+) -> dict:
+    """The run's summary; under private telemetry only what the release already shows (how many
+    rounds released) and what does not depend on who took part."""
+    current = [x for x in lines if not x.get("superseded")]
+    out = {
+        "rounds": len(current),
+        "released_rounds": sum(1 for x in current if x["released"]),
+        "abandoned_rounds": sum(1 for x in current if x["abandoned"]),
+        "superseded_rounds": len(lines) - len(current),
+        "stop_reason": stop_reason,
+        "population": pop,
+        "shards": len(infos),
+        "build_s": build_s,
+        "state_bytes_per_device": sum(i["state_bytes"] for i in infos) / pop,
+        "model_params": num_params,
+        "telemetry": cfg.privacy.telemetry,
+        "run_dir": str(run_dir),
+    }
+    if cfg.privacy.telemetry != "private":
+        out["wall_s"] = time.perf_counter() - wall0
+        out["sim_hours"] = (
+            (current[-1]["sim_time"] + current[-1]["round_duration_s"]) / 3600.0 if current else 0.0
+        )
+        out["mean_reported"] = float(np.mean([x["reported"] for x in current])) if current else math.nan
+        out["pure_noise_rounds"] = sum(1 for x in current if x.get("pure_noise"))
+    return out
 
 
 def train(
@@ -249,6 +353,7 @@ def train(
     pop = fleet_size(cfg)
     if cfg.fleet.goal > pop:
         raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")
+    check_privacy_budget(cfg, pop)
     run_dir = Path(run_dir)
     state_dir = run_dir / checkpoint.STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +369,7 @@ def train(
     try:
         infos = ray.get([s.info.remote() for s in shards])
         first = ray.get(coordinator.resume.remote()) if cfg.resume else 0
-        lines = _metrics_before(run_dir / "metrics.jsonl", first)
+        lines = _metrics_before(run_dir / "metrics.jsonl", first, cfg.rng == "secure")
         build_s = time.perf_counter() - wall0
         num_params = int(ray.get(coordinator.get_params.remote()).size)
         log.info("%s", _header(cfg, pop, infos, num_params, build_s, run_dir))
@@ -274,12 +379,12 @@ def train(
         pending = None
         try:
             for r in range(first, cfg.train.rounds):
-                if ray.get(coordinator.budget_exhausted.remote()):
-                    stop_reason = "target_epsilon"
-                    break
                 pending = coordinator.run_round.remote()
                 line = ray.get(pending)
                 pending = None
+                if line.get("stop"):  # releasing this round would pass privacy.target_epsilon
+                    stop_reason = line["stop"]
+                    break
                 tracker.log(line)
                 lines.append(line)
                 if (r + 1) % cfg.train.checkpoint_every == 0:
@@ -299,27 +404,23 @@ def train(
             stop_reason = "interrupted"
         ray.get(coordinator.checkpoint.remote())
         final_eval = ray.get(coordinator.evaluate.remote())
-        summary = {
-            "rounds": len(lines),
-            "released_rounds": sum(1 for x in lines if x["released"]),
-            "abandoned_rounds": sum(1 for x in lines if x["abandoned"]),
-            "stop_reason": stop_reason,
-            "population": pop,
-            "shards": len(shards),
-            "build_s": build_s,
-            "wall_s": time.perf_counter() - wall0,
-            "sim_hours": (lines[-1]["sim_time"] + lines[-1]["round_duration_s"]) / 3600.0 if lines else 0.0,
-            "state_bytes_per_device": sum(i["state_bytes"] for i in infos) / pop,
-            "model_params": num_params,
-            "mean_reported": float(np.mean([x["reported"] for x in lines])) if lines else math.nan,
-            "incidents": ray.get(coordinator.get_incidents.remote()),
-            "final": final_eval,
-            "privacy": ray.get(coordinator.privacy_summary.remote()),
-            "run_dir": str(run_dir),
-        }
+        summary = _summary(cfg, lines, stop_reason, pop, infos, num_params, build_s, wall0, run_dir)
+        summary["incidents"] = ray.get(coordinator.get_incidents.remote())
+        summary["final"] = final_eval
+        summary["privacy"] = ray.get(coordinator.privacy_summary.remote())
         if memorization.planted(cfg) and cfg.memorization.audit and stop_reason != "interrupted":
             memorization.run_audit(run_dir, cfg)  # before finish: its figures go to the W&B run
-        if cfg.train.participation_audit and stop_reason != "interrupted" and cfg.privacy.enabled:
+        private = cfg.privacy.telemetry == "private"
+        if private and cfg.train.participation_audit and cfg.privacy.enabled:
+            log.info(
+                "participation audit skipped: privacy.telemetry=private releases no participation figures"
+            )
+        if (
+            cfg.train.participation_audit
+            and stop_reason != "interrupted"
+            and cfg.privacy.enabled
+            and not private
+        ):
             # Who trained and the epsilon of each device under the real schedule, computed in the
             # shards while they still hold their state; released as histograms only.
             def evaluate(ids: np.ndarray, n: np.ndarray) -> dict:

@@ -6,13 +6,20 @@ rank j to its j-th available device. That is exact uniform sampling without repl
 whole fleet (DESIGN.md invariant 4), it is the same sample whatever the number of shards, and no
 device id ever reaches the coordinator (invariant 3).
 
-In secure mode the ranks come from the OS CSPRNG (`random.SystemRandom`), so nobody who learns
-the seed, the config or the code can reconstruct who was sampled: privacy amplification by
-sampling only holds if the sample is secret.
+Two samplings, each accounted as what it is (`fleet.privacy.mechanism`): `draw` takes exactly k
+of the available devices without replacement (fixed_size); `draw_poisson` takes each available
+device independently with probability q, drawn as a Binomial(total, q) cohort size and then that
+many distinct ranks uniformly, which is the same law as one coin per device, with no per-device
+draw and still no device id at the coordinator.
+
+In secure mode the ranks (and the Poisson cohort size) come from the OS CSPRNG
+(`random.SystemRandom`, `os.urandom`), so nobody who learns the seed, the config or the code can
+reconstruct who was sampled: privacy amplification by sampling only holds if the sample is secret.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -41,6 +48,23 @@ class Sampler:
             key = int(rng.hash64(self.seed, "cohort", round_idx, np.zeros(1, dtype=np.int64))[0])
             gen = np.random.Generator(np.random.PCG64(key))
             ranks = gen.choice(total, size=k, replace=False, shuffle=False).astype(np.int64)
+        ranks.sort()
+        return ranks
+
+    def draw_poisson(self, round_idx: int, total: int, q: float) -> np.ndarray:
+        """Each of `total` ranks independently with probability q, sorted."""
+        if total <= 0 or q <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if self._system is not None:
+            from scipy.stats import binom
+
+            u = (int.from_bytes(os.urandom(8), "little") >> 11) * 2.0**-53 + 2.0**-54  # (0, 1)
+            k = int(min(total, binom.ppf(u, total, min(q, 1.0))))
+            return self.draw(round_idx, total, k)
+        key = int(rng.hash64(self.seed, "poisson_cohort", round_idx, np.zeros(1, dtype=np.int64))[0])
+        gen = np.random.Generator(np.random.PCG64(key))
+        k = int(gen.binomial(total, min(q, 1.0)))
+        ranks = gen.choice(total, size=k, replace=False, shuffle=False).astype(np.int64)
         ranks.sort()
         return ranks
 

@@ -12,6 +12,7 @@ import copy
 import ctypes
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,19 @@ NORM_BINS = np.concatenate([[0.0], np.logspace(-4, 4, 33), [np.inf]])
 SPEED_BINS = np.concatenate([[-np.inf], np.arange(8.0, 11.51, 0.5), [np.inf]])
 
 
+class ShardStateLost(RuntimeError):
+    """A round call reached a shard that does not hold the round: Ray restarted it in between."""
+
+
 class ShardCore:
-    """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor."""
+    """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor.
+
+    Constructed with a state dir that holds this range's checkpoint or journal (Ray restarting
+    a crashed shard, or a resumed run), it restores everything recorded there before it answers
+    anything: the participation limit is a privacy guarantee and must survive a restart even
+    when no call fails. `incarnation` changes with every construction, so the coordinator can
+    tell (and count) a restart it did not see fail.
+    """
 
     def __init__(
         self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0, state_dir: str | None = None
@@ -59,13 +71,18 @@ class ShardCore:
         self.n = stop - start
         self.avail = availability.make(f.availability, self.cols, cfg.seed, t0)
         self.eligible = self.cols["memory_bytes"] >= f.min_memory_gb * population.GB
-        self.last_participation = np.full(self.n, -np.inf, dtype=np.float32)
+        # float64: at t ~ 1e7 s float32 would round a participation time by up to a second, and a
+        # device could come back that much before its limit ends.
+        self.last_participation = np.full(self.n, -np.inf, dtype=np.float64)
         self.participations = np.zeros(self.n, dtype=np.uint16)
         self.sep_s = f.min_separation_hours * 3600.0
         self.seed = cfg.seed
         self._round: int | None = None
         self._available: np.ndarray = np.zeros(0, dtype=np.int64)
         self._selected: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.incarnation = uuid.uuid4().hex
+        if self.state_dir is not None:
+            self.restore(None)
         _release_freed_memory()  # the build's temporaries: 3x the rows' own size if left resident
 
     # ---- round protocol ------------------------------------------------------------------
@@ -85,8 +102,7 @@ class ShardCore:
 
     def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> dict:
         """Map ranks to devices and plan their jobs; returns arrays in rank order, no ids."""
-        if round_idx != self._round:
-            raise RuntimeError(f"shard {self.index}: plan for round {round_idx} without check-in")
+        self._expect(round_idx, "plan")
         idx = self._available[np.asarray(local_ranks, dtype=np.int64)]
         self._selected = idx
         ids = self.cols["device_id"][idx]
@@ -119,7 +135,20 @@ class ShardCore:
         done = np.where(
             reason == Reason.REPORTED, 1.0, np.clip((stop - t) / np.maximum(duration, 1e-9), 0, 1)
         )
-        return {"arrival": arrival, "reason": reason, "flops": flops, "done": done, "mix": self._mix(idx)}
+        return {
+            "arrival": arrival,
+            "reason": reason,
+            "flops": flops,
+            "done": done,
+            "mix": self._mix(idx),
+            "incarnation": self.incarnation,
+        }
+
+    def _expect(self, round_idx: int, what: str) -> None:
+        if self._round is None:
+            raise ShardStateLost(f"shard {self.index}: {what} for round {round_idx} after a restart")
+        if round_idx != self._round:
+            raise RuntimeError(f"shard {self.index}: {what} for round {round_idx} without check-in")
 
     def _mix(self, idx: np.ndarray) -> dict:
         """Time-zone and speed make-up of a set of devices, as counts (no ids)."""
@@ -131,8 +160,7 @@ class ShardCore:
         self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
     ) -> dict:
         """Train the accepted devices, clip each update, return one sum and aggregate stats."""
-        if round_idx != self._round:
-            raise RuntimeError(f"shard {self.index}: train for round {round_idx} without plan")
+        self._expect(round_idx, "train")
         accepted = np.asarray(accepted, dtype=bool)
         idx = self._selected[accepted]
         order = getattr(self.task, "cohort_order", None)
@@ -175,6 +203,7 @@ class ShardCore:
             "norm_sum": norm_sum,
             "unclipped": unclipped,
             "norm_hist": norm_hist,
+            "incarnation": self.incarnation,
         }
 
     def _record_participation(self, rows: np.ndarray, t: float) -> None:
@@ -192,23 +221,25 @@ class ShardCore:
     def prune_state(self, committed_round: int) -> None:
         checkpoint.prune_shard(self.state_dir, self.start, self.stop, committed_round)
 
-    def restore(self, upto_round: int) -> None:
-        """State as of the start of `upto_round`: the last checkpoint, then the journal replayed.
+    def restore(self, upto_round: int | None) -> None:
+        """State as of the start of `upto_round` (None: everything recorded): the last checkpoint,
+        then the journal replayed.
 
-        Used on resume (journal records from rounds being re-run are discarded) and when Ray
-        restarts a crashed shard (which rebuilds its rows from the config, then calls this).
+        Used on resume (in reproducible mode the journal records of rounds being re-run are
+        discarded: the re-run counts the same devices again; in secure mode nothing is) and when
+        Ray restarts a crashed shard (which rebuilds its rows from the config, then calls this).
         """
         saved = checkpoint.load_shard(self.state_dir, self.start, self.stop, upto_round)
         first = 0
         if saved is not None:
             first = int(saved["round"])
-            self.last_participation = saved["last_participation"].copy()
+            self.last_participation = saved["last_participation"].astype(np.float64)
             self.participations = saved["participations"].copy()
             avail = {k[len("avail_") :]: saved[k].copy() for k in saved if k.startswith("avail_")}
             if avail:
                 self.avail.load_state(avail)
         journal = checkpoint.read_journal(self.state_dir, self.start, self.stop)
-        kept = [rec for rec in journal if first <= rec[0] < upto_round]
+        kept = [rec for rec in journal if first <= rec[0] and (upto_round is None or rec[0] < upto_round)]
         for _, t, rows in kept:
             self._record_participation(rows, t)
         checkpoint.write_journal(self.state_dir, self.start, self.stop, kept)
@@ -226,6 +257,7 @@ class ShardCore:
             "pid": os.getpid(),
             "resources": _assigned_resources(),
             "engine": _engine_name(self.task),
+            "incarnation": self.incarnation,
         }
 
     def _state_bytes(self) -> int:

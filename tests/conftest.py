@@ -38,6 +38,11 @@ SMALL_NWP = (
 )
 
 
+# Fixed-size sampling (a cohort of exactly ceil(goal x overselect), the first `goal` arrivals
+# counted) is accounted with RDP: dp-accounting has no PLD for it.
+FIXED_SIZE = ("privacy.sampling=fixed_size", "privacy.accountant=rdp")
+
+
 def write_users_jsonl(path: Path, per_user: tuple[int, int], users: int = 60, seed: int = 0) -> Path:
     """A raw JSONL corpus for ingestion tests: `users` users, each with a random number of texts
     in [per_user[0], per_user[1]) of 12 words drawn from 40."""

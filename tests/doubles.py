@@ -92,3 +92,32 @@ class LargestFirst(MeanTask):
 class NotAPermutation(MeanTask):
     def cohort_order(self, num_examples):
         return np.zeros(len(num_examples), dtype=np.int64)
+
+
+class OneDevice(MeanTask):
+    """Every device's update is zero but `TARGET`'s, which is `UPDATE`: "push" (100 along every
+    coordinate, clipped to S on the shard), "pull" (the opposite), "zero", or "nan" (an invalid
+    update: the device counts for nothing, the zero-out neighbour). The one-device experiment of
+    a privacy attack: with everyone else silent, does anything released change with one device?
+    Class attributes, so in-process tests set them (Ray workers would not see a change)."""
+
+    TARGET = -1
+    UPDATE = "push"
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for dev in device_ids:
+            if int(dev) != OneDevice.TARGET:
+                yield np.zeros_like(params), 0.0
+            elif OneDevice.UPDATE == "nan":
+                yield np.full_like(params, np.nan), 0.0
+            else:
+                sign = {"push": 100.0, "pull": -100.0, "zero": 0.0}[OneDevice.UPDATE]
+                yield np.full_like(params, sign), 1.0 + sign
+
+
+class AllInvalid(MeanTask):
+    """Every update is NaN: a released round carries the noise alone."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for _ in device_ids:
+            yield np.full_like(params, np.nan), 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import in_process_fleet, tiny_mean
+from conftest import FIXED_SIZE, in_process_fleet, tiny_mean
 
 from fleet import dropout
 from fleet.config import DropoutConfig
@@ -75,6 +75,7 @@ def test_wasted_compute_is_the_job_flops_of_trained_but_uncounted_devices():
         "fleet.overselect=2.0",
         "fleet.min_reports=1",
         "fleet.failure_prob_mean=0.1",
+        *FIXED_SIZE,
     )
     (shard,), coord = in_process_fleet(cfg, 1)
     line = coord.run_round()

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import in_process_fleet, tiny_mean
+from conftest import FIXED_SIZE, in_process_fleet, tiny_mean
+from scipy import stats
 
 from fleet import timing
 from fleet.timing import Reason
@@ -17,7 +18,7 @@ def _funnel_ok(line: dict) -> None:
 
 
 def test_funnel_sums_and_overselection():
-    cfg = tiny_mean("fleet.failure_prob_mean=0.2", "fleet.goal=40", "fleet.overselect=1.5")
+    cfg = tiny_mean("fleet.failure_prob_mean=0.2", "fleet.goal=40", "fleet.overselect=1.5", *FIXED_SIZE)
     _, coord = in_process_fleet(cfg)
     for _ in range(5):
         line = coord.run_round()
@@ -60,8 +61,30 @@ def test_plan_picks_the_earliest_event():
     assert arrival[0] == 10.0 and np.all(np.isinf(arrival[1:]))
 
 
+def test_poisson_cohort_is_binomial_and_not_capped_by_the_goal():
+    """Poisson sampling: each available device joins with q = ceil(goal x overselect) / available,
+    so the cohort size is Binomial(available, q); every arrival before the deadline counts."""
+    cfg = tiny_mean(
+        "fleet.failure_prob_mean=0", "fleet.goal=20", "fleet.overselect=1.5", "fleet.min_reports=1"
+    )
+    _, coord = in_process_fleet(cfg, 1)
+    lines = [coord.run_round() for _ in range(60)]
+    n = lines[0]["available"]
+    assert all(x["available"] == n and x["q"] == 30 / n for x in lines)
+    sizes = np.array([x["selected"] for x in lines])
+    assert len(set(sizes.tolist())) > 5  # it varies round to round
+    # The sizes' mean and variance are those of Binomial(n, 30 / n): a chi-square test on the
+    # variance and a z-test on the mean, both two-sided at 1e-3.
+    q = 30 / n
+    assert abs(sizes.mean() - 30) < 3.3 * np.sqrt(n * q * (1 - q) / len(sizes))
+    chi2 = (len(sizes) - 1) * sizes.var(ddof=1) / (n * q * (1 - q))
+    assert stats.chi2.ppf(5e-4, len(sizes) - 1) < chi2 < stats.chi2.ppf(1 - 5e-4, len(sizes) - 1)
+    assert any(x["reported"] > 20 for x in lines)  # the goal does not cap a Poisson cohort
+    assert all(x["dropped"]["after_goal"] == 0 and x["reported"] == x["selected"] for x in lines)
+
+
 def test_first_goal_arrivals_win_and_round_closes_at_goal():
-    cfg = tiny_mean("fleet.failure_prob_mean=0", "fleet.goal=10", "fleet.overselect=2.0")
+    cfg = tiny_mean("fleet.failure_prob_mean=0", "fleet.goal=10", "fleet.overselect=2.0", *FIXED_SIZE)
     shards, coord = in_process_fleet(cfg)
     line = coord.run_round()
     assert line["reported"] == 10 and line["dropped"]["after_goal"] == 10
@@ -79,7 +102,7 @@ def test_abandoned_round_changes_nothing():
     assert line["abandoned"] and not line["released"]
     _funnel_ok(line)
     np.testing.assert_array_equal(coord.get_params(), before)
-    assert coord.accountant.released == 0 and line["epsilon"] == 0.0
+    assert coord.accountant.releases == [] and line["epsilon"] == 0.0
     for s in shards:
         assert np.all(np.isinf(s.last_participation))  # nobody's participation was recorded
 

@@ -1,57 +1,147 @@
-"""`fleet-privacy`: epsilon of a DP-FedAvg configuration, or the noise that meets a target.
+"""`fleet-privacy`: epsilon of a DP-FedAvg configuration, the noise that meets a target, or a run's.
 
-    fleet-privacy --population 10000000 --goal 6500 --noise 7.0 --rounds 2000 --delta 1e-10
+    fleet-privacy --population 100000 --goal 100 --rounds 100 --noise 1.0
     fleet-privacy --population 100000 --goal 100 --rounds 100 --target-epsilon 2
+    fleet-privacy --run outputs/DATE/TIME
 
-Uses the same accountant (dp-accounting RDP, one sampled-Gaussian event per released round) as
-training, so the numbers agree with what a run reports.
+The first two give the textbook figure: q = goal / population every round (every device always
+available), with both of dp-accounting's accountants (PLD, the runs' default, and RDP), as the
+start-up header of a run with the same settings prints it. `--overselect` gives q = ceil(goal x
+overselect) / population, the smallest q a run can have. A run accounts each round's real q_r
+instead: `--run RUN_DIR` recomputes that from the run's ledger (RUN_DIR/state/ledger.jsonl) with
+the run's own accountant, and with the other one beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 
 from fleet.coordinator import default_delta
-from fleet.privacy.accountant import Mechanism, epsilon, noise_for_epsilon
+from fleet.privacy.accountant import epsilon_of, noise_for_epsilon, nominal_epsilon, pld_interval
+from fleet.privacy.ledger import LEDGER_FILE, read
+
+
+def _positive(kind: type, name: str, allow_zero: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{name}: must be finite and {'>=' if allow_zero else '>'} 0")
+        return value
+
+    return parse
+
+
+def _delta(text: str) -> float:
+    value = _positive(float, "--delta")(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError("--delta: must be below 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="fleet-privacy", description=__doc__.split("\n")[0])
-    ap.add_argument("--population", type=int, required=True, help="devices in the fleet")
-    ap.add_argument("--goal", type=int, required=True, help="reports per round (expected cohort)")
-    ap.add_argument("--rounds", type=int, required=True, help="released rounds")
-    ap.add_argument("--noise", type=float, help="noise multiplier z")
-    ap.add_argument("--target-epsilon", type=float, help="find the smallest z meeting this epsilon")
-    ap.add_argument("--delta", type=float, help="default: 1 / population^1.1")
+    ap.add_argument("--run", metavar="RUN_DIR", help="recompute a run's epsilon from its ledger")
+    ap.add_argument("--population", type=_positive(int, "--population"), help="devices in the fleet")
+    ap.add_argument("--goal", type=_positive(int, "--goal"), help="reports per round")
+    ap.add_argument("--rounds", type=_positive(int, "--rounds", allow_zero=True), help="released rounds")
+    ap.add_argument("--noise", type=_positive(float, "--noise", allow_zero=True), help="noise multiplier z")
+    ap.add_argument("--target-epsilon", type=_positive(float, "--target-epsilon"), help="find the smallest z")
+    ap.add_argument("--delta", type=_delta, help="default: 1 / population^1.1")
+    ap.add_argument("--overselect", type=_positive(float, "--overselect"), help="q = ceil(goal x this) / N")
     ap.add_argument("--sampling", choices=("poisson", "fixed_size"), default="poisson")
+    ap.add_argument("--accountant", choices=("pld", "rdp", "both"), default="both")
     args = ap.parse_args(argv)
+    if args.run:
+        sys.exit(run_epsilon(Path(args.run)))
+    for name in ("population", "goal", "rounds"):
+        if getattr(args, name) is None:
+            ap.error(f"--{name} is required (or give --run RUN_DIR)")
     if (args.noise is None) == (args.target_epsilon is None):
         ap.error("give exactly one of --noise and --target-epsilon")
-    if not 0 < args.goal <= args.population:
-        ap.error("--goal must be in [1, --population]")
-    if args.rounds < 0 or (args.noise is not None and args.noise < 0):
-        ap.error("--rounds and --noise must be >= 0")
+    if args.goal > args.population:
+        ap.error("--goal must be <= --population")
+    if args.overselect is not None and args.overselect < 1:
+        ap.error("--overselect must be >= 1")
     delta = args.delta if args.delta is not None else default_delta(args.population)
-    q = args.goal / args.population
-    if args.noise is not None:
-        eps = epsilon(Mechanism(args.sampling, args.population, args.goal, args.noise), args.rounds, delta)
+    cohort = math.ceil(args.goal * args.overselect) if args.overselect else args.goal
+    q = min(1.0, cohort / args.population)
+    # Under replace-one (fixed_size) the sum's sensitivity is 2S: the accounted multiplier is z/2.
+    scale = 2.0 if args.sampling == "fixed_size" else 1.0
+    kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
+    if args.sampling == "fixed_size" and "pld" in kinds:
+        kinds = ("rdp",)
+        print("fixed_size sampling: RDP only (dp-accounting has no PLD for sampling without replacement)")
+    what = "q = ceil(goal x overselect) / population" if args.overselect else "q = goal / population"
+    print(f"{what} = {q:.4g}, every device always available (a run accounts each round's real q_r)")
+    for kind in kinds:
+        if args.noise is not None:
+            eps = nominal_epsilon(kind, args.sampling, q, args.noise / scale, args.rounds, delta)
+            print(
+                f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; {args.sampling} sampling, "
+                f"z = {args.noise:g}, {args.rounds} rounds)"
+            )
+            continue
+        try:
+            z = noise_for_epsilon(kind, args.sampling, q, args.rounds, delta, args.target_epsilon, scale)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(
-            f"epsilon = {eps:.4g} at delta = {delta:.3g} "
-            f"(q = {q:.3g}, z = {args.noise}, {args.rounds} rounds)"
+            f"noise multiplier z = {z:.4g} gives epsilon <= {args.target_epsilon:g} at delta = {delta:.3g} "
+            f"({kind.upper()}; {args.sampling} sampling, {args.rounds} rounds)"
         )
-        return
-    try:
-        z = noise_for_epsilon(
-            args.sampling, args.population, args.goal, args.rounds, delta, args.target_epsilon
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(
-        f"noise multiplier z = {z:.4g} gives epsilon <= {args.target_epsilon} at delta = {delta:.3g} "
-        f"(q = {q:.3g}, {args.rounds} rounds)"
+
+
+def run_epsilon(run_dir: Path) -> int:
+    """Print a run's epsilon recomputed from its ledger, with its accountant and the other."""
+    from fleet.privacy.mechanism import noise_plan
+    from fleet.run import config_from_dict
+
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        print(f"error: --run: no config.json in {str(run_dir)!r} (not a fleet run)", file=sys.stderr)
+        return 2
+    cfg = config_from_dict(json.loads(config_file.read_text()))
+    if not cfg.privacy.enabled:
+        print("no DP in this run (privacy=none): epsilon is infinite")
+        return 0
+    releases = read(run_dir / "state" / LEDGER_FILE)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    priv = summary.get("privacy", {})
+    population = summary.get("population") or _population(cfg)
+    p, f = cfg.privacy, cfg.fleet
+    delta = p.delta if p.delta is not None else default_delta(population)
+    z_acc = noise_plan(p, f.goal).accounted
+    interval = priv.get("pld_interval") or pld_interval(
+        min(1.0, math.ceil(f.goal * f.overselect) / population), z_acc, cfg.train.rounds, delta
     )
+    qs = [r.q for r in releases]
+    span = f" (q_r {min(qs):.4g} to {max(qs):.4g})" if qs else ""
+    print(f"{run_dir}: {len(releases)} released rounds in the ledger{span}, {p.sampling} sampling")
+    kinds = [p.accountant] + [k for k in ("pld", "rdp") if k != p.accountant]
+    for kind in kinds:
+        if kind == "pld" and p.sampling != "poisson":
+            continue
+        eps = epsilon_of(releases, kind, delta, interval)
+        tag = "the run's accountant" if kind == p.accountant else "for comparison"
+        print(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}, {tag})")
+    if priv.get("epsilon") is not None:
+        print(f"the run printed {priv['epsilon']:.4g}")
+    return 0
+
+
+def _population(cfg) -> int:
+    from fleet.shard import fleet_size
+
+    return fleet_size(cfg)
 
 
 if __name__ == "__main__":
