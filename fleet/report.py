@@ -80,9 +80,11 @@ def load_run(path: str | Path) -> Run:
     lines = []
     for text in (path / "metrics.jsonl").read_text().splitlines():
         try:
-            lines.append(json.loads(text))
+            line = json.loads(text)
         except json.JSONDecodeError:
             break  # the line a running job is writing, or one a crash tore
+        if not line.get("superseded"):  # released before a crash, re-run after (still accounted)
+            lines.append(line)
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     overrides_file = path / ".hydra" / "overrides.yaml"
@@ -339,7 +341,17 @@ def _fmt(v: Any) -> str:
 
 def _table(runs: Sequence[Run]) -> str:
     metrics = _metrics(runs)
-    head = ["run", "directory", "rounds", "released", "abandoned", "stop", "epsilon", "delta"]
+    head = [
+        "run",
+        "directory",
+        "rounds",
+        "released",
+        "abandoned",
+        "stop",
+        "epsilon",
+        "delta",
+        "epsilon covers",
+    ]
     head += [*metrics, "wall s"]
     rows = []
     for r in runs:
@@ -347,6 +359,8 @@ def _table(runs: Sequence[Run]) -> str:
         epsilon = priv.get("epsilon") if priv.get("dp") else ("inf" if priv else None)
         cells = [r.label, str(r.path), s.get("rounds", len(r.lines)), s.get("released_rounds")]
         cells += [s.get("abandoned_rounds"), s.get("stop_reason", "(running)"), epsilon, priv.get("delta")]
+        covers = " ".join(x for x in (priv.get("covers"), priv.get("guarantee")) if x)
+        cells.append(covers)
         cells += [*(s.get("final", {}).get(m) for m in metrics), s.get("wall_s")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"

@@ -70,10 +70,10 @@ def in_process_fleet(cfg: Config, shards: int = 2, state_dir: Path | str | None 
     """Shards and a coordinator in this process, as `fleet.run.start_actors` builds them in Ray:
     contiguous ranges, the run's start time, the same state dir."""
     from fleet.coordinator import Coordinator
-    from fleet.population import population_size, shard_ranges
-    from fleet.shard import ShardCore
+    from fleet.population import shard_ranges
+    from fleet.shard import ShardCore, fleet_size
 
-    pop = population_size(cfg.fleet)
+    pop = fleet_size(cfg)
     sd = str(state_dir) if state_dir else None
     t0 = cfg.fleet.start_hour * 3600.0
     sh = [ShardCore(cfg, i, a, b, t0, sd) for i, (a, b) in enumerate(shard_ranges(pop, shards))]
