@@ -544,7 +544,11 @@ def summary_text(audit: dict) -> str:
             f"{h['never_trained_uniform']:.1%}); most participations by one device: {h['participation_max']}"
         )
     if "epsilon_nominal" in h:
-        text = f"  epsilon: nominal {h['epsilon_nominal']:.4g}"
+        run = audit["privacy"].get("run", {})
+        text = "  epsilon by RDP (the audit's accountant"
+        if run.get("epsilon") is not None:
+            text += f"; the run's {run['accountant'].upper()} headline: {run['epsilon']:.4g}"
+        text += f"): textbook (q = goal / population) {h['epsilon_nominal']:.4g}"
         if "epsilon_device_median" in h:
             text += (
                 f"; per device under the real schedule: median {h['epsilon_device_median']:.4g}, "

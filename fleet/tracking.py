@@ -102,9 +102,12 @@ class Tracker:
         if line.get("epsilon") is not None:
             post["eps"] = f"{line['epsilon']:.3g}"
         post.update({k: f"{v:.4g}" for k, v in self.headline.items()})
-        # available > selected > reported; an abandoned round released nothing
-        funnel = f"{line['available']}>{line['selected']}>{line['reported']}"
-        post["funnel"] = funnel + (" abandoned" if line["abandoned"] else "")
+        # available > selected > reported (not under private telemetry); an abandoned round
+        # released nothing
+        funnel = f"{line['available']}>{line['selected']}>{line['reported']}" if "available" in line else ""
+        funnel = (funnel + (" abandoned" if line["abandoned"] else "")).strip()
+        if funnel:
+            post["funnel"] = funnel
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 

@@ -369,6 +369,16 @@ def test_target_epsilon_stops_before_a_round_would_pass_it():
     assert coord.round == 5 and len(coord.accountant.releases) == 5
 
 
+def test_a_delta_not_below_one_over_the_population_warns(caplog):
+    from fleet.run import check_privacy_budget
+
+    check_privacy_budget(tiny_mean("privacy.delta=0.001"), 2000)
+    assert "privacy.delta = 0.001 is not below 1 / population = 0.0005" in caplog.text
+    caplog.clear()
+    check_privacy_budget(tiny_mean(), 2000)
+    assert "privacy.delta" not in caplog.text
+
+
 def test_an_unreachable_target_is_refused_before_start_up():
     from fleet.run import check_privacy_budget
 

@@ -65,3 +65,70 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
     assert "fleet: 3,000 devices (diurnal availability) in 2 shard(s)" in caplog.text
     assert f"task: mean; {cfg.task.mean_dim:,} parameters" in caplog.text
     assert f"DP-FedAvg, z={cfg.privacy.noise_multiplier:g}" in caplog.text
+    # The header's textbook figure is what fleet-privacy prints for the command it names.
+    header = re.search(r"textbook epsilon after 6 rounds (\S+) .*fleet-privacy ([^)]*)\)", caplog.text)
+    from fleet.privacy.cli import main as fleet_privacy
+
+    capfd.readouterr()
+    fleet_privacy([*header.group(2).split(), "--accountant", "pld"])
+    assert f"epsilon = {header.group(1)} at" in capfd.readouterr().out
+
+
+def test_nothing_from_the_shards_private_state_reaches_the_outputs(ray_session, tmp_path):
+    """state/ names who took part (journals and per-row participation, by row); metrics,
+    summary, the report and W&B must not carry any of it. The participants' ids are read from
+    state/ itself, then searched for everywhere else, W&B's offline files included."""
+    from fleet import checkpoint, report
+
+    cfg = tiny_mean(
+        "fleet.id_mode=random",
+        "fleet.population=1500",
+        "fleet.min_reports=1",
+        "train.rounds=4",
+        "train.checkpoint_every=2",
+        "ray.shards=2",
+        "tracking.mode=offline",
+        "tracking.media=false",
+        "seed=3",
+    )
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    report.write_report([report.load_run(run_dir)], run_dir / "report")
+    state = run_dir / checkpoint.STATE_DIR
+    ids = population.generate(cfg.fleet, cfg.seed, 0, 1500)["device_id"]
+    participants = set()
+    for start, stop in ((0, 750), (750, 1500)):
+        saved = checkpoint.load_shard(state, start, stop, None)
+        rows = np.flatnonzero(saved["participations"])
+        journal = checkpoint.read_journal(state, start, stop)
+        rows = np.concatenate([rows, *(r for _, _, r in journal)]) if journal else rows
+        participants.update(int(ids[start + r]) for r in rows)
+    assert len(participants) >= 40  # four rounds of about 26
+    outside = [p for p in run_dir.rglob("*") if p.is_file() and state not in p.parents]
+    assert any("wandb" in p.parts for p in outside) and (run_dir / "report" / "report.html").exists()
+    numbers = set()
+    for p in outside:
+        text = p.read_bytes()
+        numbers.update(int(m) for m in re.findall(rb"\d{9,}", text))
+        numbers.update(int.from_bytes(text[i : i + 8], "little") for i in range(0, len(text) - 7, 8))
+    assert not numbers & participants
+
+
+def test_private_telemetry_run_writes_only_the_release(ray_session, tmp_path):
+    from fleet.coordinator import PRIVATE_KEYS
+
+    cfg = tiny_mean(
+        "privacy.telemetry=private",
+        "fleet.min_reports=1",
+        "train.rounds=4",
+        "train.eval_every=2",
+        "ray.shards=2",
+        "train.participation_audit=true",
+    )
+    summary = train(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(set(x) <= PRIVATE_KEYS | {"eval_distance"} for x in lines)
+    assert "eval_distance" in lines[1] and "epsilon" in lines[0]
+    assert "mean_reported" not in summary and "participation" not in summary
+    assert not (tmp_path / "run" / "participation").exists()
+    assert summary["privacy"]["covers"].startswith("the model (and the noised clip norm) only")
