@@ -28,7 +28,7 @@ from fleet.config import ConfigError
 STATE_DIR = "state"
 COORDINATOR_FILE = "coordinator.pt"
 CONFIG_FILE = "config.json"
-_HEADER = struct.Struct("<qdq")  # round, time, number of rows
+_HEADER = struct.Struct("<qqdq")  # round, release index, time, number of rows
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -78,37 +78,38 @@ def load_shard(
         return {k: z[k] for k in z.files}
 
 
+JournalRecord = tuple[int, int, float, np.ndarray]  # round, release index, time, rows counted
+
+
 def append_journal(
-    state_dir: Path, start: int, stop: int, round_idx: int, t: float, rows: np.ndarray
+    state_dir: Path, start: int, stop: int, round_idx: int, release: int, t: float, rows: np.ndarray
 ) -> None:
     """Record the rows counted in a round (appended and flushed: survives a crash of the shard)."""
     rows = np.asarray(rows, dtype=np.int64)
     with open(journal_file(state_dir, start, stop), "ab") as f:
-        f.write(_HEADER.pack(round_idx, t, len(rows)) + rows.tobytes())
+        f.write(_HEADER.pack(round_idx, release, t, len(rows)) + rows.tobytes())
         f.flush()
 
 
-def read_journal(state_dir: Path, start: int, stop: int) -> list[tuple[int, float, np.ndarray]]:
+def read_journal(state_dir: Path, start: int, stop: int) -> list[JournalRecord]:
     path = journal_file(state_dir, start, stop)
     if not path.exists():
         return []
     data = path.read_bytes()
     out, pos = [], 0
     while pos + _HEADER.size <= len(data):
-        r, t, n = _HEADER.unpack_from(data, pos)
+        r, release, t, n = _HEADER.unpack_from(data, pos)
         pos += _HEADER.size
         if pos + 8 * n > len(data):
             break  # a torn last record: the crash happened while writing it; that round was not released
-        out.append((r, t, np.frombuffer(data, dtype=np.int64, count=n, offset=pos).copy()))
+        out.append((r, release, t, np.frombuffer(data, dtype=np.int64, count=n, offset=pos).copy()))
         pos += 8 * n
     return out
 
 
-def write_journal(
-    state_dir: Path, start: int, stop: int, records: list[tuple[int, float, np.ndarray]]
-) -> None:
+def write_journal(state_dir: Path, start: int, stop: int, records: list[JournalRecord]) -> None:
     """Replace the journal (after a checkpoint: empty; after a restore: the rounds replayed)."""
-    data = b"".join(_HEADER.pack(r, t, len(rows)) + rows.tobytes() for r, t, rows in records)
+    data = b"".join(_HEADER.pack(r, rel, t, len(rows)) + rows.tobytes() for r, rel, t, rows in records)
     atomic_write_bytes(journal_file(state_dir, start, stop), data)
 
 

@@ -165,18 +165,25 @@ def _summary_text(s: dict, run_dir: str) -> str:
     priv = s["privacy"]
     if priv.get("dp"):
         q = priv["q"]
-        span = f"q_r {q['min']:.3g} to {q['max']:.3g}" if q["min"] is not None else "no round released"
+        if priv.get("rho_zcdp") is not None or q["rule"] == "no sampling assumption":
+            rho = f", rho {priv['rho_zcdp']:.4g} zCDP" if priv.get("rho_zcdp") is not None else ""
+            span = f"{priv['mechanism']}{rho}"
+        elif q["min"] is not None:
+            span = f"{priv['sampling']} sampling, q_r {q['min']:.3g} to {q['max']:.3g}"
+        else:
+            span = f"{priv['sampling']} sampling, no round released"
         parts.append(
             f"epsilon: {priv['epsilon']:.4g} at delta {priv['delta']:.3g} ({priv['accountant'].upper()}, "
-            f"{priv['sampling']} sampling, {span}; {priv['device']})"
+            f"{span}; {priv['device']})"
         )
         parts.append(f"  covers: {priv['covers']}")
         parts.append(f"  {priv['guarantee']}")
         t = priv["textbook"]
-        parts.append(
-            f"  textbook figure, q = goal / population = {t['q']:.3g}: {t['epsilon']:.4g} "
-            "(real availability does not give it)"
-        )
+        if t:
+            parts.append(
+                f"  textbook figure, q = goal / population = {t['q']:.3g}: {t['epsilon']:.4g} "
+                "(real availability does not give it)"
+            )
         if priv.get("pure_noise_rounds"):
             parts.append(f"  {priv['pure_noise_rounds']} released round(s) had no valid update: pure noise")
     else:

@@ -73,6 +73,9 @@ class FleetConfig:
     deadline_s: float = 600.0
     min_reports: int | None = None  # default: 80% of the goal
     min_separation_hours: float = 24.0
+    # a device is counted at most once in any this many consecutive released rounds (0: no
+    # limit in rounds); DP-FTRL's guarantee rests on it
+    min_separation_rounds: int = 0
     round_interval_s: float = 120.0  # simulated gap between rounds
     start_hour: float = 0.0  # UTC hour of day when the simulated clock starts
 
@@ -122,7 +125,7 @@ class TrainConfig:
     client_epochs: int = 1
     batch_size: int = 16
     client_lr: float = 0.5
-    server_optimizer: str = "sgdm"  # sgd | sgdm (Nesterov) | adam
+    server_optimizer: str = "sgdm"  # sgd | sgdm (Nesterov) | momentum (heavy ball) | adam
     server_lr: float = 1.0
     server_momentum: float = 0.9
     eval_every: int = 10
@@ -137,6 +140,8 @@ class PrivacyConfig:
 
     name: str = "dp_fedavg"
     enabled: bool = True
+    mechanism: str = "dp_fedavg"  # dp_fedavg | dp_ftrl (tree aggregation, no sampling assumption)
+    restart_every: int = 0  # dp_ftrl: a new tree every this many released rounds (0: never)
     noise_multiplier: float = 1.0
     clip_norm: float = 0.5
     delta: float | None = None  # default: 1 / population^1.1
@@ -309,6 +314,22 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
+def separation_rounds(cfg: Any) -> int:
+    """The participation limit in released rounds that the shards enforce.
+
+    `fleet.min_separation_rounds`, and for DP-FTRL also `fleet.min_separation_hours` converted by
+    the clock's worst case: a round lasts at most deadline_s + round_interval_s of simulated time,
+    so two participations H hours apart are at least ceil(H x 3600 / (deadline_s +
+    round_interval_s)) rounds apart; enforcing that many released rounds as well makes it hold
+    whatever rounds are abandoned or however the clock jumps (dropout.active_hours).
+    """
+    f = cfg.fleet
+    rounds = f.min_separation_rounds
+    if getattr(cfg.privacy, "mechanism", "dp_fedavg") == "dp_ftrl" and f.min_separation_hours > 0:
+        rounds = max(rounds, math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s)))
+    return int(rounds)
+
+
 def min_reports(fleet: FleetConfig) -> int:
     if fleet.min_reports is None:
         return max(1, math.ceil(0.8 * fleet.goal))
@@ -329,6 +350,7 @@ def validate_fleet(f: FleetConfig, key: str = "fleet") -> None:
     mr = min_reports(f)
     _check(1 <= mr <= f.goal, f"{key}.min_reports", f"must be in [1, goal={f.goal}] (got {mr})")
     _check(f.min_separation_hours >= 0, f"{key}.min_separation_hours", "must be >= 0")
+    _check(f.min_separation_rounds >= 0, f"{key}.min_separation_rounds", "must be >= 0")
     _check(f.round_interval_s >= 0, f"{key}.round_interval_s", "must be >= 0")
     _choice(f.id_mode, f"{key}.id_mode", ("index", "random"))
     for name in (
@@ -438,8 +460,19 @@ def validate_privacy(cfg: Any) -> None:
         "noise on purpose, or use privacy=none",
     )
     _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
+    _choice(p.mechanism, "privacy.mechanism", ("dp_fedavg", "dp_ftrl"))
     _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
     _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
+    if p.mechanism == "dp_ftrl":
+        _check(p.restart_every >= 0, "privacy.restart_every", f"must be >= 0 (got {p.restart_every})")
+        _check(not p.adaptive, "privacy.adaptive", "adaptive clipping is not available with dp_ftrl")
+        _check(
+            cfg.train.server_optimizer in ("sgd", "sgdm", "momentum"),
+            "train.server_optimizer",
+            "dp_ftrl's server is FTRL: sgd (plain), or sgdm / momentum (DP-FTRLM: heavy-ball "
+            "momentum on the prefix sums; Nesterov has no FTRL form)",
+        )
+        return
     _check(
         not (p.accountant == "pld" and p.sampling == "fixed_size"),
         "privacy.accountant",
@@ -501,7 +534,7 @@ def validate(cfg: Any) -> None:
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.client_lr > 0, "train.client_lr", f"must be > 0 (got {t.client_lr})")
     _check(t.server_lr > 0, "train.server_lr", f"must be > 0 (got {t.server_lr})")
-    _choice(t.server_optimizer, "train.server_optimizer", ("sgd", "sgdm", "adam"))
+    _choice(t.server_optimizer, "train.server_optimizer", ("sgd", "sgdm", "momentum", "adam"))
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")

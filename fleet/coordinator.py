@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from fleet import checkpoint, dropout
-from fleet.config import min_reports
+from fleet.config import min_reports, separation_rounds
 from fleet.privacy import mechanism
-from fleet.privacy.accountant import Accountant, nominal_epsilon, pld_interval
+from fleet.privacy.accountant import Accountant, nominal_epsilon, pld_interval, tree_rho
+from fleet.privacy.ftrl import FTRLServer
 from fleet.privacy.ledger import LEDGER_FILE, Ledger
 from fleet.privacy.mechanism import Release
 from fleet.privacy.noise import NoiseSource
@@ -86,6 +87,8 @@ class ServerOptimizer:
             self.opt = torch.optim.SGD([self.weights], lr=lr)
         elif kind == "sgdm":
             self.opt = torch.optim.SGD([self.weights], lr=lr, momentum=momentum, nesterov=True)
+        elif kind == "momentum":  # heavy ball
+            self.opt = torch.optim.SGD([self.weights], lr=lr, momentum=momentum)
         elif kind == "adam":
             self.opt = torch.optim.Adam([self.weights], lr=lr)
         else:
@@ -136,9 +139,12 @@ class Coordinator:
         self.noise = NoiseSource(cfg.rng, cfg.seed)
         self.clock = cfg.fleet.start_hour * 3600.0
         self.round = 0
+        self.releases_done = 0  # released rounds so far: the participation limit counts these
         self.private = cfg.privacy.telemetry == "private"
         p = cfg.privacy
         self.dp = bool(p.enabled)
+        self.ftrl: FTRLServer | None = None
+        self.separation = separation_rounds(cfg)
         self.clip_norm: float | None = None
         self.accountant: Accountant | None = None
         self.pure_noise_rounds = 0
@@ -153,6 +159,19 @@ class Coordinator:
             # the round adds and the sensitivities it implies.
             self.accounted_noise = plan.accounted
             q_floor = min(1.0, self.cohort / population)  # every q_r is at least this
+            if p.mechanism == "dp_ftrl":
+                q_floor = 1.0  # no amplification: the interval for a Gaussian of the run's length
+                std = p.noise_multiplier * p.clip_norm
+                momentum = cfg.train.server_momentum if cfg.train.server_optimizer != "sgd" else 0.0
+                self.ftrl = FTRLServer(
+                    self.params,
+                    cfg.train.server_lr,
+                    momentum,
+                    p.restart_every,
+                    lambda tree, level, i: (
+                        std * self.noise.normal(i, f"ftrl_node_{tree}_{level}", len(self.params))
+                    ),
+                )
             interval = pld_interval(q_floor, self.accounted_noise, cfg.train.rounds, self.delta)
             self.ledger = Ledger(self.state_dir / LEDGER_FILE if self.state_dir else None)
             self.accountant = Accountant(p.accountant, self.delta, interval)
@@ -242,16 +261,21 @@ class Coordinator:
         """Round r's release as accounted, given how many devices are available."""
         p = self.cfg.privacy
         cohort = min(self.cohort, available)
+        if self.ftrl is not None:  # no sampling assumption: where the round sits in its tree
+            tree, step = self.ftrl.position()
+            return Release(
+                r, "tree", 1.0, int(available), int(cohort), self.accounted_noise, tree, step, self.separation
+            )
         q = min(1.0, self.cohort / available) if available else 0.0
         return Release(r, p.sampling, q, int(available), int(cohort), self.accounted_noise)
 
     def _round(self, r: int, t: float) -> dict:
         f = self.cfg.fleet
         n = len(self.shards)
-        poisson = self.dp and self.cfg.privacy.sampling == "poisson"
+        poisson = self.dp and self.ftrl is None and self.cfg.privacy.sampling == "poisson"
 
         t0 = time.perf_counter()
-        counts = call_all(self.shards, "check_in", [(r, t)] * n)
+        counts = call_all(self.shards, "check_in", [(r, t, self.releases_done)] * n)
         t_checkin = time.perf_counter() - t0
         total = int(sum(counts))
 
@@ -384,26 +408,29 @@ class Coordinator:
         }
         hist = np.sum([res["norm_hist"] for res in results], axis=0)
         out["update_norm_median"] = _hist_quantile(hist, 0.5)
+        self.releases_done += 1
         if self.dp:
-            std = self.update_noise * self.clip_norm
-            noise = std * self.noise.normal(r, "update_noise", len(total))
-            out["noise_norm"] = float(np.linalg.norm(noise))
-            out["signal_to_noise"] = out["clipped_sum_norm"] / max(out["noise_norm"], 1e-30)
             if reported == 0:  # every update was invalid: this release is the noise alone
                 out["pure_noise"] = True
                 self.pure_noise_rounds += 1
-            update = (total + noise) / goal  # fixed denominator, whatever the dropout
-            if self.cfg.privacy.adaptive:
-                unclipped = sum(res["unclipped"] for res in results)
-                self._adapt_clip(r, unclipped, reported, goal)
+            if self.ftrl is not None:
+                self.params = self.ftrl.step(total, goal)
+                out["noise_norm"] = self.ftrl.last_noise_norm
+            else:
+                std = self.update_noise * self.clip_norm
+                noise = std * self.noise.normal(r, "update_noise", len(total))
+                out["noise_norm"] = float(np.linalg.norm(noise))
+                update = (total + noise) / goal  # fixed denominator, whatever the dropout
+                if self.cfg.privacy.adaptive:
+                    unclipped = sum(res["unclipped"] for res in results)
+                    self._adapt_clip(r, unclipped, reported, goal)
+                self.params = self.server.step(update.astype(np.float32))
+            out["signal_to_noise"] = out["clipped_sum_norm"] / max(out["noise_norm"], 1e-30)
             # Committed before the line leaves: a crash after this point cannot lose the release.
             self.ledger.append(release)
             self.accountant.record(release)
         elif reported > 0:
-            update = total / reported
-        else:
-            return out
-        self.params = self.server.step(update.astype(np.float32))
+            self.params = self.server.step((total / reported).astype(np.float32))
         return out
 
     def _adapt_clip(self, r: int, unclipped: int, reported: int, goal: int) -> None:
@@ -430,6 +457,8 @@ class Coordinator:
             "clip_norm": self.clip_norm,
             "incidents": dict(self.incidents),
             "pure_noise_rounds": self.pure_noise_rounds,
+            "releases_done": self.releases_done,
+            "ftrl": self.ftrl.state() if self.ftrl is not None else None,
         }
 
     def checkpoint(self) -> int:
@@ -464,6 +493,9 @@ class Coordinator:
         self.round, self.clock = state["round"], state["clock"]
         self.server.load_state(state["server"])
         self.params = self.server.params()
+        if self.ftrl is not None:
+            self.ftrl.load_state(state["ftrl"])
+            self.params = self.ftrl.params.copy()
         secure = self.cfg.rng == "secure"
         if self.dp:
             if not secure:
@@ -474,6 +506,9 @@ class Coordinator:
         self.clip_norm = state["clip_norm"]
         self.incidents.update(state["incidents"])
         self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
+        # In secure mode the rounds released after the checkpoint stay counted (their
+        # participants' limits too): the next release comes after them.
+        self.releases_done = len(self.accountant.releases) if self.dp else state["releases_done"]
         call_all(self.shards, "restore", [(None if secure else self.round,)] * len(self.shards))
         return self.round
 
@@ -523,6 +558,8 @@ def privacy_summary(
         else "not a guarantee: reproducible randomness (the cohort and the noise follow from the seed "
         "in the config; use rng=secure)"
     )
+    if p.mechanism == "dp_ftrl":
+        return _ftrl_summary(cfg, accountant, covers, guarantee, pure_noise_rounds)
     qs = np.array([r.q for r in accountant.releases]) if accountant.releases else np.zeros(0)
     cohort = math.ceil(f.goal * f.overselect)
     s = mechanism.sampling(p.sampling)
@@ -567,6 +604,47 @@ def privacy_summary(
             "real availability does not give it",
         },
         "pure_noise_rounds": pure_noise_rounds,
+        "covers": covers,
+        "guarantee": guarantee,
+    }
+
+
+def _ftrl_summary(cfg: Any, accountant: Accountant, covers: str, guarantee: str, pure_noise: int) -> dict:
+    """DP-FTRL's figure: no sampling assumption, only the participation limit the shards enforced."""
+    from fleet.privacy import tree as tree_lib
+
+    p = cfg.privacy
+    trees = accountant.trees()
+    b = separation_rounds(cfg)
+    once = all(tree_lib.participations(v.steps, v.separation) == 1 for v in trees)
+    return {
+        "dp": True,
+        "epsilon": accountant.epsilon(),
+        "delta": accountant.delta,
+        "rho_zcdp": tree_rho(trees, p.noise_multiplier) if trees and p.noise_multiplier > 0 else None,
+        "accountant": accountant.kind,
+        "pld_interval": accountant.interval if accountant.kind == "pld" else None,
+        "mechanism": "DP-FTRL (tree aggregation"
+        + (", momentum)" if cfg.train.server_optimizer == "sgdm" else ")"),
+        "sampling": "none assumed (cohorts drawn without replacement; the guarantee does not rest on it)",
+        "event": (
+            "SingleEpochTreeAggregationDpEvent(z, steps) per tree"
+            if once and accountant.kind == "rdp"
+            else "GaussianDpEvent(z / sqrt(tree sensitivity factor)) per tree"
+        )
+        + ", composed",
+        "neighbours": mechanism.sampling("tree").neighbours,
+        "device": f"every device: each takes part at most once in any {b} consecutive released rounds "
+        "(enforced in the shards, kept across crashes)",
+        "participation_limit_rounds": b,
+        "restart_every": p.restart_every,
+        "trees": [{"tree": v.tree, "steps": v.steps, "separation": v.separation} for v in trees],
+        "noise_multiplier": p.noise_multiplier,
+        "accounted_noise_multiplier": p.noise_multiplier,
+        "released_rounds": len(accountant.releases),
+        "q": {"min": None, "median": None, "max": None, "rule": "no sampling assumption"},
+        "textbook": None,
+        "pure_noise_rounds": pure_noise,
         "covers": covers,
         "guarantee": guarantee,
     }

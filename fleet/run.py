@@ -212,7 +212,15 @@ def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: flo
     """What is about to run, in a few lines: the fleet as built, the model, the mechanism."""
     engines = sorted({i["engine"] for i in infos if i.get("engine")})
     p, f = cfg.privacy, cfg.fleet
-    if p.enabled:
+    if p.enabled and p.mechanism == "dp_ftrl":
+        from fleet.config import separation_rounds
+
+        restart = f"a new tree every {p.restart_every} rounds" if p.restart_every else "one tree"
+        privacy = (
+            f"DP-FTRL, z={p.noise_multiplier:g}, clip S={p.clip_norm:g}, {restart}, each device at most "
+            f"once in {separation_rounds(cfg)} released rounds"
+        )
+    elif p.enabled:
         clip = f"adaptive clip from {p.initial_clip:g}" if p.adaptive else f"clip S={p.clip_norm:g}"
         privacy = f"DP-FedAvg, z={p.noise_multiplier:g}, {clip}, {p.sampling} sampling"
     else:
@@ -237,7 +245,7 @@ def _privacy_header(cfg: Any, pop: int) -> list[str]:
     """The textbook figure for the planned rounds, as `fleet-privacy` prints it for the same
     settings, and what the run accounts instead."""
     p, f = cfg.privacy, cfg.fleet
-    if not p.enabled:
+    if not p.enabled or p.mechanism == "dp_ftrl":
         return []
     from fleet.privacy.accountant import nominal_epsilon
     from fleet.privacy.mechanism import noise_plan
@@ -271,7 +279,7 @@ def check_privacy_budget(cfg: Any, pop: int) -> float:
             delta,
             1.0 / pop,
         )
-    if p.target_epsilon is None:
+    if p.target_epsilon is None or p.mechanism == "dp_ftrl":
         return delta
     from fleet.privacy.accountant import noise_for_epsilon, nominal_epsilon
     from fleet.privacy.mechanism import noise_plan

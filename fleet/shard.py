@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from fleet import availability, checkpoint, dropout, participation_shard, population
-from fleet.config import ConfigError, FleetConfig
+from fleet.config import ConfigError, FleetConfig, separation_rounds
 from fleet.privacy.clipping import clip
 from fleet.tasks import make_task
 from fleet.timing import Reason, job_seconds, plan
+
+NEVER = np.iinfo(np.int32).min // 2  # the release index of a device never counted
 
 # Fixed log-spaced bins for the update-norm histogram that shards release (mergeable exactly).
 NORM_BINS = np.concatenate([[0.0], np.logspace(-4, 4, 33), [np.inf]])
@@ -76,6 +78,11 @@ class ShardCore:
         self.last_participation = np.full(self.n, -np.inf, dtype=np.float64)
         self.participations = np.zeros(self.n, dtype=np.uint16)
         self.sep_s = f.min_separation_hours * 3600.0
+        # The limit in released rounds (DP-FTRL's guarantee rests on it): each device's last
+        # release index, kept only when such a limit is in force (4 bytes a device).
+        self.sep_rounds = separation_rounds(cfg)
+        self.last_release = np.full(self.n, NEVER, dtype=np.int32) if self.sep_rounds > 0 else None
+        self._release_idx = 0
         self.seed = cfg.seed
         self._round: int | None = None
         self._available: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -86,8 +93,12 @@ class ShardCore:
         _release_freed_memory()  # the build's temporaries: 3x the rows' own size if left resident
 
     # ---- round protocol ------------------------------------------------------------------
-    def check_in(self, round_idx: int, t: float) -> int:
-        """Count devices available, eligible and outside their participation-limit window."""
+    def check_in(self, round_idx: int, t: float, release_idx: int | None = None) -> int:
+        """Count devices available, eligible and outside their participation limits.
+
+        `release_idx` is the index this round's release would have (the coordinator counts
+        released rounds; by default the round index): a device counted at release j may be
+        counted again from release j + separation_rounds on."""
         ok = self.avail.available(t)
         ok &= self.eligible
         out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
@@ -95,6 +106,9 @@ class ShardCore:
             ok &= ~out
         if self.sep_s > 0:
             ok &= self.last_participation <= t - self.sep_s
+        self._release_idx = round_idx if release_idx is None else int(release_idx)
+        if self.last_release is not None:
+            ok &= self.last_release.astype(np.int64) <= self._release_idx - self.sep_rounds
         self._round = round_idx
         self._available = np.flatnonzero(ok)
         self._selected = self._available[:0]
@@ -190,9 +204,11 @@ class ShardCore:
         ok = np.zeros(len(idx), dtype=bool)
         ok[np.asarray(counted, dtype=np.int64)] = True
         done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never counted
-        self._record_participation(done, t)
+        self._record_participation(done, t, self._release_idx)
         if self.state_dir is not None:
-            checkpoint.append_journal(self.state_dir, self.start, self.stop, round_idx, t, done)
+            checkpoint.append_journal(
+                self.state_dir, self.start, self.stop, round_idx, self._release_idx, t, done
+            )
         return {
             "sum": total,
             "count": len(done),
@@ -206,14 +222,18 @@ class ShardCore:
             "incarnation": self.incarnation,
         }
 
-    def _record_participation(self, rows: np.ndarray, t: float) -> None:
+    def _record_participation(self, rows: np.ndarray, t: float, release: int) -> None:
         self.last_participation[rows] = t
+        if self.last_release is not None:
+            self.last_release[rows] = release
         self.participations[rows] = np.minimum(self.participations[rows].astype(np.int64) + 1, 65535)
 
     # ---- checkpoints and crash recovery --------------------------------------------------
     def save_state(self, round_idx: int) -> None:
         """Checkpoint the per-device state as of the start of `round_idx` (into the run dir)."""
         arrays = {"last_participation": self.last_participation, "participations": self.participations}
+        if self.last_release is not None:
+            arrays["last_release"] = self.last_release
         arrays.update({f"avail_{k}": v for k, v in self.avail.state().items()})
         checkpoint.save_shard(self.state_dir, self.start, self.stop, round_idx, arrays)
         checkpoint.write_journal(self.state_dir, self.start, self.stop, [])
@@ -235,13 +255,15 @@ class ShardCore:
             first = int(saved["round"])
             self.last_participation = saved["last_participation"].astype(np.float64)
             self.participations = saved["participations"].copy()
+            if self.last_release is not None and "last_release" in saved:
+                self.last_release = saved["last_release"].astype(np.int32)
             avail = {k[len("avail_") :]: saved[k].copy() for k in saved if k.startswith("avail_")}
             if avail:
                 self.avail.load_state(avail)
         journal = checkpoint.read_journal(self.state_dir, self.start, self.stop)
         kept = [rec for rec in journal if first <= rec[0] and (upto_round is None or rec[0] < upto_round)]
-        for _, t, rows in kept:
-            self._record_participation(rows, t)
+        for _, release, t, rows in kept:
+            self._record_participation(rows, t, release)
         checkpoint.write_journal(self.state_dir, self.start, self.stop, kept)
         self._round = None
 
@@ -264,6 +286,7 @@ class ShardCore:
         """Columns, participation, eligibility and the availability model's own arrays (each
         array once: the model holds some columns by reference)."""
         arrays = [*self.cols.values(), self.last_participation, self.participations, self.eligible]
+        arrays += [self.last_release] if self.last_release is not None else []
         arrays += [v for v in vars(self.avail).values() if isinstance(v, np.ndarray)]
         return int(sum({id(a): a.nbytes for a in arrays}.values()))
 

@@ -168,6 +168,69 @@ def round_pld(r: Release, interval: float, delta: float) -> Any:
     )
 
 
+@dataclass
+class TreeVersion:
+    """Releases of one tree: `steps` so far, under a participation limit of `separation`. A
+    crash that lost released rounds of a tree (secure mode) starts a second version of it: both
+    are accounted, as if independent trees (conservative: they share the nodes drawn before)."""
+
+    tree: int
+    steps: int
+    separation: int
+
+
+def tree_events(versions: list[TreeVersion], z: float, kind: str) -> list[Any]:
+    """One dp-accounting event per tree: `SingleEpochTreeAggregationDpEvent(z, steps)` when one
+    participation per tree is all the limit allows (RDP), else the Gaussian mechanism with the
+    tree's sensitivity bound (`tree.sensitivity_factor`): multiplier z / sqrt(factor)."""
+    import dp_accounting
+
+    from fleet.privacy import tree as tree_lib
+
+    out = []
+    for v in versions:
+        if kind == "rdp" and tree_lib.participations(v.steps, v.separation) == 1:
+            out.append(dp_accounting.SingleEpochTreeAggregationDpEvent(z, v.steps))
+        else:
+            out.append(
+                dp_accounting.GaussianDpEvent(
+                    z / math.sqrt(tree_lib.sensitivity_factor(v.steps, v.separation))
+                )
+            )
+    return out
+
+
+def tree_rho(versions: list[TreeVersion], z: float) -> float:
+    """zCDP of the trees: each is a Gaussian mechanism, rho = sensitivity^2 / (2 (zS)^2)."""
+    from fleet.privacy import tree as tree_lib
+
+    return sum(tree_lib.sensitivity_factor(v.steps, v.separation) for v in versions) / (2 * z * z)
+
+
+def tree_epsilon(versions: list[TreeVersion], z: float, kind: str, delta: float, interval: float) -> float:
+    """Epsilon at delta of the trees so far, composed by dp-accounting."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if not versions:
+        return 0.0
+    if z <= 0:
+        return math.inf
+    if kind == "rdp":
+        acc = rdp_privacy_accountant.RdpAccountant(
+            list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+        )
+        for e in tree_events(versions, z, kind):
+            acc.compose(e)
+        return float(acc.get_epsilon(delta))
+    # Gaussian mechanisms compose into one Gaussian: sensitivities add in quadrature.
+    total = math.sqrt(2 * tree_rho(versions, z))  # sensitivity over the noise, summed
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+    acc.compose(dp_accounting.GaussianDpEvent(1.0 / total))
+    return float(acc.get_epsilon(delta))
+
+
 def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
     from dp_accounting import rdp as rdp_lib
 
@@ -203,6 +266,15 @@ class Accountant:
         """(new state, epsilon) after also composing r."""
         if math.isinf(self._eps) or r.noise_multiplier <= 0:
             return None, math.inf
+        if r.sampling == "tree":
+            versions = [TreeVersion(v.tree, v.steps, v.separation) for v in (self._state or [])]
+            last = versions[-1] if versions else None
+            if last is not None and last.tree == r.tree and r.step == last.steps + 1:
+                last.steps += 1
+                last.separation = min(last.separation, r.separation)
+            else:
+                versions.append(TreeVersion(r.tree, r.step, r.separation))
+            return versions, tree_epsilon(versions, r.noise_multiplier, self.kind, self.delta, self.interval)
         if r.q <= 0:
             return self._state, self._eps
         if self.kind == "rdp":
@@ -230,6 +302,12 @@ class Accountant:
         self.releases.append(r)
         self._state, self._eps = state, eps
         return eps
+
+    def trees(self) -> list[TreeVersion]:
+        """DP-FTRL: the trees (and versions of them) accounted so far."""
+        if not self.releases or self.releases[0].sampling != "tree" or self._state is None:
+            return []
+        return list(self._state)
 
     def snapshot(self) -> dict:
         """The running state, for a checkpoint (rebuilding it from a long ledger costs a

@@ -55,6 +55,14 @@ SAMPLINGS = {
         1.0,
         "one device's data replaced by another's (replace-one: sensitivity 2S)",
     ),
+    # DP-FTRL: no sampling assumption; the tree's sensitivity comes from the participation limit
+    "tree": Sampling(
+        "tree",
+        "REPLACE_SPECIAL",
+        1.0,
+        0.5,
+        "one device's contribution replaced by nothing (zero-out), in every round it took part in",
+    ),
 }
 
 
@@ -115,7 +123,14 @@ def noise_plan(privacy: Any, goal: int) -> NoisePlan:
         update = adaptive_split(z, count_std)
     else:
         count_std, update = None, z
-    return NoisePlan(update, count_std, effective_noise_multiplier(privacy.sampling, update, 1.0, count_std))
+    kind = accounted_sampling(privacy)
+    return NoisePlan(update, count_std, effective_noise_multiplier(kind, update, 1.0, count_std))
+
+
+def accounted_sampling(privacy: Any) -> str:
+    """What the ledger accounts a release as: the sampling for DP-FedAvg, "tree" for DP-FTRL
+    (whose cohorts are drawn as fixed_size, but no guarantee rests on how)."""
+    return "tree" if getattr(privacy, "mechanism", "dp_fedavg") == "dp_ftrl" else privacy.sampling
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,9 @@ class Release:
     `q` is the chance that a device available in this round is in its cohort; `available` and
     `cohort` are n_r and m_r (for poisson, m_r is the cohort the coordinator aimed at, the
     realised size is random); `noise_multiplier` is under the sampling's relation.
+    DP-FTRL's releases (`sampling` "tree") carry no sampling assumption (q is 1): `tree` and
+    `step` place the round in its tree, `separation` is the participation limit in released
+    rounds that the shards enforced, and `noise_multiplier` is each node's noise over S.
     """
 
     round: int
@@ -133,9 +151,13 @@ class Release:
     available: int
     cohort: int
     noise_multiplier: float
+    tree: int | None = None
+    step: int | None = None
+    separation: int | None = None
 
     def event(self) -> dp_accounting.DpEvent:
-        """The exact dp-accounting event of this round (no bucketing)."""
+        """The exact dp-accounting event of this round (no bucketing); a tree's rounds are
+        accounted together, per tree (`fleet.privacy.accountant.tree_events`)."""
         return event(self.sampling, self.q, self.noise_multiplier, self.available, self.cohort)
 
     def to_json(self) -> dict:
