@@ -305,12 +305,59 @@ def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = N
     return fig
 
 
+def privacy_claims(r: Run) -> tuple[float | None, float | None]:
+    """(what the mechanism's textbook analysis claims, what holds for every device under the
+    fleet's real availability). DP-FedAvg: the textbook figure (q = goal / population) and the
+    ledger's (each round's real q_r, a device available in every round). DP-FTRL rests on no
+    sampling, only on the participation limit the shards enforce: both are its figure."""
+    priv = r.summary.get("privacy") or {}
+    if not priv.get("dp"):
+        return None, None
+    textbook = (priv.get("textbook") or {}).get("epsilon")
+    return (textbook if textbook is not None else priv.get("epsilon")), priv.get("epsilon")
+
+
+def plot_privacy_claims(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> Figure | None:
+    """Each run's final headline metric against the epsilon it would claim (hollow) and the epsilon
+    that holds for every device under real availability (filled), joined by an arrow."""
+    panels = [
+        m for m in _panels(runs, metrics) if any(_is_number(r.summary.get("final", {}).get(m)) for r in runs)
+    ]
+    points = [(i, r, *privacy_claims(r)) for i, r in enumerate(runs)]
+    points = [(i, r, a, b) for i, r, a, b in points if _is_number(a) and _is_number(b)]
+    if not panels or not points:
+        return None
+    m = panels[0]
+    fig, (ax,) = _figure(width=6.5)
+    for i, r, claim, real in points:
+        y = r.summary.get("final", {}).get(m)
+        if not _is_number(y):
+            continue
+        color = f"C{i % 10}"
+        ax.plot([claim], [y], "o", mfc="none", mec=color, ms=9)
+        ax.plot([real], [y], "o", color=color, ms=9)
+        if real != claim:
+            ax.annotate("", xy=(real, y), xytext=(claim, y), arrowprops={"arrowstyle": "->", "color": color})
+    _draw_refs(ax, runs, _panels(runs, [m])[m])
+    ax.set(
+        xscale="log",
+        xlabel="epsilon (hollow: textbook claim; filled: what holds under real availability)",
+        ylabel=m,
+        title=f"{m} against the privacy each run claims and has",
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    _legend(fig, runs)
+    return fig
+
+
 PLOTS = {
     "participation_by_hour": plot_participation_by_hour,
     "funnel": plot_funnel,
     "dropout": plot_dropout,
     "epsilon": plot_epsilon,
     "metrics_vs_epsilon": plot_metrics_vs_epsilon,
+    "privacy_claims": plot_privacy_claims,
     "metrics_by_round": plot_metrics_by_round,
     "dropout_stress": plot_stress,  # a sweep over failure rate, over-selection or deadline
 }

@@ -215,3 +215,26 @@ def test_resume_mid_tree_equals_an_uninterrupted_run(tmp_path):
         again.run_round()
     np.testing.assert_array_equal(again.get_params(), full.get_params())
     assert again.accountant.epsilon() == pytest.approx(full.accountant.epsilon())
+
+
+def test_the_gboard_es_ftrl_preset_reproduces_the_published_figure(capsys):
+    """Spanish 2022 (paper.md): z = 7, 2,000 rounds, once per 24 hours: rho = 0.81, epsilon 8.9 at
+    delta 1e-10. With 200 rounds a day and daily trees, dp-accounting itself gives the same."""
+    from fleet.cli import load_config
+    from fleet.config import separation_rounds
+    from fleet.privacy.cli import main
+
+    cfg = load_config(["experiment=gboard_es_ftrl"])
+    assert separation_rounds(cfg) == 200 == cfg.privacy.restart_every and cfg.privacy.noise_multiplier == 7
+    with pytest.raises(SystemExit) as e:
+        main(["--mechanism", "dp_ftrl", "--rounds", "2000", "--noise", "7", "--restart-every", "200"]
+             + ["--separation", "200", "--delta", "1e-10"])  # fmt: skip
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "rho = 0.8163 (zCDP)" in out
+    acc = rdp_privacy_accountant.RdpAccountant(
+        list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    )
+    acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(7.0, 200), 10)
+    rdp = float(out.split("epsilon = ")[2].split()[0])
+    assert rdp == pytest.approx(acc.get_epsilon(1e-10), rel=1e-3) and 8.9 <= rdp < 9.0

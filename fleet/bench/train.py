@@ -134,7 +134,9 @@ class W1Task:
         return {}
 
 
-def w1_config(shards: int, rounds: int, engine: str, gpus_per_shard: float = 0.0) -> Config:
+def w1_config(
+    shards: int, rounds: int, engine: str, gpus_per_shard: float = 0.0, mechanism: str = "dp_fedavg"
+) -> Config:
     return Config(
         fleet=FleetConfig(
             name="w1",
@@ -149,7 +151,15 @@ def w1_config(shards: int, rounds: int, engine: str, gpus_per_shard: float = 0.0
             min_separation_hours=0.0,
         ),
         model=replace(w1_model(), engine=engine),
-        privacy=PrivacyConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0),
+        # A cohort of exactly 50 (fixed-size sampling, accounted by RDP), or DP-FTRL's tree.
+        privacy=PrivacyConfig(
+            enabled=True,
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            sampling="fixed_size",
+            accountant="rdp",
+            mechanism=mechanism,
+        ),
         data=DataConfig(),
         task=TaskConfig(name="fleet.bench.train:W1Task"),
         train=TrainConfig(
@@ -301,12 +311,12 @@ def _peak_rss(pid: int) -> int:
 class Fleet:
     """W1 through the real round on a local Ray: Coordinator + one FleetShard per core."""
 
-    def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float):
+    def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float, mechanism: str):
         import ray
 
         from fleet.run import init_ray, start_actors
 
-        cfg = w1_config(shards, rounds, engine, gpus_per_shard)
+        cfg = w1_config(shards, rounds, engine, gpus_per_shard, mechanism)
         validate(cfg)
         # Ray runs its workers at niceness 15 by default; on a shared machine that would hand the
         # fleet's cores to anyone else's work while the baseline runs at 0. Same priority for both.
@@ -326,6 +336,7 @@ class Fleet:
             "s": time.perf_counter() - t0,
             "reported": line["reported"],
             "train_s": line["timing"]["training_s"],
+            "aggregation_s": line["timing"]["aggregation_s"],
         }
 
     def memory(self) -> dict:
@@ -360,6 +371,9 @@ def main(argv: list[str]) -> None:
         "--gpus-per-shard", type=float, default=0.0, help="> 0: shards train on CUDA (batched engine)"
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
+    ap.add_argument(
+        "--mechanism", default="dp_fedavg", choices=["dp_fedavg", "dp_ftrl"], help="dp_ftrl: the tree"
+    )
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     gflop = update_gflop()
@@ -381,7 +395,7 @@ def main(argv: list[str]) -> None:
         pool = ProcessPoolExecutor(
             1, mp_context=get_context("spawn"), initializer=_plain_init, initargs=(50, 10_000, 0, cores)
         )
-    fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard)
+    fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard, args.mechanism)
     plain: list[tuple[float, int, int]] = []  # (seconds, peak bytes, params) per timed round
     rounds: list[dict] = []
     try:
@@ -416,6 +430,17 @@ def main(argv: list[str]) -> None:
         f"{100 * sum(x['train_s'] for x in rounds) / sum(x['s'] for x in rounds):.0f}% of round time; "
         f"peak memory {mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes "
         f"(shards {shard_mib} MiB)"
+    )
+    agg = [x["aggregation_s"] * 1e3 for x in rounds]
+    steps = args.warmup + args.rounds
+    tree = (
+        f"; the tree holds {bin(steps).count('1')} node vector(s) of the model's size after {steps} rounds "
+        f"(at most log2(T) + 1; nothing per device)"
+        if args.mechanism == "dp_ftrl"
+        else ""
+    )
+    print(
+        f"{args.mechanism} aggregation (noise, server step, ledger): {np.mean(agg):.1f} ms mean a round{tree}"
     )
     pct = tuple(100 * u * gflop / ref for u in fleet_ups)
     verdict = [f"fleet at {pct[0]:.0f}% | {pct[1]:.0f}% of matmul rate >= 50%: {_pass(pct, 50)}"]

@@ -3,13 +3,17 @@
     fleet-privacy --population 100000 --goal 100 --rounds 100 --noise 1.0
     fleet-privacy --population 100000 --goal 100 --rounds 100 --target-epsilon 2
     fleet-privacy --run outputs/DATE/TIME
+    fleet-privacy --mechanism dp_ftrl --rounds 2000 --noise 7 --restart-every 200 --separation 200 \
+        --delta 1e-10
 
 The first two give the textbook figure: q = goal / population every round (every device always
 available), with both of dp-accounting's accountants (PLD, the runs' default, and RDP), as the
 start-up header of a run with the same settings prints it. `--overselect` gives q = ceil(goal x
 overselect) / population, the smallest q a run can have. A run accounts each round's real q_r
 instead: `--run RUN_DIR` recomputes that from the run's ledger (RUN_DIR/state/ledger.jsonl) with
-the run's own accountant, and with the other one beside it.
+the run's own accountant, and with the other one beside it. For DP-FTRL (`--mechanism dp_ftrl`)
+there is no q: the figure rests on the participation limit (`--separation`, in released rounds)
+and the trees (`--restart-every`), and it prints rho (zCDP) beside epsilon.
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overselect", type=_positive(float, "--overselect"), help="q = ceil(goal x this) / N")
     ap.add_argument("--sampling", choices=("poisson", "fixed_size"), default="poisson")
     ap.add_argument("--accountant", choices=("pld", "rdp", "both"), default="both")
+    ap.add_argument("--mechanism", choices=("dp_fedavg", "dp_ftrl"), default="dp_fedavg")
+    ap.add_argument("--restart-every", type=_positive(int, "--restart-every", allow_zero=True), default=0)
+    ap.add_argument("--separation", type=_positive(int, "--separation", allow_zero=True), default=0)
     args = ap.parse_args(argv)
     if args.run:
         sys.exit(run_epsilon(Path(args.run)))
+    if args.mechanism == "dp_ftrl":
+        sys.exit(ftrl(args, ap))
     for name in ("population", "goal", "rounds"):
         if getattr(args, name) is None:
             ap.error(f"--{name} is required (or give --run RUN_DIR)")
@@ -99,6 +108,38 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
+def ftrl(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """DP-FTRL: rounds split into trees of --restart-every, each device at most once in any
+    --separation released rounds; rho (zCDP) and epsilon by both accountants."""
+    from fleet.privacy import tree as tree_lib
+    from fleet.privacy.accountant import TreeVersion, tree_epsilon, tree_rho
+
+    if args.rounds is None or args.noise is None:
+        ap.error("dp_ftrl needs --rounds and --noise")
+    if args.delta is None and args.population is None:
+        ap.error("give --delta (or --population for delta = 1 / population^1.1)")
+    delta = args.delta if args.delta is not None else default_delta(args.population)
+    size = args.restart_every or args.rounds
+    trees = [
+        TreeVersion(i, min(size, args.rounds - i * size), args.separation)
+        for i in range(-(-args.rounds // size))
+    ]
+    k = tree_lib.participations(min(size, args.rounds), args.separation)
+    print(
+        f"{len(trees)} tree(s) of up to {size} rounds; each device at most once in any {args.separation} "
+        f"released rounds: at most {k} participation(s) per tree"
+    )
+    if args.noise <= 0:
+        print("epsilon = inf (no noise)")
+        return 0
+    print(f"rho = {tree_rho(trees, args.noise):.4g} (zCDP)")
+    kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
+    for kind in kinds:
+        eps = tree_epsilon(trees, args.noise, kind, delta, 1e-4)
+        print(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {args.noise:g})")
+    return 0
+
+
 def run_epsilon(run_dir: Path) -> int:
     """Print a run's epsilon recomputed from its ledger, with its accountant and the other."""
     from fleet.privacy.mechanism import noise_plan
@@ -128,7 +169,7 @@ def run_epsilon(run_dir: Path) -> int:
     print(f"{run_dir}: {len(releases)} released rounds in the ledger{span}, {p.sampling} sampling")
     kinds = [p.accountant] + [k for k in ("pld", "rdp") if k != p.accountant]
     for kind in kinds:
-        if kind == "pld" and p.sampling != "poisson":
+        if kind == "pld" and p.sampling != "poisson" and p.mechanism != "dp_ftrl":
             continue
         eps = epsilon_of(releases, kind, delta, interval)
         tag = "the run's accountant" if kind == p.accountant else "for comparison"
