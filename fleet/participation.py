@@ -377,6 +377,17 @@ def privacy_section(
     p, f = cfg.privacy, cfg.fleet
     if not p.enabled:
         return {"dp": False}
+    if p.mechanism == "dp_ftrl":  # no sampling assumption: every device has the run's figure
+        return {
+            "dp": True,
+            "mechanism": "dp_ftrl",
+            "delta": p.delta if p.delta is not None else default_delta(pop),
+            "run": {
+                "epsilon": released[-1].get("epsilon") if released else 0.0,
+                "accountant": p.accountant,
+                "note": "DP-FTRL rests on the participation limit alone: every device's epsilon",
+            },
+        }
     z = noise_plan(p, f.goal).accounted  # under the sampling's neighbouring relation
     delta = p.delta if p.delta is not None else default_delta(pop)
     r_count = len(released)
@@ -515,7 +526,9 @@ def headline(audit: dict) -> dict[str, float | int | None]:
         out["participation_dispersion"] = part["dispersion"]
         out["participation_max"] = part["max"]
     priv = audit["privacy"]
-    if priv.get("dp"):
+    if priv.get("mechanism") == "dp_ftrl":
+        out["epsilon_every_device"] = priv["run"]["epsilon"]
+    elif priv.get("dp"):
         out["epsilon_nominal"] = priv["nominal"]["epsilon"]
         out["epsilon_nominal_overselected"] = priv["nominal_overselected"]["epsilon"]
         rs = priv.get("real_schedule")
@@ -542,6 +555,11 @@ def summary_text(audit: dict) -> str:
         lines.append(
             f"  never trained: {h['never_trained_share']:.1%} (uniform sampling predicts "
             f"{h['never_trained_uniform']:.1%}); most participations by one device: {h['participation_max']}"
+        )
+    if "epsilon_every_device" in h:
+        lines.append(
+            f"  DP-FTRL: epsilon {h['epsilon_every_device']:.4g} for every device (no sampling assumption: "
+            "the participation limit alone)"
         )
     if "epsilon_nominal" in h:
         run = audit["privacy"].get("run", {})

@@ -35,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from fleet.stress import plot_stress
+from fleet.tracking import HEADLINE
 
 # Evaluation metrics of the tasks we ship, for runs with no summary.json yet.
 EVAL_METRIC = re.compile(r"^(\w*recall@\d+\w*|eval_\w+|perplexity)$")
@@ -327,7 +328,7 @@ def plot_privacy_claims(runs: Sequence[Run], metrics: Sequence[str] | None = Non
     points = [(i, r, a, b) for i, r, a, b in points if _is_number(a) and _is_number(b)]
     if not panels or not points:
         return None
-    m = panels[0]
+    m = next((h for h in HEADLINE if h in panels), panels[0])
     fig, (ax,) = _figure(width=6.5)
     for i, r, claim, real in points:
         y = r.summary.get("final", {}).get(m)
@@ -346,7 +347,7 @@ def plot_privacy_claims(runs: Sequence[Run], metrics: Sequence[str] | None = Non
         title=f"{m} against the privacy each run claims and has",
     )
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="lower right")
     _legend(fig, runs)
     return fig
 

@@ -92,6 +92,14 @@ def tiny_mean(*overrides: str) -> Config:
     )
 
 
+def pytest_collection_modifyitems(items):
+    """Whatever starts Ray (end-to-end runs, clusters, sweeps) or runs a notebook is slow: the
+    fast tier (`pytest -m "not slow"`) is the in-process tests."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.path.name == "test_notebooks.py":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (actors are about 0.5 s and 100+ MiB each)."""

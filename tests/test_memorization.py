@@ -229,12 +229,13 @@ def test_config_errors_name_the_key():
         mz.make_plan(cfg, make_corpus(cfg))
 
 
-def test_run_with_canaries_audits_and_leaks_no_planted_device_id(ray_session, tmp_path, capfd):
+@pytest.mark.parametrize("privacy", ["none", "dp_ftrl"])
+def test_run_with_canaries_audits_and_leaks_no_planted_device_id(privacy, ray_session, tmp_path, capfd):
     cfg = make_cfg(
         *SMALL_NWP,
         "fleet.id_mode=random",
         "fleet.goal=20",
-        "privacy=none",
+        f"privacy={privacy}",
         "tracking.mode=offline",
         "train.rounds=3",
         "train.eval_every=3",

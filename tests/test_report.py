@@ -47,6 +47,7 @@ def fleet_report(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_report_of_a_sweep_overlays_its_runs(sweep_dir):
     p = fleet_report(sweep_dir)
     assert p.returncode == 0, p.stderr
@@ -63,6 +64,7 @@ def test_report_of_a_sweep_overlays_its_runs(sweep_dir):
     assert "common overrides: <code>fleet=tiny task.name=mean</code>" in page
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_report_of_one_run_goes_in_its_directory(sweep_dir, tmp_path):
     run = sweep_dir / "1"
     p = fleet_report(run, "--out", tmp_path / "r")

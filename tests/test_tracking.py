@@ -65,6 +65,7 @@ def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root / "sweep", p
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_multirun_makes_one_run_dir_per_point(sweep):
     sweep_dir, p = sweep
     runs = sorted(d for d in sweep_dir.iterdir() if d.is_dir())
@@ -77,6 +78,7 @@ def test_multirun_makes_one_run_dir_per_point(sweep):
     assert "Started a local Ray instance" not in p.stderr  # Ray's notices go to ray.log
 
 
+@pytest.mark.slow  # a real sweep in a subprocess
 def test_multirun_wandb_runs_share_a_group_and_mirror_metrics(sweep):
     sweep_dir, _ = sweep
     groups = set()
