@@ -151,8 +151,17 @@ def _train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_ray_to(run_dir / "ray.log")
     ensure_ray(obj)
-    summary = train(obj, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    summary = train(
+        obj, run_dir, OmegaConf.to_container(cfg, resolve=True), overrides=list(hc.overrides.task)
+    )
     print(_summary_text(summary, summary["run_dir"]))  # with resume=..., the resumed run's dir
+    if summary.get("diverged") and hc.mode != RunMode.MULTIRUN:
+        print(
+            f"error: stopped after round {summary['rounds']}: {summary['diverged']}; checkpoint saved "
+            f"(train.stop_on_divergence=false to go on)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
     return summary
 
 
@@ -215,6 +224,20 @@ def main() -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if verbose:
+            raise
+        from fleet.run import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(
+                f"interrupted after round {e.rounds}; checkpoint saved; "
+                f"resume with: fleet-train resume={e.run_dir}",
+                file=sys.stderr,
+            )
+        else:
+            print("interrupted before the first round; nothing to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

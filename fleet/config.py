@@ -132,6 +132,13 @@ class TrainConfig:
     checkpoint_every: int = 10  # rounds; also at the end and on Ctrl-C
     participation_audit: bool = True  # audit who trained and per-device epsilon at the end (DP runs)
     max_wall_seconds: float | None = None
+    # guards (fleet.guards): stop, checkpointed, with exit code 3 when training diverges
+    stop_on_divergence: bool = True
+    divergence_factor: float = 2.0  # the training loss above this times its best
+    guard_warmup_rounds: int = 20  # evaluations below their baseline count from this round on
+    min_signal_to_noise: float = 0.02  # warn when the update's SNR stays below this ...
+    guard_window: int = 20  # ... for this many released rounds
+    max_pure_noise_rounds: int = 5  # stop after this many released rounds in a row with no valid update
 
 
 @dataclass
@@ -537,6 +544,9 @@ def validate(cfg: Any) -> None:
     _choice(t.server_optimizer, "train.server_optimizer", ("sgd", "sgdm", "momentum", "adam"))
     _check(t.eval_every >= 1, "train.eval_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(t.divergence_factor > 1, "train.divergence_factor", f"must be > 1 (got {t.divergence_factor})")
+    _check(t.guard_window >= 1, "train.guard_window", "must be >= 1")
+    _check(t.max_pure_noise_rounds >= 0, "train.max_pure_noise_rounds", "must be >= 0")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _check(cfg.ray.cpus_per_shard > 0, "ray.cpus_per_shard", f"must be > 0 (got {cfg.ray.cpus_per_shard})")
     _check(

@@ -352,6 +352,7 @@ class Coordinator:
             "sim_time": t,
             "hour_of_day": (t / 3600.0) % 24.0,
             "available": total,
+            "waiting_for_limit": int(sum(p["waiting"] for p in plans)),
             "selected": int(len(ranks)),
             "q": release.q if release is not None else None,
             "reported": reported if not abandoned else n_accepted,

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from fleet import checkpoint, memorization, population
 from fleet.config import Config, ConfigError, validate
 from fleet.coordinator import Coordinator, default_delta
+from fleet.guards import Guard, abandonment, progress_text
 from fleet.shard import fleet_size, remote_shard_class
 from fleet.tracking import Tracker
 
@@ -339,14 +340,73 @@ def _summary(
     return out
 
 
+# What may change when a run is resumed: how long it goes on, how it is watched and where it runs.
+# Anything else would make the resumed run a different run from the one checkpointed.
+RESUMABLE = (
+    "train.rounds",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_wall_seconds",
+    "train.stop_on_divergence",
+    "train.divergence_factor",
+    "train.guard_warmup_rounds",
+    "train.min_signal_to_noise",
+    "train.guard_window",
+    "train.max_pure_noise_rounds",
+    "train.participation_audit",
+    "privacy.target_epsilon",
+    "tracking.",
+    "progress",
+    "verbose",
+    "ray.address",
+    "ray.num_cpus",
+    "ray.dashboard",
+    "ray.log_to_driver",
+    "ray.placement_timeout_s",
+)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the round in flight finished and a checkpoint was written."""
+
+    def __init__(self, run_dir: Path, rounds: int):
+        super().__init__(f"interrupted after round {rounds}")
+        self.run_dir, self.rounds = run_dir, rounds
+
+
+def resumed_config(saved: dict, overrides: list[str]) -> dict:
+    """The saved config with the command line's overrides that a resume may change; one line
+    naming the others."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = OmegaConf.create({k: v for k, v in saved.items() if k != "hydra"})
+    refused = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if key in ("resume", "hydra") or key.startswith("hydra."):
+            continue
+        if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+            refused.append(key)
+            continue
+        OmegaConf.update(out, key, o.value(), force_add=False)
+    if refused:
+        raise ConfigError(
+            f"resume: {', '.join(refused)} cannot change on resume (the run would no longer be the one "
+            f"checkpointed); these can: {', '.join(r.rstrip('.') for r in RESUMABLE)}"
+        )
+    return OmegaConf.to_container(out, resolve=True)
+
+
 def train(
     cfg: Any,
     run_dir: str | Path,
     config_dict: dict | None = None,
     on_round: Callable[[dict, list, Any], None] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Run (or, with cfg.resume, continue) a training job; metrics.jsonl and summary.json in run_dir.
 
+    With a resume, `overrides` (the command line's) may extend or re-watch the run (`RESUMABLE`).
     `on_round(line, shards, coordinator)` is called after each logged round (tests use it to
     inject crashes).
     """
@@ -354,7 +414,7 @@ def train(
 
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        config_dict = checkpoint.load_run_config(run_dir)
+        config_dict = resumed_config(checkpoint.load_run_config(run_dir), overrides or [])
         cfg = config_from_dict(config_dict)
         cfg.resume = str(run_dir)
     validate(cfg)
@@ -384,6 +444,8 @@ def train(
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
         tracker.bar.update(first)
         stop_reason = "rounds"
+        diverged = None
+        guard = Guard(cfg.train)
         pending = None
         try:
             for r in range(first, cfg.train.rounds):
@@ -395,6 +457,15 @@ def train(
                     break
                 tracker.log(line)
                 lines.append(line)
+                verdict = guard.check(line)
+                for warning in verdict.warnings:
+                    tracker.warn(warning)
+                if (r + 1) % cfg.train.eval_every == 0:
+                    log.info("round %d: %s", r + 1, progress_text(lines))
+                if verdict.stop:
+                    stop_reason, diverged = "diverged", verdict.stop
+                    tracker.warn(f"diverged: {diverged}")
+                    break
                 if (r + 1) % cfg.train.checkpoint_every == 0:
                     ray.get(coordinator.checkpoint.remote())
                 if on_round is not None:
@@ -416,6 +487,12 @@ def train(
         summary["incidents"] = ray.get(coordinator.get_incidents.remote())
         summary["final"] = final_eval
         summary["privacy"] = ray.get(coordinator.privacy_summary.remote())
+        if diverged:
+            summary["diverged"] = diverged
+        why = abandonment(lines, cfg, pop)
+        if why:
+            summary["abandonment"] = why
+            log.warning("%s", why)
         if memorization.planted(cfg) and cfg.memorization.audit and stop_reason != "interrupted":
             memorization.run_audit(run_dir, cfg)  # before finish: its figures go to the W&B run
         private = cfg.privacy.telemetry == "private"
@@ -440,7 +517,7 @@ def train(
             summary["participation"] = participation.headline(audit)
         tracker.finish(summary)
         if stop_reason == "interrupted":
-            raise KeyboardInterrupt
+            raise Interrupted(run_dir, len(lines))
         return summary
     finally:
         actors.close()

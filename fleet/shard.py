@@ -83,6 +83,7 @@ class ShardCore:
         self.sep_rounds = separation_rounds(cfg)
         self.last_release = np.full(self.n, NEVER, dtype=np.int32) if self.sep_rounds > 0 else None
         self._release_idx = 0
+        self._waiting = 0
         self.seed = cfg.seed
         self._round: int | None = None
         self._available: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -104,6 +105,7 @@ class ShardCore:
         out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
         if out is not None:
             ok &= ~out
+        before = int(np.count_nonzero(ok))
         if self.sep_s > 0:
             ok &= self.last_participation <= t - self.sep_s
         self._release_idx = round_idx if release_idx is None else int(release_idx)
@@ -111,6 +113,7 @@ class ShardCore:
             ok &= self.last_release.astype(np.int64) <= self._release_idx - self.sep_rounds
         self._round = round_idx
         self._available = np.flatnonzero(ok)
+        self._waiting = before - len(self._available)  # available and eligible, but for their limit
         self._selected = self._available[:0]
         return int(len(self._available))
 
@@ -155,6 +158,7 @@ class ShardCore:
             "flops": flops,
             "done": done,
             "mix": self._mix(idx),
+            "waiting": self._waiting,
             "incarnation": self.incarnation,
         }
 

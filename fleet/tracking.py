@@ -89,6 +89,7 @@ class Tracker:
             )
             id_file.write_text(self.wandb.id)
         self.headline: dict[str, float] = {}  # last value of each headline metric, kept between evals
+        self.released = self.abandoned = 0
         self.bar = tqdm(
             total=total_rounds, desc="rounds", unit="rd", disable=not cfg.progress, dynamic_ncols=True
         )
@@ -108,8 +109,24 @@ class Tracker:
         funnel = (funnel + (" abandoned" if line["abandoned"] else "")).strip()
         if funnel:
             post["funnel"] = funnel
+        self.released += bool(line.get("released"))
+        self.abandoned += bool(line.get("abandoned"))
+        post["rel/ab"] = f"{self.released}/{self.abandoned}"
+        if line.get("pure_noise"):
+            post["note"] = "noise only"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def warn(self, text: str) -> None:
+        """A warning on the console (above the bar), in the log, and as a W&B alert."""
+        import logging
+
+        logging.getLogger("fleet.guards").warning("%s", text)
+        if self.wandb is not None:
+            try:
+                self.wandb.alert(title="fleet", text=text)
+            except Exception:  # offline runs cannot alert; the warning is in the log either way
+                pass
 
     def finish(self, summary: dict) -> None:
         self.bar.close()

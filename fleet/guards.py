@@ -1,0 +1,168 @@
+"""Training that goes wrong says so: divergence, nothing to learn from, and rounds abandoned.
+
+The driver feeds every round's line to a `Guard`. It warns (a log line, and a W&B alert) when
+- the training loss is not finite, or rises past `train.divergence_factor` times its best;
+- an evaluation falls below its baseline (the unigram's, for next-word prediction) after
+  `train.guard_warmup_rounds`;
+- the update's signal-to-noise ratio (the clipped sum's norm over the noise's) stays below
+  `train.min_signal_to_noise` for `train.guard_window` released rounds: the noise, not the
+  data, is moving the model;
+- `train.max_pure_noise_rounds` released rounds in a row had no valid update.
+With `train.stop_on_divergence` (default on) the first two and the last stop the run: the driver
+checkpoints, writes the summary and exits with code 3 and the one-line reason. The
+signal-to-noise warning explains a divergence rather than being one (a DP run may sit at a low
+ratio and still learn), so it never stops a run by itself.
+
+`progress` summarises released and abandoned rounds and the top drop reasons for the bar and a
+periodic log line; `abandonment` says, at the end of a run that abandoned most of its rounds,
+why, and what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Verdict:
+    """What a round told the guard: warnings to show, and the reason to stop (if any)."""
+
+    warnings: list[str] = field(default_factory=list)
+    stop: str | None = None
+
+
+class Guard:
+    def __init__(self, train: Any):
+        self.t = train
+        self.best_loss = math.inf
+        self.low_snr = 0
+        self.snr: list[float] = []
+        self.pure_noise = 0
+        self.warned: set[str] = set()
+
+    def check(self, line: dict) -> Verdict:
+        v = Verdict()
+        t = self.t
+        loss = line.get("train_loss")
+        if loss is not None and line.get("released") and line.get("reported", 1) > 0:
+            if not math.isfinite(loss):
+                v.stop = f"the training loss is {loss} in round {line['round']}"
+            elif loss > t.divergence_factor * self.best_loss:
+                v.stop = (
+                    f"the training loss rose to {loss:.4g} in round {line['round']}, over "
+                    f"{t.divergence_factor:g}x its best ({self.best_loss:.4g})"
+                )
+            self.best_loss = min(self.best_loss, loss) if math.isfinite(loss) else self.best_loss
+        if line.get("round", 0) + 1 >= t.guard_warmup_rounds:
+            for key, value in line.items():
+                base = line.get(f"unigram_{key}")
+                if (
+                    isinstance(value, float)
+                    and isinstance(base, float)
+                    and value < base
+                    and not key.startswith("unigram_")
+                ):
+                    v.stop = v.stop or (
+                        f"{key} is {value:.4g} after round {line['round']}, "
+                        f"below the unigram baseline's {base:.4g}"
+                    )
+        snr = line.get("signal_to_noise")
+        if snr is not None and line.get("released"):
+            self.snr.append(snr)
+            self.low_snr = self.low_snr + 1 if snr < t.min_signal_to_noise else 0
+            if self.low_snr == t.guard_window:
+                v.warnings.append(
+                    f"signal-to-noise below {t.min_signal_to_noise:g} for {t.guard_window} released rounds "
+                    f"(now {snr:.3g}): the noise moves the model more than the updates do; raise fleet.goal, "
+                    "or lower privacy.noise_multiplier or train.server_lr"
+                )
+        if line.get("released"):
+            self.pure_noise = self.pure_noise + 1 if line.get("pure_noise") else 0
+            if line.get("pure_noise"):
+                v.warnings.append(f"round {line['round']} released noise alone: every update was invalid")
+            if t.max_pure_noise_rounds and self.pure_noise >= t.max_pure_noise_rounds:
+                v.stop = v.stop or (
+                    f"{self.pure_noise} released rounds in a row had no valid update (NaN or Inf): "
+                    "check train.client_lr and the task"
+                )
+        if v.stop and self.snr:
+            recent = sorted(self.snr[-t.guard_window :])[len(self.snr[-t.guard_window :]) // 2]
+            if recent < 0.1:
+                v.stop += (
+                    f" (update signal-to-noise {recent:.2g}, median of the last rounds: the noise on the "
+                    "average update, z S / goal a coordinate, moves the model more than the data does; "
+                    "raise fleet.goal, or lower privacy.noise_multiplier, train.server_lr or "
+                    "train.server_momentum)"
+                )
+        if v.stop and not t.stop_on_divergence:
+            v.warnings.append(f"diverging: {v.stop} (train.stop_on_divergence=false: going on)")
+            v.stop = None
+        v.warnings = [w for w in v.warnings if w not in self.warned or "released noise alone" in w]
+        self.warned.update(v.warnings)
+        return v
+
+
+def progress(lines: list[dict], top: int = 2) -> tuple[int, int, list[tuple[str, int]]]:
+    """Released and abandoned rounds so far, and the most frequent drop reasons."""
+    released = sum(1 for x in lines if x.get("released"))
+    abandoned = sum(1 for x in lines if x.get("abandoned"))
+    reasons: Counter = Counter()
+    for x in lines:
+        reasons.update({k: v for k, v in (x.get("dropped") or {}).items() if v})
+    return released, abandoned, reasons.most_common(top)
+
+
+def progress_text(lines: list[dict]) -> str:
+    released, abandoned, top = progress(lines)
+    text = f"{released} released, {abandoned} abandoned"
+    if top:
+        text += "; dropped most for " + ", ".join(f"{k} ({v:,})" for k, v in top)
+    return text
+
+
+def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
+    """Why a run abandoned more than half its rounds, and what to change; None otherwise."""
+    rounds = [x for x in lines if "abandoned" in x]
+    abandoned = [x for x in rounds if x["abandoned"]]
+    if not rounds or 2 * len(abandoned) <= len(rounds):
+        return None
+    f = cfg.fleet
+    head = f"abandoned {len(abandoned)} of {len(rounds)} rounds (fewer than min_reports reports)"
+    if "available" not in abandoned[0]:
+        return head  # private telemetry: the counts that would say why were not released
+    waiting = sum(x.get("waiting_for_limit", 0) for x in abandoned) / len(abandoned)
+    available = sum(x["available"] for x in abandoned) / len(abandoned)
+    reported = sum(x["reported"] for x in abandoned) / len(abandoned)
+    causes = []
+    if waiting > available:
+        causes.append(
+            f"participation limit: on average {waiting:,.0f} of {population:,} devices waited for it while "
+            f"{available:,.0f} could be asked (lower fleet.min_separation_hours or "
+            "fleet.min_separation_rounds, or raise the population)"
+        )
+    dropped: Counter = Counter()
+    for x in abandoned:
+        dropped.update(x.get("dropped") or {})
+    if dropped:
+        reason, n = dropped.most_common(1)[0]
+        if n:
+            causes.append(
+                f"{reason}: {n / len(abandoned):,.0f} of a round's selected devices on average "
+                "(raise fleet.overselect or fleet.deadline_s)"
+            )
+    if available < math.ceil(f.goal * f.overselect):
+        causes.append(
+            f"too few devices available: {available:,.0f} a round on average for a cohort of "
+            f"{math.ceil(f.goal * f.overselect)} (lower fleet.goal)"
+        )
+    causes.append(f"{reported:.0f} reports on average against min_reports {_min_reports(f)}")
+    return head + ": " + "; ".join(causes)
+
+
+def _min_reports(f: Any) -> int:
+    from fleet.config import min_reports
+
+    return min_reports(f)
