@@ -74,8 +74,11 @@ def load_shard(
     }
     if not files:
         return None
-    with np.load(files[max(files)]) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(files[max(files)]) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # a corrupt shard checkpoint: say which file, in one line
+        raise ConfigError(f"resume: cannot read the checkpoint {str(files[max(files)])!r}: {e}") from None
 
 
 JournalRecord = tuple[int, int, float, np.ndarray]  # round, release index, time, rows counted
@@ -127,7 +130,12 @@ def load_coordinator(state_dir: Path) -> dict[str, Any] | None:
     path = state_dir / COORDINATOR_FILE
     if not path.exists():
         return None
-    return torch.load(path, weights_only=False)
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # truncated, overwritten or not a checkpoint at all
+        raise ConfigError(
+            f"resume: cannot read the checkpoint {str(path)!r} ({type(e).__name__}): {e}"
+        ) from None
 
 
 def save_config(run_dir: Path, config: dict) -> None:

@@ -14,8 +14,11 @@ not to the console where the progress bar is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,11 +142,32 @@ def log_ray_to(path: Path) -> None:
     logger.addHandler(logging.FileHandler(path))
 
 
-def _train(cfg: DictConfig) -> dict:
-    from fleet.run import train
+_failed: list[BaseException] = []  # a user error inside a job, reported by main in one line
+_verbose = False  # the user asked for tracebacks (main sets it before Hydra's env var)
 
+
+def _train(cfg: DictConfig) -> dict | None:
+    """Hydra's task: one job. A user error is kept for `main` to print in one line (raised out of
+    here, Hydra would add a line of its own), and the job's run directory goes if it holds no run."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    try:
+        return _run_job(cfg, hc, run_dir)
+    except USER_ERRORS as e:
+        if _verbose:
+            raise
+        if not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):  # Hydra's DATE folder, if empty
+                with contextlib.suppress(OSError):
+                    run_dir.parent.rmdir()
+        _failed.append(e)
+        return None
+
+
+def _run_job(cfg: DictConfig, hc: Any, run_dir: Path) -> dict:
+    from fleet.run import train
+
     if hc.mode == RunMode.MULTIRUN:
         cfg.tracking.group = cfg.tracking.group or sweep_group(hc.sweep.dir)
         cfg.tracking.tags = [*cfg.tracking.tags, *(o[:WANDB_TAG_MAX] for o in hc.overrides.task)]
@@ -203,8 +227,9 @@ def _summary_text(s: dict, run_dir: str) -> str:
 
 
 def main() -> None:
+    global _verbose
     args = get_args_parser().parse_args()
-    verbose = wants_traceback(args.overrides)
+    verbose = _verbose = wants_traceback(args.overrides)
     # Hydra then raises instead of printing its own multi-line report; we print one line instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -219,6 +244,8 @@ def main() -> None:
             preflight(args.overrides, args.multirun, args.config_name or CONFIG_NAME)
         register_configs()
         hydra.main(version_base=None, config_path=CONF_DIR, config_name=CONFIG_NAME)(_train)()
+        if _failed:
+            raise _failed[0]
     except USER_ERRORS as e:
         if verbose:
             raise

@@ -417,7 +417,18 @@ def train(
         config_dict = resumed_config(checkpoint.load_run_config(run_dir), overrides or [])
         cfg = config_from_dict(config_dict)
         cfg.resume = str(run_dir)
+        checkpoint.load_coordinator(
+            run_dir / checkpoint.STATE_DIR
+        )  # a corrupt one: one line, before start-up
     validate(cfg)
+    if cfg.tracking.mode == "online":
+        from fleet.tracking import wandb_logged_in
+
+        if not wandb_logged_in():
+            raise ConfigError(
+                "tracking.mode: online needs a W&B login: run `wandb login` (or set WANDB_API_KEY), "
+                "or use tracking=offline and `wandb sync` later"
+            )
     pop = fleet_size(cfg)
     if cfg.fleet.goal > pop:
         raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")

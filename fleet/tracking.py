@@ -22,6 +22,21 @@ from tqdm import tqdm
 HEADLINE = ("recall@1", "eval_distance")
 
 
+def wandb_logged_in() -> bool:
+    """Whether W&B has credentials here (WANDB_API_KEY or a netrc entry for its host): checked
+    before anything starts, since `tracking=online` without them fails only once W&B starts."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}

@@ -3,6 +3,7 @@ with one line naming it and exit code 2, before Ray starts and before any job of
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -132,3 +133,36 @@ def test_one_line_unwraps_an_error_raised_in_an_actor():
     e = RemoteError("ray::Coordinator.run_round()\n  File ...\nConfigError: data.path: empty")
     e.cause = ConfigError("data.path: empty")
     assert one_line(e) == "data.path: empty"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["data=arrow", "data.path=nowhere"], "error: data.path: 'nowhere' is not a corpus folder"),
+        (["fleet=tiny", "tracking=online"], "error: tracking.mode: online needs a W&B login"),
+        (["resume=broken"], "error: resume: cannot read the checkpoint"),
+    ],
+)
+def test_errors_after_start_up_are_one_line_too_and_leave_no_empty_run_dir(args, expected, tmp_path):
+    """Errors found once the job has started (a corpus, W&B's login, a checkpoint on disk): one
+    line, exit 2, no Hydra line of its own, and no empty outputs/DATE/TIME left behind."""
+    (tmp_path / "broken" / "state").mkdir(parents=True)
+    from dataclasses import asdict
+
+    from conftest import tiny_mean
+
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(asdict(tiny_mean())))
+    (tmp_path / "broken" / "state" / "coordinator.pt").write_bytes(b"not a checkpoint")
+    env = {k: v for k, v in ENV.items() if k != "WANDB_API_KEY"} | {"NETRC": str(tmp_path / "no-netrc")}
+    p = subprocess.run(
+        [sys.executable, "-m", "fleet", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(expected), p.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*"))

@@ -12,6 +12,7 @@ targets count neither in the loss nor in recall (ids and specials: `fleet.data.v
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,6 +73,11 @@ def validate_data(cfg: Any) -> None:
     check(d.eval_examples >= 1, "eval_examples", "must be >= 1")
     if d.name == "arrow":
         check(bool(d.path), "path", "required when data=arrow (a folder written by fleet-ingest)")
+        check(
+            (Path(d.path) / "meta.json").is_file(),
+            "path",
+            f"{str(d.path)!r} is not a corpus folder (no meta.json); write one with fleet-ingest",
+        )
         return
     v = cfg.model.vocab_size
     check(d.ngram_order >= 2, "ngram_order", f"must be >= 2 (got {d.ngram_order})")
