@@ -8,6 +8,7 @@ because a user sweeping hundreds of runs needs to see at once which override was
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -134,7 +135,8 @@ class TrainConfig:
     max_wall_seconds: float | None = None
     # guards (fleet.guards): stop, checkpointed, with exit code 3 when training diverges
     stop_on_divergence: bool = True
-    divergence_factor: float = 2.0  # the training loss above this times its best
+    divergence_factor: float = 4.0  # the training loss above this times its best ...
+    divergence_rounds: int = 3  # ... for this many released rounds in a row
     guard_warmup_rounds: int = 20  # evaluations below their baseline count from this round on
     min_signal_to_noise: float = 0.02  # warn when the update's SNR stays below this ...
     guard_window: int = 20  # ... for this many released rounds
@@ -534,6 +536,15 @@ def validate(cfg: Any) -> None:
         )
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
+    else:
+        module, _, name = cfg.task.name.partition(":")
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError as e:
+            raise ConfigError(
+                f"task.name: cannot import {module!r} ({e}); put it on PYTHONPATH (on every node)"
+            ) from None
+        _check(found, "task.name", f"module {module!r} has no {name!r}")
     validate_privacy(cfg)
     t = cfg.train
     _check(t.rounds >= 0, "train.rounds", f"must be >= 0 (got {t.rounds})")
@@ -546,6 +557,7 @@ def validate(cfg: Any) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.divergence_factor > 1, "train.divergence_factor", f"must be > 1 (got {t.divergence_factor})")
     _check(t.guard_window >= 1, "train.guard_window", "must be >= 1")
+    _check(t.divergence_rounds >= 1, "train.divergence_rounds", "must be >= 1")
     _check(t.max_pure_noise_rounds >= 0, "train.max_pure_noise_rounds", "must be >= 0")
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _check(cfg.ray.cpus_per_shard > 0, "ray.cpus_per_shard", f"must be > 0 (got {cfg.ray.cpus_per_shard})")

@@ -1,7 +1,8 @@
 """Training that goes wrong says so: divergence, nothing to learn from, and rounds abandoned.
 
 The driver feeds every round's line to a `Guard`. It warns (a log line, and a W&B alert) when
-- the training loss is not finite, or rises past `train.divergence_factor` times its best;
+- the training loss is not finite, or stays above `train.divergence_factor` times its best for
+  `train.divergence_rounds` released rounds in a row (a noisy loss near its floor may spike once);
 - an evaluation falls below its baseline (the unigram's, for next-word prediction) after
   `train.guard_warmup_rounds`;
 - the update's signal-to-noise ratio (the clipped sum's norm over the noise's) stays below
@@ -38,6 +39,7 @@ class Guard:
     def __init__(self, train: Any):
         self.t = train
         self.best_loss = math.inf
+        self.high_loss = 0
         self.low_snr = 0
         self.snr: list[float] = []
         self.pure_noise = 0
@@ -48,12 +50,14 @@ class Guard:
         t = self.t
         loss = line.get("train_loss")
         if loss is not None and line.get("released") and line.get("reported", 1) > 0:
+            high = loss > t.divergence_factor * self.best_loss
+            self.high_loss = self.high_loss + 1 if high else 0
             if not math.isfinite(loss):
                 v.stop = f"the training loss is {loss} in round {line['round']}"
-            elif loss > t.divergence_factor * self.best_loss:
+            elif self.high_loss >= t.divergence_rounds:
                 v.stop = (
                     f"the training loss rose to {loss:.4g} in round {line['round']}, over "
-                    f"{t.divergence_factor:g}x its best ({self.best_loss:.4g})"
+                    f"{t.divergence_factor:g}x its best ({self.best_loss:.4g}) for {self.high_loss} rounds"
                 )
             self.best_loss = min(self.best_loss, loss) if math.isfinite(loss) else self.best_loss
         if line.get("round", 0) + 1 >= t.guard_warmup_rounds:

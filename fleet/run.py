@@ -349,6 +349,7 @@ RESUMABLE = (
     "train.max_wall_seconds",
     "train.stop_on_divergence",
     "train.divergence_factor",
+    "train.divergence_rounds",
     "train.guard_warmup_rounds",
     "train.min_signal_to_noise",
     "train.guard_window",

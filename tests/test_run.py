@@ -132,3 +132,28 @@ def test_private_telemetry_run_writes_only_the_release(ray_session, tmp_path):
     assert "mean_reported" not in summary and "participation" not in summary
     assert not (tmp_path / "run" / "participation").exists()
     assert summary["privacy"]["covers"].startswith("the model (and the noised clip norm) only")
+
+
+def test_the_readmes_own_task_example_runs_and_learns(tmp_path, monkeypatch):
+    """The "Your own task" section's code, as a user would save it, trained on the tiny fleet
+    with the default DP settings for the command it gives."""
+    import sys
+
+    from conftest import ROOT, in_process_fleet
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Your own task", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    command = section.split("```bash\n", 1)[1].split("```", 1)[0].split()
+    (tmp_path / "my_task.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_task", None)
+    assert command[:2] == ["PYTHONPATH=.", "fleet-train"]
+    overrides = [a for a in command[2:] if a != "tracking=disabled"]
+    cfg = tiny_mean(*overrides, "fleet.min_reports=1")
+    assert cfg.task.name == "my_task:LineTask"
+    _, coord = in_process_fleet(cfg)
+    start = coord.evaluate()["eval_distance"]
+    for _ in range(cfg.train.rounds):
+        coord.run_round()
+    assert coord.evaluate()["eval_distance"] < 0.5 * start
