@@ -23,6 +23,7 @@ ALL_PLOTS = {
     "dropout",
     "epsilon",
     "metrics_vs_epsilon",
+    "privacy_claims",
     "metrics_by_round",
 }
 
