@@ -349,6 +349,11 @@ def fleet_size(cfg: Any) -> int:
         from fleet.data.corpus import make_corpus
 
         corpus = make_corpus(cfg)
+        if corpus.num_devices == 0:
+            raise ConfigError(
+                f"data.path: {str(cfg.data.path)!r} holds no training devices (an empty corpus; "
+                "its ingest_summary.json says why)"
+            )
         _, counts = corpus.device_table(0, corpus.num_devices)
         if np.any(counts <= 0):  # checked here, before any actor starts, for a one-line error
             raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")

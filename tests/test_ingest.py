@@ -278,3 +278,33 @@ def test_corrupt_or_mismatched_corpus_raises_config_error(tmp_path: Path) -> Non
     (path / INDEX_FILE).write_bytes(idx[:-10])
     with pytest.raises(ConfigError, match=r"^data\.path: cannot read Parquet file .*devices\.parquet"):
         corpus(path, 10)
+
+
+def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path: Path, capsys) -> None:
+    """Numeric user ids are users (counted apart); a text of whitespace only and a line past the
+    row cap are counted as bad, never dropped silently; and nothing usable is exit 2, no corpus."""
+    from fleet.data import ingest as ingest_module
+
+    src = tmp_path / "in.jsonl"
+    rows = [{"user_id": "a", "text": "hello there"}, {"user_id": 5, "text": "numbered user"}]
+    rows += [{"user_id": "ws", "text": "   \n\t "}, {"user_id": 5.0, "text": "a float is no id"}]
+    lines = [json.dumps(r) for r in rows] + [json.dumps({"user_id": "big", "text": "w " * 700_000})]
+    src.write_text("\n".join(lines) + "\n")
+    s = ingest(src, tmp_path / "c", "--vocab-size", "10", "--seq-len", str(SEQ), "--eval-fraction", "0")
+    assert s["rows_ok"] == 2 and s["rows_numeric_user"] == 1 and s["train_devices"] == 2
+    assert s["bad_rows"] == {"empty_text": 1, "non_string_user": 1, "row_too_long": 1}
+    assert ingest_module.MAX_ROW_BYTES < len(lines[-1])
+    assert "(1 with a numeric user id)" in capsys.readouterr().out
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("\n".join(json.dumps({"author": f"u{i}", "text": "x y"}) for i in range(742)) + "\n")
+    assert main([str(only_bad), str(tmp_path / "none"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fleet-ingest: error: nothing usable: 0 training user(s) (--min-users 1)")
+    assert "missing_user: 742" in err and err.count("\n") == 0 and not (tmp_path / "none").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main([str(empty), str(tmp_path / "none"), "--no-progress"]) == 2
+    assert (
+        main([str(src), str(tmp_path / "few"), "--no-progress", "--min-users", "3", "--eval-fraction", "0"])
+        == 2
+    )

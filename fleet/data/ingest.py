@@ -105,14 +105,22 @@ def _txt_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.txt") if p.is_file())
 
 
+NUMERIC_USER = "rows_numeric_user"  # counted with the bad reasons, reported apart from them
+
+
 def _clean(user: Any, text: Any, bad: Counter[str]) -> tuple[str, str] | None:
-    """The (user, text) of a row, or None after counting why the row is bad."""
+    """The (user, text) of a row, or None after counting why the row is bad. A user id is a
+    string or a whole number (many corpora number their users), read as its decimal string, so
+    5 and "5" are one user; anything else (5.0, true, a list) is `non_string_user`. Good rows
+    with a numeric user are counted under NUMERIC_USER, which the summary reports on its own."""
     if user is None or user == "":
         bad["missing_user"] += 1
         return None
     if isinstance(user, bool) or not isinstance(user, (str, int)):
         bad["non_string_user"] += 1
         return None
+    numeric = isinstance(user, int)
+    user = str(user)
     if text is None:
         bad["missing_text"] += 1
         return None
@@ -125,10 +133,14 @@ def _clean(user: Any, text: Any, bad: Counter[str]) -> tuple[str, str] | None:
     if not isinstance(text, str):
         bad["non_string_text"] += 1
         return None
-    user = str(user)
+    if not text.strip():
+        bad["empty_text"] += 1  # no words: a user with only such rows would vanish uncounted
+        return None
     if _SURROGATE.search(user) or _SURROGATE.search(text):
         bad["undecodable"] += 1
         return None
+    if numeric:
+        bad[NUMERIC_USER] += 1
     return user, text
 
 
@@ -148,8 +160,7 @@ def _jsonl_rows(
     path: Path, user_col: str, text_col: str, bad: Counter[str], progress: Callable[[int], object]
 ) -> Iterator[tuple[str, str]]:
     with open(path, "rb") as f:
-        for raw in f:
-            progress(len(raw))
+        for raw in _capped_lines(f, progress, bad):
             if not raw.strip():
                 continue
             try:
@@ -168,13 +179,32 @@ def _jsonl_rows(
                 yield row
 
 
+MAX_ROW_BYTES = 1 << 20  # a row (line) longer than this is counted as `row_too_long`, unread
+
+
+def _capped_lines(f: Any, progress: Callable[[int], object], bad: Counter[str]) -> Iterator[bytes]:
+    """The file's lines, each read at most MAX_ROW_BYTES + 1 bytes at a time: a longer line is
+    skipped and counted, so one huge line cannot cost gigabytes (its JSON, its word list)."""
+    while True:
+        raw = f.readline(MAX_ROW_BYTES + 1)
+        if not raw:
+            return
+        progress(len(raw))
+        if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of the line, in bounded chunks
+                raw = f.readline(MAX_ROW_BYTES + 1)
+                progress(len(raw))
+            bad["row_too_long"] += 1
+            continue
+        yield raw
+
+
 def _csv_rows(
     path: Path, user_col: str, text_col: str, bad: Counter[str], progress: Callable[[int], object]
 ) -> Iterator[tuple[str, str]]:
     def lines() -> Iterator[str]:
         with open(path, "rb") as f:
-            for raw in f:
-                progress(len(raw))
+            for raw in _capped_lines(f, progress, bad):
                 yield raw.decode("utf-8", "surrogateescape")  # bad bytes are caught per row
 
     csv.field_size_limit(2**31 - 1)  # a user's text can be long; the default limit is 128 KiB
@@ -389,12 +419,14 @@ class Ingest:
         targets = writer.unigram_counts.copy()
         targets[PAD] = 0
         oov = int(targets[3])
+        bad = {k: v for k, v in self.bad.items() if k != NUMERIC_USER}
         return {
             "input": str(self.src),
             "format": self.fmt,
             "rows_ok": self.stats["rows_ok"],
-            "rows_bad": sum(self.bad.values()),
-            "bad_rows": dict(sorted(self.bad.items())),
+            "rows_numeric_user": self.bad[NUMERIC_USER],
+            "rows_bad": sum(bad.values()),
+            "bad_rows": dict(sorted(bad.items())),
             "train_devices": writer.devices["train"],
             "eval_devices": writer.devices["eval"],
             "train_examples": writer.rows["train"],
@@ -423,7 +455,9 @@ def _auto_buckets(src: Path, fmt: str, bucket_mb: float) -> int:
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"ingested {s['input']} ({s['format']}) in {s['seconds']:.1f}s",
-        f"  rows: {s['rows_ok']} ok, {s['rows_bad']} bad"
+        f"  rows: {s['rows_ok']} ok"
+        + (f" ({s['rows_numeric_user']} with a numeric user id)" if s.get("rows_numeric_user") else "")
+        + f", {s['rows_bad']} bad"
         + (" (" + ", ".join(f"{k}: {v}" for k, v in s["bad_rows"].items()) + ")" if s["bad_rows"] else ""),
         f"  train: {s['train_devices']} devices, {s['train_examples']} examples "
         f"({s['train_examples_over_cap']} over the per-device cap)",
@@ -471,6 +505,12 @@ def parser() -> argparse.ArgumentParser:
         help="examples per Parquet row group: the unit a shard decodes to read one device",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus folder")
+    p.add_argument(
+        "--min-users",
+        type=int,
+        default=1,
+        help="fail (exit 2, nothing written) below this many training users",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -485,6 +525,7 @@ def _check_args(a: argparse.Namespace) -> None:
         ("--batch-rows", a.batch_rows >= 1),
         ("--buckets", 0 <= a.buckets <= _MAX_BUCKETS),
         ("--row-group-rows", a.row_group_rows >= 1),
+        ("--min-users", a.min_users >= 1),
     ):
         if not ok:
             raise IngestError(f"{name}: out of range (see fleet-ingest --help)")
@@ -494,7 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check_args(args)
+        existed = Path(args.output).exists()
         summary = Ingest(args).run()
+        if summary["train_devices"] < args.min_users:
+            if not existed:
+                shutil.rmtree(args.output, ignore_errors=True)
+            bad = ", ".join(f"{k}: {v}" for k, v in summary["bad_rows"].items())
+            raise IngestError(
+                f"nothing usable: {summary['train_devices']} training user(s) (--min-users {args.min_users}) "
+                f"from {summary['rows_ok']} good and {summary['rows_bad']} bad rows"
+                + (f" ({bad}); check --user-column and --text-column" if bad else "")
+                + ("; nothing written" if not existed else "")
+            )
     except IngestError as e:
         print(f"fleet-ingest: error: {e}", file=sys.stderr)
         return 2
