@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,29 +127,50 @@ def _by_round(ax: Any, title: str, ylabel: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _telemetry(r: Run) -> bool:
+    """Whether the run wrote the simulator's per-round telemetry (not under private telemetry)."""
+    return bool(r.lines) and all("available" in x and "hour_of_day" in x for x in r.lines)
+
+
+def _color(i: int, n: int) -> Any:
+    """Run i's colour among n: matplotlib's ten, twenty from tab20, beyond that a colormap's
+    evenly spaced shades (never the same colour twice)."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return f"C{i}"
+    if n <= 20:
+        return colormaps["tab20"](i)
+    return colormaps["viridis"](i / (n - 1))
+
+
 def _legend(fig: Figure, runs: Sequence[Run]) -> None:
-    """One legend for the whole figure, naming the runs (none for a single run)."""
+    """One legend for the whole figure, naming the runs (none for a single run), outside the plots
+    below them, in as many columns as the figure's width holds."""
     if len(runs) > 1:
-        handles = [Line2D([], [], color=f"C{i % 10}", label=r.label) for i, r in enumerate(runs)]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3), fontsize="small")
+        handles = [Line2D([], [], color=_color(i, len(runs)), label=r.label) for i, r in enumerate(runs)]
+        longest = max(len(r.label) for r in runs)
+        per_row = max(1, min(len(runs), int(fig.get_figwidth() * 72 / (7 * longest + 40))))
+        fig.set_figheight(fig.get_figheight() + 0.25 * math.ceil(len(runs) / per_row))  # room for it
+        fig.legend(handles=handles, loc="outside lower center", ncols=per_row, fontsize="small")
 
 
 def plot_participation_by_hour(runs: Sequence[Run]) -> Figure | None:
     """Check-ins, reports and rounds by simulated UTC hour: the diurnal swing of the fleet."""
-    if not any(r.lines for r in runs):
+    if not any(_telemetry(r) for r in runs):
         return None
     fig, axes = _figure(3)
     titles = ("available at check-in (mean)", "reported per round (mean)", "rounds run")
     for i, r in enumerate(runs):
-        if not r.lines:
+        if not _telemetry(r):
             continue
         hours = np.floor([x["hour_of_day"] for x in r.lines]).astype(int) % 24
         rounds = np.bincount(hours, minlength=24)
         seen = rounds > 0
         for ax, key in zip(axes[:2], ("available", "reported"), strict=True):
             total = np.bincount(hours, weights=[x[key] for x in r.lines], minlength=24)
-            ax.plot(np.flatnonzero(seen), total[seen] / rounds[seen], "o-", color=f"C{i % 10}", ms=3)
-        axes[2].plot(np.flatnonzero(seen), rounds[seen], "o-", color=f"C{i % 10}", ms=3)
+            ax.plot(np.flatnonzero(seen), total[seen] / rounds[seen], "o-", color=_color(i, len(runs)), ms=3)
+        axes[2].plot(np.flatnonzero(seen), rounds[seen], "o-", color=_color(i, len(runs)), ms=3)
     for ax, title in zip(axes, titles, strict=True):
         ax.set(title=title, xlabel="hour of day (UTC)", xlim=(-0.5, 23.5), xticks=range(0, 24, 3))
         ax.set_ylim(bottom=0)
@@ -158,15 +180,17 @@ def plot_participation_by_hour(runs: Sequence[Run]) -> Figure | None:
 
 def plot_funnel(runs: Sequence[Run]) -> Figure | None:
     """Available -> selected -> reported each round; abandoned rounds marked with x."""
-    if not any(r.lines for r in runs):
+    if not any(_telemetry(r) for r in runs):
         return None
     fig, (ax,) = _figure(width=7.0)
     for i, r in enumerate(runs):
+        if not _telemetry(r):
+            continue
         for key, style in FUNNEL:
-            ax.plot(*r.series(key), style, color=f"C{i % 10}", lw=1.2)
+            ax.plot(*r.series(key), style, color=_color(i, len(runs)), lw=1.2)
         lost = [(x["round"], max(x["reported"], 1)) for x in r.lines if x["abandoned"]]
         if lost:
-            ax.plot(*zip(*lost, strict=True), "x", color=f"C{i % 10}", ms=7)
+            ax.plot(*zip(*lost, strict=True), "x", color=_color(i, len(runs)), ms=7)
     _by_round(ax, "cohort funnel", "devices")
     ax.set_yscale("log")
     stages = [Line2D([], [], color="k", ls=s, label=k) for k, s in FUNNEL]
@@ -178,7 +202,8 @@ def plot_funnel(runs: Sequence[Run]) -> Figure | None:
 
 def plot_dropout(runs: Sequence[Run]) -> Figure | None:
     """Selected devices lost each round, one panel per reason."""
-    reasons = sorted({k for r in runs for x in r.lines for k in x.get("dropped", {})})
+    # the reasons that happened: a panel of zeros says nothing
+    reasons = sorted({k for r in runs for x in r.lines for k, v in x.get("dropped", {}).items() if v})
     if not reasons:
         return None
     fig, axes = _grid(len(reasons), width=4.0, height=3.0)
@@ -186,7 +211,7 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
         for i, r in enumerate(runs):
             pts = [(x["round"], x["dropped"].get(reason, 0)) for x in r.lines if "dropped" in x]
             if pts:
-                ax.plot(*zip(*pts, strict=True), color=f"C{i % 10}", lw=1.2)
+                ax.plot(*zip(*pts, strict=True), color=_color(i, len(runs)), lw=1.2)
         _by_round(ax, f"dropped: {reason}", "devices")
         ax.set_ylim(0, max(ax.get_ylim()[1], 1))  # a reason that never happened: a flat 0 of 1
         ax.yaxis.get_major_locator().set_params(integer=True)
@@ -201,7 +226,7 @@ def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
         return None
     fig, (ax,) = _figure(width=6.0)
     for i, r in dp:
-        ax.plot(*r.series("epsilon"), color=f"C{i % 10}", lw=1.5)
+        ax.plot(*r.series("epsilon"), color=_color(i, len(runs)), lw=1.5)
     delta = next((r.summary["privacy"].get("delta") for _, r in dp if r.summary.get("privacy")), None)
     title = "epsilon" + (f" at delta = {delta:.2g}" if delta else "")
     _by_round(ax, title, "epsilon")
@@ -257,7 +282,7 @@ def _draw_refs(ax: Any, runs: Sequence[Run], refs: list[str]) -> None:
         for i, r in enumerate(runs):
             v = r.summary.get("final", {}).get(k, next((x[k] for x in reversed(r.lines) if k in x), None))
             if _is_number(v):
-                ax.axhline(v, color=f"C{i % 10}", ls="--", lw=0.8, label=k if i == 0 else None)
+                ax.axhline(v, color=_color(i, len(runs)), ls="--", lw=0.8, label=k if i == 0 else None)
 
 
 def plot_metrics_vs_epsilon(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> Figure | None:
@@ -272,9 +297,9 @@ def plot_metrics_vs_epsilon(runs: Sequence[Run], metrics: Sequence[str] | None =
         finals = []
         for i, (xs, ys) in curves[m]:
             if xs:
-                ax.plot(xs, ys, "o-", color=f"C{i % 10}", ms=3, lw=1, alpha=0.6)
+                ax.plot(xs, ys, "o-", color=_color(i, len(runs)), ms=3, lw=1, alpha=0.6)
                 finals.append((xs[-1], ys[-1]))
-                ax.plot(xs[-1], ys[-1], "o", color=f"C{i % 10}", ms=8)
+                ax.plot(xs[-1], ys[-1], "o", color=_color(i, len(runs)), ms=8)
         if len(finals) > 1:
             ax.plot(*zip(*sorted(finals), strict=True), "k-", lw=1, label="final")
         _draw_refs(ax, runs, panels[m])
@@ -297,7 +322,7 @@ def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = N
         for i, r in enumerate(runs):
             xs, ys = _metric_points(r, k, "round")
             if xs:
-                ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i % 10}", ms=3, lw=1.2)
+                ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=_color(i, len(runs)), ms=3, lw=1.2)
         _draw_refs(ax, runs, refs)
         if refs:
             ax.legend(fontsize="small")
@@ -334,7 +359,7 @@ def plot_privacy_claims(runs: Sequence[Run], metrics: Sequence[str] | None = Non
         y = r.summary.get("final", {}).get(m)
         if not _is_number(y):
             continue
-        color = f"C{i % 10}"
+        color = _color(i, len(runs))
         ax.plot([claim], [y], "o", mfc="none", mec=color, ms=9)
         ax.plot([real], [y], "o", color=color, ms=9)
         if real != claim:
@@ -367,10 +392,14 @@ PLOTS = {
 def figures(runs: Sequence[Run]) -> dict[str, Figure]:
     """Every plot the runs have data for, by name (the PNG's stem and the W&B media key)."""
     out = {}
-    for name, plot in PLOTS.items():
-        fig = plot(runs)
-        if fig is not None:
-            out[name] = fig
+    # a diverged run's values (norms of 1e9, losses of inf) overflow in matplotlib's transforms:
+    # its warnings would reach the console for nothing the plot can do about
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, plot in PLOTS.items():
+            fig = plot(runs)
+            if fig is not None:
+                out[name] = fig
     return out
 
 

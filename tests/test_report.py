@@ -137,3 +137,37 @@ def test_empty_run_gives_a_page_without_plots(tmp_path):
     empty = _write_run(tmp_path / "empty", [])
     page = report.write_report(report.find_runs([empty]), tmp_path / "out").read_text()
     assert "<table>" in page and "data:image/png" not in page
+
+
+def test_twenty_runs_stay_readable_and_inside_the_figure(tmp_path):
+    """20 runs with long labels: distinct colours, and no artist (legend, titles, tick labels)
+    falls outside its figure. Only the drop reasons that happened get a panel."""
+    from fleet import report
+
+    runs = []
+    for k in range(20):
+        lines = [
+            _line(r, epsilon=0.1 * r * (k + 1), dropped={"failure": k % 3, "deadline": 0, "window_closed": 0})
+            for r in range(5)
+        ]
+        path = _write_run(tmp_path / f"run{k}", lines, {"final": {"eval_distance": 1.0 / (k + 1)}})
+        run = report.load_run(path)
+        run.label = f"privacy.noise_multiplier={k / 7:.4f} fleet.goal={10 * k}"
+        runs.append(run)
+    colors = {report._color(i, 20) for i in range(20)}
+    assert len(colors) == 20
+    figs = report.figures(runs)
+    assert figs
+    for name, fig in figs.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig.bbox
+        # each axes with what it draws (title, labels, tick labels), and the figure's legends
+        extents = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible()]
+        extents += [leg.get_window_extent(renderer) for leg in fig.legends]
+        for ext in extents:
+            assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1, (name, ext, box)
+            assert ext.y0 >= box.y0 - 1 and ext.y1 <= box.y1 + 1, (name, ext, box)
+    dropout = figs["dropout"]
+    titles = {ax.get_title() for ax in dropout.axes if ax.get_visible()}
+    assert titles == {"dropped: failure"}
