@@ -43,11 +43,16 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
         "logging_level": logging.WARNING,
         "configure_logging": True,
     }
+    global _started_locally
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
+        _started_locally = True
     return True
+
+
+_started_locally = False  # this process started a local Ray (the CLI does, once per sweep)
 
 
 def shard_count(cfg: Any, pop: int) -> int:
@@ -207,6 +212,24 @@ def _metrics_before(path: Path, round_idx: int, secure: bool) -> list[dict]:
     tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in kept + lost))
     os.replace(tmp, path)
     return kept + lost
+
+
+def cluster_line(cfg: Any, started: bool) -> str:
+    """Which Ray this run is on: its address, nodes, CPUs and GPUs, and whether this run started
+    it or joined it (`ray.address`), so a run never lands on someone else's cluster unsaid."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    how = (
+        "started by this run"
+        if started
+        else f"joined (ray.address={cfg.ray.address or 'an existing session'})"
+    )
+    return (
+        f"ray: {ray.get_runtime_context().gcs_address}, {how}: {len(nodes)} node(s), "
+        f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    )
 
 
 def _header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: float, run_dir: Path) -> str:
@@ -453,6 +476,7 @@ def train(
         build_s = time.perf_counter() - wall0
         num_params = int(ray.get(coordinator.get_params.remote()).size)
         log.info("%s", _header(cfg, pop, infos, num_params, build_s, run_dir))
+        log.info("%s", cluster_line(cfg, started))
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
         tracker.bar.update(first)
         stop_reason = "rounds"

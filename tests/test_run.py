@@ -64,6 +64,9 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
     assert summary["model_params"] == cfg.task.mean_dim
     assert "fleet: 3,000 devices (diurnal availability) in 2 shard(s)" in caplog.text
     assert f"task: mean; {cfg.task.mean_dim:,} parameters" in caplog.text
+    assert re.search(
+        r"ray: \S+, joined this process's existing Ray session: 1 node\(s\), 4 CPUs", caplog.text
+    )
     assert f"DP-FedAvg, z={cfg.privacy.noise_multiplier:g}" in caplog.text
     # The header's textbook figure is what fleet-privacy prints for the command it names.
     header = re.search(r"textbook epsilon after 6 rounds (\S+) .*fleet-privacy ([^)]*)\)", caplog.text)
