@@ -221,11 +221,12 @@ def cluster_line(cfg: Any, started: bool) -> str:
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
-    how = (
-        "started by this run"
-        if started
-        else f"joined (ray.address={cfg.ray.address or 'an existing session'})"
-    )
+    if cfg.ray.address:
+        how = f"joined (ray.address={cfg.ray.address})"
+    elif started or _started_locally:
+        how = "local, started by fleet"
+    else:
+        how = "joined this process's existing Ray session"
     return (
         f"ray: {ray.get_runtime_context().gcs_address}, {how}: {len(nodes)} node(s), "
         f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
