@@ -31,6 +31,7 @@ def test_every_group_has_profiles():
 @pytest.mark.parametrize("choice", PROFILES)
 def test_profile_composes_and_validates(choice, tmp_path):
     extra = [f"data.path={tmp_path}"] if choice == "data=arrow" else []  # the corpus is the user's
+    (tmp_path / "meta.json").write_text("{}")  # a corpus folder, as far as validation looks
     cfg = load_config([choice, *extra])
     assert isinstance(cfg, Config)
     group, _, name = choice.partition("=")
