@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fleet import checkpoint, memorization, population
 from fleet.config import Config, ConfigError, validate
 from fleet.coordinator import Coordinator, default_delta
 from fleet.guards import Guard, abandonment, progress_text
 from fleet.shard import fleet_size, remote_shard_class
-from fleet.tracking import Tracker
+from fleet.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
@@ -407,19 +407,38 @@ def resumed_config(saved: dict, overrides: list[str]) -> dict:
     out = OmegaConf.create({k: v for k, v in saved.items() if k != "hydra"})
     refused = []
     for o in OverridesParser.create().parse_overrides(list(overrides)):
-        key = o.key_or_group
+        key, value = o.key_or_group, o.value()
         if key in ("resume", "hydra") or key.startswith("hydra."):
             continue
-        if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+        if isinstance(OmegaConf.select(out, key), DictConfig):  # a profile: fleet=tiny, tracking=online
+            profile = _profile(key, value)
+            same = all(OmegaConf.select(out, f"{key}.{k}") == v for k, v in flatten(profile, ".").items())
+            value = OmegaConf.merge(OmegaConf.select(out, key), profile)
+        else:
+            same = OmegaConf.select(out, key) == value
+        if same:
+            continue  # the command line repeated as it was: nothing changes
+        if not any(key == r.rstrip(".") or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
             refused.append(key)
             continue
-        OmegaConf.update(out, key, o.value(), force_add=False)
+        OmegaConf.update(out, key, value, force_add=False)
     if refused:
         raise ConfigError(
             f"resume: {', '.join(refused)} cannot change on resume (the run would no longer be the one "
             f"checkpointed); these can: {', '.join(r.rstrip('.') for r in RESUMABLE)}"
         )
     return OmegaConf.to_container(out, resolve=True)
+
+
+def _profile(group: str, name: str) -> dict:
+    """A config group's profile, as its YAML file sets it (read directly: a resume runs inside
+    Hydra's app, where composing again is not allowed)."""
+    from fleet.cli import CONF_DIR
+
+    path = Path(CONF_DIR) / group / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{group}: no option {name!r}")
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
 
 
 def train(

@@ -56,12 +56,13 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, sep: str = "/", prefix: str = "") -> dict:
+    """A nested dict's leaves under joined keys: `dropped/failure` (W&B) or `fleet.goal`."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, key + "/"))
+            out.update(flatten(v, sep, key + sep))
         else:
             out[key] = v
     return out

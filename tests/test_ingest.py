@@ -308,3 +308,20 @@ def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path
         main([str(src), str(tmp_path / "few"), "--no-progress", "--min-users", "3", "--eval-fraction", "0"])
         == 2
     )
+
+
+def test_lowercasing_sentence_split_and_the_20_word_cut_with_literal_values() -> None:
+    from fleet.data.vocab import encode_sentence, sentences, words
+
+    assert words("Hello, World! It’s GREAT: don’t-stop 42x e-mail.") == [
+        "hello", "world", "it's", "great", "don't", "stop", "42x", "e", "mail",
+    ]  # fmt: skip
+    assert sentences("First one here. Second?! Third... and a half\nFourth line") == [
+        ["first", "one", "here"], ["second"], ["third"], ["and", "a", "half"], ["fourth", "line"],
+    ]  # fmt: skip
+    # 23 words at seq_len 20: a full example with no eos, then the rest with eos and padding
+    assert encode_sentence(list(range(10, 33)), 20) == [
+        [1, *range(10, 30)],
+        [1, 30, 31, 32, 2, *[0] * 16],
+    ]
+    assert encode_sentence(list(range(10, 30)), 20) == [[1, *range(10, 30)]]  # exactly 20: no eos

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import SMALL_NWP, make_cfg, write_users_jsonl
 
+from fleet import checkpoint, population
 from fleet import memorization as mz
-from fleet import population
 from fleet.audit import main
 from fleet.config import ConfigError, validate
 from fleet.data.corpus import make_corpus
@@ -250,8 +250,23 @@ def test_run_with_canaries_audits_and_leaks_no_planted_device_id(privacy, ray_se
     train(cfg, run_dir)
     result = json.loads((run_dir / mz.RESULT_FILE).read_text())
     assert [c["devices"] for c in result["canaries"]] == [1, 300]
-    assert result["max_exposure"] == pytest.approx(8.0)
-    assert all(0.0 <= c["exposure"] <= 8.0 for c in result["canaries"])
+    # exposure by rank is log2 |R| - log2 rank, |R| = 256 candidates (the canary among 255)
+    for c in result["canaries"]:
+        assert 1 <= c["rank"] <= 256 and c["exposure"] == pytest.approx(8.0 - math.log2(c["rank"]))
+    # times trained: the planted devices' participations, read back from the shards' state, times
+    # the copies each one carries
+    plan = mz.CanaryPlan.load(mz.plan_file(run_dir))
+    state = run_dir / "state"
+    saved = checkpoint.load_coordinator(state)
+    parts = np.concatenate(
+        [
+            checkpoint.load_shard(state, a, b, saved["round"])["participations"]
+            for a, b in ((0, 1000), (1000, 2000))
+        ]
+    )
+    for k, c in enumerate(result["canaries"]):
+        mine = plan.device_canary == k
+        assert c["times_trained"] == int((parts[plan.device_rows[mine]] * plan.device_insertions[mine]).sum())
     assert result["canaries"][1]["times_trained"] > 0  # 60 trainings of 2000 devices, 300 planted
     assert (run_dir / mz.GROUPS_FILE).exists() and (run_dir / mz.PLOT_FILE).exists()
     media = list((run_dir / "wandb").rglob("media/images/memorization/exposure_*.png"))

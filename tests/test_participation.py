@@ -406,9 +406,13 @@ def test_metrics_by_group_with_the_nwp_task(tmp_path):
     model = build_model(cfg.model)
     model.eval()
 
+    calls: list[tuple[np.ndarray, dict]] = []
+
     def evaluate_devices(ids: np.ndarray, n: np.ndarray) -> dict:
         tokens = [corpus.examples(int(d), min(int(k), 4)) for d, k in zip(ids, n, strict=True)]
-        return evaluate_tokens(model, np.concatenate(tokens))
+        res = evaluate_tokens(model, np.concatenate(tokens))
+        calls.append((np.asarray(ids), res))
+        return res
 
     audit = participation.run_audit(
         cfg,
@@ -422,6 +426,41 @@ def test_metrics_by_group_with_the_nwp_task(tmp_path):
     metrics = audit["bias"]["metrics_by_group"]
     assert set(metrics["timezone"]) == {"UTC+0", "UTC+1"}
     assert len(metrics["speed"]) == 5
-    for by in metrics.values():
-        for m in by.values():
-            assert 0.0 <= m["recall@1"] <= m["recall@3"] <= 1.0 and m["perplexity"] > 1.0
+    # Each group was evaluated on held-out devices of that group, and reports what came back.
+    held = population.generate(cfg.fleet, cfg.seed, 1000, 3000)  # the rows past the fleet
+    tz = dict(zip(held["device_id"].tolist(), held["tz_offset_hours"].tolist(), strict=True))
+    tz_calls = calls[: len(metrics["timezone"])]  # the attributes are evaluated in order, time zones first
+    by_tz = {}
+    for ids, res in tz_calls:
+        (zone,) = {tz[int(i)] for i in ids}  # every device of the group in one time zone
+        by_tz[f"UTC{zone:+g}"] = res
+    assert set(by_tz) == {"UTC+0", "UTC+1"}
+    for label, res in by_tz.items():
+        assert metrics["timezone"][label] == {k: float(v) for k, v in res.items()}
+    assert all(1 <= len(ids) <= 3 for ids, _ in calls)  # up to holdout_per_group devices each
+
+
+@pytest.mark.slow
+def test_participation_matches_the_binomial_exactly_when_sampling_is_uniform(tmp_path):
+    """Every device always available and eligible, exactly goal of them a round: the counts are
+    Binomial(rounds, goal / population), and the audit says so; a diurnal fleet is far from it."""
+    uniform = tiny_mean(
+        "fleet.population=2000", "fleet.overselect=1.0", "fleet.failure_prob_mean=0",
+        "fleet.low_memory_share=0", "fleet.min_reports=1", "privacy.sampling=fixed_size",
+        "privacy.accountant=rdp", "fleet.goal=100", "train.eval_every=1000",
+    )  # fmt: skip
+    _, coord, lines = _run(uniform, 40)
+    part = participation.run_audit(uniform, coord.shards, lines, tmp_path, figures=False)["participation"]
+    assert part["nominal_q"] == 0.05
+    assert part["tv_distance_binomial"] < 0.05
+    assert part["dispersion"] == pytest.approx(1 - 0.05, abs=0.08)  # a binomial's variance / mean
+    assert part["never_trained"]["share"] == pytest.approx(0.95**40, abs=0.03)
+    skewed = tiny_mean(
+        "fleet.population=2000", "fleet.availability.model=diurnal", "fleet.round_interval_s=1800",
+        "fleet.min_reports=1", "fleet.goal=100", "train.eval_every=1000",
+    )  # fmt: skip
+    _, coord, lines = _run(skewed, 40)
+    skew = participation.run_audit(skewed, coord.shards, lines, tmp_path / "b", figures=False)[
+        "participation"
+    ]
+    assert skew["tv_distance_binomial"] > 3 * part["tv_distance_binomial"]

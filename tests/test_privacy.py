@@ -462,6 +462,8 @@ def test_fleet_privacy_prints_both_accountants_and_the_noise_for_a_target(capsys
 
 
 def test_adaptive_clipping_tracks_the_median_norm():
+    """From 10x too large, the clip norm settles on the median update norm: within the norm
+    histogram's bin (a factor 1.78 wide) that holds it, and steady over the last rounds."""
     cfg = tiny_mean(
         "privacy=dp_fedavg_adaptive",
         "privacy.noise_multiplier=0.5",
@@ -472,8 +474,9 @@ def test_adaptive_clipping_tracks_the_median_norm():
         "train.client_lr=0.01",
     )
     _, coord = in_process_fleet(cfg)
-    lines = [coord.run_round() for _ in range(40)]
-    med = np.median([x["update_norm_median"] for x in lines[-10:]])
-    clip_end = lines[-1]["clip_norm"]
-    assert clip_end < 10.0 / 5  # moved down toward the norms
-    assert 0.25 * med < clip_end < 4 * med
+    lines = [coord.run_round() for _ in range(80)]
+    upper = np.median([x["update_norm_median"] for x in lines[-10:]])  # the median's bin's top
+    lower = upper / 10 ** (8 / 32)  # its bottom: the bins are log-spaced, 32 to 8 decades
+    clips = np.array([x["clip_norm"] for x in lines[-20:]])
+    assert np.all((lower * 0.9 < clips) & (clips < upper * 1.1)), (lower, upper, clips)
+    assert clips.max() / clips.min() < 1.15

@@ -31,12 +31,25 @@ def test_funnel_sums_and_overselection():
 
 
 def test_deadline_and_window_drops_are_reasons():
-    # Slow devices and a short deadline: many miss it.
-    cfg = tiny_mean("fleet.compute_flops_median=1.0", "fleet.deadline_s=60", "fleet.min_reports=1")
+    """Slow devices, a short deadline and availability windows of minutes: some jobs miss the
+    deadline, others lose their window first; each is dropped for its own reason."""
+    cfg = tiny_mean(
+        "fleet.compute_flops_median=40",  # the mean task's jobs take tens of seconds
+        "fleet.compute_flops_sigma=1.5",
+        "fleet.deadline_s=60",
+        "fleet.availability.model=markov",
+        "fleet.availability.on_hours_mean=0.01",  # windows of about 36 s
+        "fleet.availability.off_hours_mean=0.02",
+        "fleet.failure_prob_mean=0",
+        "fleet.min_reports=1",
+    )
     _, coord = in_process_fleet(cfg)
-    line = coord.run_round()
-    _funnel_ok(line)
-    assert line["dropped"]["deadline"] > 0
+    lines = [coord.run_round() for _ in range(3)]
+    for line in lines:
+        _funnel_ok(line)
+    assert sum(x["dropped"]["deadline"] for x in lines) > 0
+    assert sum(x["dropped"]["window_closed"] for x in lines) > 0
+    assert sum(x["dropped"]["failure"] for x in lines) == 0
 
 
 def test_plan_picks_the_earliest_event():
@@ -145,12 +158,28 @@ def test_a_task_may_choose_its_training_order_but_not_who_counts():
 
 
 @pytest.mark.parametrize("availability_model", ["always", "diurnal", "markov"])
-def test_rounds_run_for_each_availability_model(availability_model):
+def test_each_availability_model_gives_the_check_ins_it_describes(availability_model):
+    """always: every eligible device every round; markov: on about on / (on + off) of the time;
+    diurnal: a night peak and a day trough, the fleet's ~4x swing."""
     cfg = tiny_mean(
-        f"fleet.availability.model={availability_model}", "fleet.population=4000", "fleet.min_reports=1"
+        f"fleet.availability.model={availability_model}",
+        "fleet.population=4000",
+        "fleet.min_reports=1",
+        "fleet.round_interval_s=3600",  # an hour between rounds: a day in 24
     )
-    _, coord = in_process_fleet(cfg)
-    for _ in range(3):
-        line = coord.run_round()
+    shards, coord = in_process_fleet(cfg)
+    eligible = sum(int(s.eligible.sum()) for s in shards)
+    lines = [coord.run_round() for _ in range(24)]
+    for line in lines:
         _funnel_ok(line)
-        assert line["available"] > 0
+    share = np.array([x["available"] for x in lines]) / eligible
+    if availability_model == "always":
+        assert np.all(share == 1.0)
+    elif availability_model == "markov":
+        a = cfg.fleet.availability
+        assert abs(share.mean() - a.on_hours_mean / (a.on_hours_mean + a.off_hours_mean)) < 0.05
+    else:
+        hours = np.array([x["hour_of_day"] + 1.0 for x in lines]) % 24  # local time, UTC+1
+        night = share[(hours < 5) | (hours >= 23)].mean()
+        day = share[(hours >= 10) & (hours < 17)].mean()
+        assert night > 2 * day > 0
