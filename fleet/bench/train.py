@@ -245,19 +245,92 @@ class PlainLoop:
             self.opt.step()
         return torch.cat([p.detach().reshape(-1) for p in self.params]) - self.weights.detach()
 
+    def cohort_of(self, r: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, r]).choice(self.population, self.cohort, replace=False)
+
+    def clipped_sum(self, r: int, part: int = 0, parts: int = 1) -> Any:
+        """The clipped deltas of this process's share of round r's cohort, summed."""
+        import torch
+
+        total = torch.zeros_like(self.weights)
+        for dev in self.cohort_of(r)[part::parts]:
+            delta = self.update(int(dev), r)
+            total += delta * min(1.0, 1.0 / max(float(delta.norm()), 1e-12))
+        return total
+
+    def apply(self, total: Any, noise: Any) -> None:
+        self.weights.grad = -(total + noise) / self.cohort
+        self.server.step()
+
     def round(self, r: int) -> float:
         """Run round r; returns its wall seconds."""
         import torch
 
         t0 = time.perf_counter()
-        devices = np.random.default_rng([self.seed, r]).choice(self.population, self.cohort, replace=False)
-        total = torch.zeros_like(self.weights)
-        for dev in devices:
-            delta = self.update(int(dev), r)
-            total += delta * min(1.0, 1.0 / max(float(delta.norm()), 1e-12))
-        self.weights.grad = -(total + torch.randn(total.shape)) / self.cohort
-        self.server.step()
+        total = self.clipped_sum(r)
+        self.apply(total, torch.randn(total.shape))
         return time.perf_counter() - t0
+
+
+class PerCorePlain:
+    """The same plain loop laid out as the fleet is: one process per core, one thread each, each
+    training its share of the cohort; the sums meet in this process, which sends back the noised
+    total for every process to take the same server step. Separates the engine's gain from the
+    layout's (the all-threads baseline mixes the two)."""
+
+    def __init__(self, cohort: int, population: int, seed: int, processes: int):
+        ctx = get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(processes):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_per_core_worker, args=(there, cohort, population, seed), daemon=True)
+            proc.start()
+            self.conns.append(here)
+            self.procs.append(proc)
+        for c in self.conns:
+            c.recv()  # built
+        self.cohort = cohort
+
+    def round(self, r: int) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        for i, c in enumerate(self.conns):
+            c.send(("sum", r, i, len(self.conns)))
+        total = sum(torch.from_numpy(c.recv()) for c in self.conns)
+        noise = torch.from_numpy(
+            np.random.default_rng([1, r]).standard_normal(total.shape[0]).astype(np.float32)
+        )
+        for c in self.conns:
+            c.send(("apply", total.numpy(), noise.numpy()))
+        for c in self.conns:
+            c.recv()
+        return time.perf_counter() - t0
+
+    def peak_bytes(self) -> int:
+        return sum(_peak_rss(p.pid) for p in self.procs)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(("stop",))
+        for p in self.procs:
+            p.join(timeout=10)
+
+
+def _per_core_worker(conn: Any, cohort: int, population: int, seed: int) -> None:
+    import torch
+
+    plain = PlainLoop(cohort, population, seed, 1)
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "sum":
+            conn.send(plain.clipped_sum(msg[1], msg[2], msg[3]).numpy())
+        elif msg[0] == "apply":
+            plain.apply(torch.from_numpy(msg[1]), torch.from_numpy(msg[2]))
+            conn.send("done")
+        else:
+            return
 
 
 # The baseline lives in a child process (its memory and threads are its own), driven one round at
@@ -339,17 +412,19 @@ class Fleet:
             "aggregation_s": line["timing"]["aggregation_s"],
         }
 
-    def memory(self) -> dict:
-        """Peak RSS of the shards, and summed over every process of the session (this driver and
-        its descendants: Ray's GCS, raylet and workers, including the coordinator)."""
+    def memory(self, exclude: set[int]) -> dict:
+        """Peak RSS of the shards, summed over the Ray session's processes (this driver's
+        descendants: Ray's GCS, raylet and workers, the coordinator, the shards; not the baselines'
+        processes in `exclude`), and this driver's own apart."""
         import psutil
 
         me = psutil.Process()
-        pids = {me.pid, *(p.pid for p in me.children(recursive=True))} | self.pids
+        pids = ({p.pid for p in me.children(recursive=True)} | self.pids) - exclude
         return {
             "shards": [_peak_rss(p) for p in sorted(self.pids)],
             "total": sum(_peak_rss(p) for p in pids),
             "processes": len(pids),
+            "driver": _peak_rss(me.pid),
         }
 
     def close(self) -> None:
@@ -390,27 +465,38 @@ def main(argv: list[str]) -> None:
     )
     print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
 
-    pool = None
+    pool = per_core = None
+    baseline_pids: set[int] = set()
     if not args.no_baseline:
         pool = ProcessPoolExecutor(
             1, mp_context=get_context("spawn"), initializer=_plain_init, initargs=(50, 10_000, 0, cores)
         )
+        per_core = PerCorePlain(50, 10_000, 0, cores)
+        baseline_pids = {p.pid for p in per_core.procs}
     fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard, args.mechanism)
     plain: list[tuple[float, int, int]] = []  # (seconds, peak bytes, params) per timed round
+    spread: list[float] = []  # the per-core baseline's round seconds
     rounds: list[dict] = []
     try:
         for r in range(args.warmup + args.rounds):
             p = pool.submit(_plain_round, r).result() if pool is not None else None
+            q = per_core.round(r) if per_core is not None else None
             f = fleet.round()
             if r >= args.warmup:
                 rounds.append(f)
                 if p is not None:
                     plain.append(p)
-        mem = fleet.memory()
+                    spread.append(q)
+        if pool is not None:
+            baseline_pids.add(pool.submit(os.getpid).result())
+        mem = fleet.memory(exclude=baseline_pids)
+        per_core_bytes = per_core.peak_bytes() if per_core is not None else 0
     finally:
         fleet.close()
         if pool is not None:
             pool.shutdown()
+        if per_core is not None:
+            per_core.close()
     mm.append(matmul_gflops(cores))
     ref = max(mm)
     print(f"matmul again: {mm[1]:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
@@ -428,8 +514,9 @@ def main(argv: list[str]) -> None:
         f"{100 * fleet_ups[0] / (n_shards * alone):.0f}% of {n_shards} x engine alone; "
         f"reported {[x['reported'] for x in rounds]}; training "
         f"{100 * sum(x['train_s'] for x in rounds) / sum(x['s'] for x in rounds):.0f}% of round time; "
-        f"peak memory {mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes "
-        f"(shards {shard_mib} MiB)"
+        f"peak memory of the Ray session (shards, coordinator, Ray's own processes) "
+        f"{mem['total'] / MIB:.0f} MiB summed over {mem['processes']} processes (shards {shard_mib} MiB); "
+        f"this driver, which also ran the matmul and the engine-alone runs: {mem['driver'] / MIB:.0f} MiB"
     )
     agg = [x["aggregation_s"] * 1e3 for x in rounds]
     steps = args.warmup + args.rounds
@@ -453,6 +540,17 @@ def main(argv: list[str]) -> None:
         )
         ratio = (fleet_ups[0] / plain_ups[0], fleet_ups[1] / plain_ups[1])
         verdict.append(f"{ratio[0]:.2f}x | {ratio[1]:.2f}x plain loop >= 1.3x: {_pass(ratio, 1.3)}")
+        core_ups = (50 * len(spread) / sum(spread), 50 / min(spread))
+        print(
+            f"plain loop per core ({cores} processes x 1 thread, the fleet's layout): "
+            f"{_rates(core_ups, gflop)}; peak {per_core_bytes / MIB:.0f} MiB summed"
+        )
+        core_ratio = (fleet_ups[0] / core_ups[0], fleet_ups[1] / core_ups[1])
+        print(
+            f"fleet / plain loop: {ratio[0]:.2f}x against one process on all threads (engine and layout), "
+            f"{core_ratio[0]:.2f}x against one process per core (the engine alone); best rounds "
+            f"{ratio[1]:.2f}x and {core_ratio[1]:.2f}x"
+        )
     print("targets (mean | best round): " + "; ".join(verdict))
 
 
