@@ -1,6 +1,6 @@
 """`python -m fleet` is the same Hydra main as `fleet-train`."""
 
-from fleet.cli import main
+from fleet.runtime.cli import main
 
 if __name__ == "__main__":
     main()

@@ -12,10 +12,14 @@ import importlib
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+# The Hydra config tree (conf/ at the repository root, beside the package).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -114,7 +118,7 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    """What is trained. The round does not know; tasks plug in (fleet.tasks)."""
+    """What is trained. The round does not know; tasks plug in (fleet.learning.tasks)."""
 
     name: str = "nwp"  # nwp | mean
     mean_dim: int = 8
@@ -133,7 +137,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # rounds; also at the end and on Ctrl-C
     participation_audit: bool = True  # audit who trained and per-device epsilon at the end (DP runs)
     max_wall_seconds: float | None = None
-    # guards (fleet.guards): stop, checkpointed, with exit code 3 when training diverges
+    # guards (fleet.runtime.guards): stop, checkpointed, with exit code 3 when training diverges
     stop_on_divergence: bool = True
     divergence_factor: float = 4.0  # the training loss above this times its best ...
     divergence_rounds: int = 3  # ... for this many released rounds in a row
@@ -247,7 +251,7 @@ class MemorizationConfig:
     samples: int = 65536  # candidates the skew-normal is fitted to (extrapolated exposure)
     beam_width: int = 10  # beam search from the prefix: extracted = top beam; also within the top b
     audit: bool = True  # audit when training ends (fleet-audit RUN_DIR does it again)
-    plan_path: str | None = None  # set by fleet.run: RUN_DIR/canaries/plan.npz, read by the shards
+    plan_path: str | None = None  # set by fleet.runtime.driver: RUN_DIR/canaries/plan.npz, read by the shards
 
 
 @dataclass
@@ -267,6 +271,12 @@ class Config:
     resume: str | None = None  # RUN_DIR of a run to continue from its last checkpoint
     progress: bool = True
     verbose: bool = False
+
+
+def config_from_dict(d: dict) -> Config:
+    """A typed Config from a saved (resolved) config dict, validated by the schema."""
+    d = {k: v for k, v in d.items() if k != "hydra"}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 
 def register_configs() -> None:
@@ -410,6 +420,36 @@ def validate_fleet(f: FleetConfig, key: str = "fleet") -> None:
         _check(bool(a.trace_path), f"{ak}.trace_path", "required when availability.model=trace")
 
 
+def validate_data(cfg: Any) -> None:
+    """Semantic checks on cfg.data (with cfg.model); raises ConfigError naming the key."""
+    d = cfg.data
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"data.{key}: {msg}")
+
+    check(d.name in ("synthetic", "arrow"), "name", f"unknown corpus {d.name!r}; expected synthetic or arrow")
+    check(d.max_examples_per_device >= 1, "max_examples_per_device", "must be >= 1")
+    check(d.eval_examples >= 1, "eval_examples", "must be >= 1")
+    if d.name == "arrow":
+        check(bool(d.path), "path", "required when data=arrow (a folder written by fleet-ingest)")
+        check(
+            (Path(d.path) / "meta.json").is_file(),
+            "path",
+            f"{str(d.path)!r} is not a corpus folder (no meta.json); write one with fleet-ingest",
+        )
+        return
+    v = cfg.model.vocab_size
+    check(d.ngram_order >= 2, "ngram_order", f"must be >= 2 (got {d.ngram_order})")
+    check(d.zipf_a > 0, "zipf_a", f"must be > 0 (got {d.zipf_a})")
+    check(d.successor_zipf_a >= 0, "successor_zipf_a", f"must be >= 0 (got {d.successor_zipf_a})")
+    check(1 <= d.branching <= v, "branching", f"must be in [1, model.vocab_size={v}] (got {d.branching})")
+    check(d.device_topics >= 1, "device_topics", "must be >= 1")
+    check(d.topic_alpha > 0, "topic_alpha", f"must be > 0 (got {d.topic_alpha})")
+    check(0 <= d.topic_strength <= 1, "topic_strength", f"must be in [0, 1] (got {d.topic_strength})")
+    check(d.eval_devices >= 1, "eval_devices", "must be >= 1")
+
+
 def validate_dropout(d: DropoutConfig, key: str = "dropout") -> None:
     for name in ("extra_failure", "spike_failure"):
         v = getattr(d, name)
@@ -511,8 +551,6 @@ def validate(cfg: Any) -> None:
     check_finite(cfg)
     validate_fleet(cfg.fleet)
     if cfg.task.name == "nwp":
-        from fleet.data.corpus import validate_data  # fleet.data imports this module
-
         validate_data(cfg)
     _choice(cfg.rng, "rng", ("reproducible", "secure"))
     m = cfg.model

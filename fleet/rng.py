@@ -6,7 +6,7 @@ the key does not. SplitMix64's finaliser is a good 64-bit mixer, vectorises in n
 few ns per device, so a 10-million-device fleet draws its per-round numbers in milliseconds.
 
 This is for simulating the world (availability, failures, device data). Secret choices (the
-cohort, DP noise) use `fleet.sampling` and `fleet.privacy`, which take a CSPRNG in secure mode.
+cohort, DP noise) use `fleet.round.sampling` and `fleet.privacy`, which take a CSPRNG in secure mode.
 """
 
 from __future__ import annotations

@@ -67,11 +67,11 @@ def make_cfg(*overrides: str) -> Config:
 
 
 def in_process_fleet(cfg: Config, shards: int = 2, state_dir: Path | str | None = None):
-    """Shards and a coordinator in this process, as `fleet.run.start_actors` builds them in Ray:
+    """Shards and a coordinator in this process, as `fleet.runtime.placement.start_actors` builds them in Ray:
     contiguous ranges, the run's start time, the same state dir."""
-    from fleet.coordinator import Coordinator
-    from fleet.population import shard_ranges
-    from fleet.shard import ShardCore, fleet_size
+    from fleet.phones.population import shard_ranges
+    from fleet.round.coordinator import Coordinator
+    from fleet.round.shard import ShardCore, fleet_size
 
     pop = fleet_size(cfg)
     sd = str(state_dir) if state_dir else None

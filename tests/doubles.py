@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fleet.tasks.mean import MeanTask
+from fleet.learning.tasks.mean import MeanTask
 
 
 class ZeroTask(MeanTask):

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import tiny_mean
 
-from fleet import availability, population
 from fleet.config import AvailabilityConfig, FleetConfig
-from fleet.shard import ShardCore
+from fleet.phones import availability, population
+from fleet.round.shard import ShardCore
 
 HOUR = 3600.0
 
@@ -95,7 +95,9 @@ def _selected_positions(shard: ShardCore, t: float, r: int) -> np.ndarray:
 
 def test_never_selected_unavailable_ineligible_or_recent():
     cfg = tiny_mean(
-        "fleet.availability.model=diurnal", "fleet.population=5000", "fleet.min_separation_hours=24"
+        "fleet.availability.model=diurnal",
+        "fleet.population=5000",
+        "fleet.min_separation_hours=24",
     )
     shard = ShardCore(cfg, 0, 0, 5000)
     t = 27 * HOUR

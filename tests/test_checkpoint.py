@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import tiny_mean
 
-from fleet import checkpoint
 from fleet.config import ConfigError
-from fleet.coordinator import Coordinator
-from fleet.run import train
-from fleet.shard import ShardCore
+from fleet.round import checkpoint
+from fleet.round.coordinator import Coordinator
+from fleet.round.shard import ShardCore
+from fleet.runtime.driver import train
 
 VOLATILE = {"wall_s", "timing"}
 

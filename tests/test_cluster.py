@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from conftest import tiny_mean
 
-from fleet import checkpoint
 from fleet.config import ConfigError
-from fleet.run import fleet_actors, train
+from fleet.round import checkpoint
+from fleet.runtime.driver import train
+from fleet.runtime.placement import fleet_actors
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import make_cfg
 from omegaconf import OmegaConf
 
-from fleet.cli import CONF_DIR, load_config, one_line, preflight, sweep_jobs
-from fleet.config import Config, ConfigError, validate
+from fleet.config import CONF_DIR, Config, ConfigError, validate
+from fleet.runtime.cli import load_config, one_line, preflight, sweep_jobs
 
 GROUPS = ("fleet", "model", "data", "privacy", "dropout", "tracking", "ray", "experiment")
 PROFILES = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fleet.config import Config, ConfigError, DataConfig, FleetConfig, ModelConfig, PrivacyConfig
-from fleet.data import BOS, EOS, NUM_SPECIAL, OOV, PAD, make_corpus, unigram_baseline_recall
-from fleet.data.synthetic import SyntheticCorpus
+from fleet.learning.data import BOS, EOS, NUM_SPECIAL, OOV, PAD, make_corpus, unigram_baseline_recall
+from fleet.learning.data.synthetic import SyntheticCorpus
 
 V, L = 500, 20
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import FIXED_SIZE, in_process_fleet, tiny_mean
 
-from fleet import dropout
 from fleet.config import DropoutConfig
-from fleet.shard import ShardCore
-from fleet.timing import Reason
+from fleet.phones import dropout
+from fleet.phones.timing import Reason
+from fleet.round.shard import ShardCore
 
 HOUR = 3600.0
 
@@ -177,7 +177,7 @@ def test_bad_dropout_config_names_the_key():
 
 
 def test_knee_is_where_the_curve_turns():
-    from fleet.stress import knee
+    from fleet.audits.stress import knee
 
     x = np.array([1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
     y = np.array([0.1, 0.8, 0.95, 0.97, 0.98, 0.99])  # saturates after 1.2-1.4
@@ -188,8 +188,8 @@ def test_knee_is_where_the_curve_turns():
 def test_stress_page_from_a_sweep(tmp_path):
     import json
 
-    from fleet.report import find_runs
-    from fleet.stress import plot_stress, run_point
+    from fleet.audits.stress import plot_stress, run_point
+    from fleet.runtime.report import find_runs
 
     for i, (fail, over) in enumerate([(0.0, 1.0), (0.0, 1.5), (0.4, 1.0), (0.4, 1.5)]):
         d = tmp_path / str(i)

@@ -15,7 +15,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from fleet.privacy import tree as tree_lib
 from fleet.privacy.accountant import ORDERS
-from fleet.shard import ShardCore
+from fleet.round.shard import ShardCore
 
 FTRL = ("privacy=dp_ftrl", "fleet.min_reports=1", "fleet.failure_prob_mean=0")
 
@@ -220,9 +220,9 @@ def test_resume_mid_tree_equals_an_uninterrupted_run(tmp_path):
 def test_the_gboard_es_ftrl_preset_reproduces_the_published_figure(capsys):
     """Spanish 2022 (paper.md): z = 7, 2,000 rounds, once per 24 hours: rho = 0.81, epsilon 8.9 at
     delta 1e-10. With 200 rounds a day and daily trees, dp-accounting itself gives the same."""
-    from fleet.cli import load_config
     from fleet.config import separation_rounds
-    from fleet.privacy.cli import main
+    from fleet.runtime.cli import load_config
+    from fleet.runtime.privacy_cli import main
 
     cfg = load_config(["experiment=gboard_es_ftrl"])
     assert separation_rounds(cfg) == 200 == cfg.privacy.restart_every and cfg.privacy.noise_multiplier == 7

@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, SMALL_NWP, in_process_fleet, make_cfg, tiny_mean
 
 from fleet.config import ConfigError, TrainConfig
-from fleet.guards import Guard, abandonment, progress_text
-from fleet.run import resumed_config
+from fleet.runtime.guards import Guard, abandonment, progress_text
+from fleet.runtime.resume import resumed_config
 
 
 def _line(r: int, **kw) -> dict:
@@ -127,7 +127,7 @@ def test_resume_may_extend_a_run_but_not_change_it():
 
 @pytest.mark.slow
 def test_a_resumed_run_goes_on_to_the_new_round_count(ray_session, tmp_path):
-    from fleet.run import train
+    from fleet.runtime.driver import train
 
     run = tmp_path / "run"
     train(tiny_mean("train.rounds=3", "fleet.min_reports=1", "ray.shards=1"), run)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fleet.config import Config, ConfigError, DataConfig, FleetConfig, ModelConfig, PrivacyConfig
-from fleet.data import BOS, EOS, OOV, PAD, make_corpus, unigram_baseline_recall
-from fleet.data.arrow import INDEX_FILE, SUMMARY_FILE, TRAIN_FILE, ArrowCorpus, CorpusWriter
-from fleet.data.ingest import device_id_of, main
-from fleet.data.vocab import Vocabulary, encode_sentence, sentences
+from fleet.learning.data import BOS, EOS, OOV, PAD, make_corpus, unigram_baseline_recall
+from fleet.learning.data.arrow import INDEX_FILE, SUMMARY_FILE, TRAIN_FILE, ArrowCorpus, CorpusWriter
+from fleet.learning.data.ingest import device_id_of, main
+from fleet.learning.data.vocab import Vocabulary, encode_sentence, sentences
 
 SEQ = 6
 WORDS = [f"word{i}" for i in range(30)]
@@ -283,7 +283,7 @@ def test_corrupt_or_mismatched_corpus_raises_config_error(tmp_path: Path) -> Non
 def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path: Path, capsys) -> None:
     """Numeric user ids are users (counted apart); a text of whitespace only and a line past the
     row cap are counted as bad, never dropped silently; and nothing usable is exit 2, no corpus."""
-    from fleet.data import ingest as ingest_module
+    from fleet.learning.data import ingest as ingest_module
 
     src = tmp_path / "in.jsonl"
     rows = [{"user_id": "a", "text": "hello there"}, {"user_id": 5, "text": "numbered user"}]
@@ -311,7 +311,7 @@ def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path
 
 
 def test_lowercasing_sentence_split_and_the_20_word_cut_with_literal_values() -> None:
-    from fleet.data.vocab import encode_sentence, sentences, words
+    from fleet.learning.data.vocab import encode_sentence, sentences, words
 
     assert words("Hello, World! It’s GREAT: don’t-stop 42x e-mail.") == [
         "hello", "world", "it's", "great", "don't", "stop", "42x", "e", "mail",

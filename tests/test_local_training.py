@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fleet.config import ModelConfig
-from fleet.local_training import BatchedEngine, FusedEngine, ReferenceEngine, make_engine
-from fleet.model import PAD_ID, ModelShape, NWPModel, get_flat
+from fleet.learning.engines import BatchedEngine, FusedEngine, ReferenceEngine, make_engine
+from fleet.learning.model import PAD_ID, ModelShape, NWPModel, get_flat
 
 
 def _setup(cell: str, vocab: int = 40) -> tuple[ModelShape, np.ndarray, np.ndarray]:

@@ -13,15 +13,16 @@ import pytest
 import torch
 from conftest import SMALL_NWP, make_cfg, write_users_jsonl
 
-from fleet import checkpoint, population
-from fleet import memorization as mz
-from fleet.audit import main
+from fleet.audits import memorization as mz
+from fleet.audits.cli import main
 from fleet.config import ConfigError, validate
-from fleet.data.corpus import make_corpus
-from fleet.data.vocab import NUM_SPECIAL
-from fleet.local_training import FusedEngine
-from fleet.model import NWPModel, get_flat, set_flat
-from fleet.run import train
+from fleet.learning.data.corpus import make_corpus
+from fleet.learning.data.vocab import NUM_SPECIAL
+from fleet.learning.engines import FusedEngine
+from fleet.learning.model import NWPModel, get_flat, set_flat
+from fleet.phones import population
+from fleet.round import checkpoint
+from fleet.runtime.driver import train
 
 
 def fixed_distribution_model(word_logp: np.ndarray) -> NWPModel:
@@ -180,7 +181,7 @@ def test_plan_hits_exactly_the_configured_devices_and_repeats():
 
 
 def test_plan_on_an_arrow_corpus_uses_its_devices(tmp_path):
-    from fleet.data import ingest
+    from fleet.learning.data import ingest
 
     src = write_users_jsonl(tmp_path / "raw.jsonl", per_user=(2, 7))
     out = tmp_path / "corpus"

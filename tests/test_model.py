@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fleet.config import ModelConfig
-from fleet.model import (
+from fleet.learning.model import (
     SPECIAL_TOKENS,
     ModelShape,
     NWPModel,

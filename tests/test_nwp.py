@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SMALL_NWP, in_process_fleet, make_cfg, write_users_jsonl
 
-from fleet.coordinator import Coordinator
-from fleet.shard import ShardCore, fleet_size
-from fleet.tasks.nwp import evaluate_tokens
+from fleet.learning.tasks.nwp import evaluate_tokens
+from fleet.round.coordinator import Coordinator
+from fleet.round.shard import ShardCore, fleet_size
 
 
 class FixedLogits(torch.nn.Module):
@@ -73,7 +73,7 @@ def test_dp_round_on_nwp_is_clipped_and_noised():
 
 
 def test_arrow_corpus_defines_the_fleet(tmp_path):
-    from fleet.data import ingest
+    from fleet.learning.data import ingest
 
     src = write_users_jsonl(tmp_path / "raw.jsonl", per_user=(1, 6))
     out = tmp_path / "corpus"

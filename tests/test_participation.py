@@ -17,16 +17,18 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-from fleet import audit as audit_cli
-from fleet import checkpoint, participation, population
-from fleet.coordinator import default_delta
-from fleet.data.corpus import make_corpus
-from fleet.model import build_model
-from fleet.participation_shard import epsilons
+from fleet.audits import cli as audit_cli
+from fleet.audits import participation
+from fleet.learning.data.corpus import make_corpus
+from fleet.learning.model import build_model
+from fleet.learning.tasks.mean import MeanTask
+from fleet.learning.tasks.nwp import evaluate_tokens
+from fleet.phones import population
+from fleet.phones.participation import epsilons
 from fleet.privacy.accountant import ORDERS
-from fleet.shard import ShardCore
-from fleet.tasks.mean import MeanTask
-from fleet.tasks.nwp import evaluate_tokens
+from fleet.privacy.mechanism import default_delta
+from fleet.round import checkpoint
+from fleet.round.shard import ShardCore
 
 HOUR = 3600.0
 
@@ -133,8 +135,8 @@ def test_part_time_devices_epsilon_matches_hand_built_dp_accounting(tmp_path):
 def test_device_blocks_do_not_change_the_audit():
     """The audit walks a shard's devices in blocks to bound memory; any block size gives the same
     patterns, counts, epsilons and histograms, also for a pattern that spans blocks."""
-    from fleet import participation_shard
-    from fleet.shard import ShardCore
+    from fleet.phones import participation as participation_shard
+    from fleet.round.shard import ShardCore
 
     cfg = tiny_mean("fleet.population=500", "fleet.timezones=[0.0,5.0]")
     cols = ShardCore(cfg, 0, 0, 500).cols
@@ -225,7 +227,7 @@ def test_audit_uses_the_fleet_and_delta_that_ran_with_a_corpus(tmp_path):
     uniform prediction all use them, not fleet.population."""
     from conftest import SMALL_NWP, make_cfg, write_users_jsonl
 
-    from fleet.data.ingest import main as ingest
+    from fleet.learning.data.ingest import main as ingest
 
     src = write_users_jsonl(tmp_path / "raw.jsonl", (20, 40), users=150)
     assert (
@@ -358,7 +360,9 @@ def test_audit_outputs_hold_no_device_id(tmp_path, caplog):
     assert all(set(m) == {"eval_loss", "devices"} for by in metrics.values() for m in by.values())
     out = tmp_path / participation.OUT_DIR
     assert {p.name for p in out.iterdir()} >= {"participation.json", "participation_counts.png", "bias.png"}
-    figs = participation.participation_figures(json.loads((out / "participation.json").read_text()))
+    from fleet.audits.participation_figures import participation_figures
+
+    figs = participation_figures(json.loads((out / "participation.json").read_text()))
     assert "epsilon_per_device" in figs and "metrics_by_group" in figs
 
     ids = set(int(x) for x in population.generate(cfg.fleet, cfg.seed, 0, 3000)["device_id"])

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_mean
 
-from fleet import population
 from fleet.config import ConfigError, FleetConfig, validate
-from fleet.shard import ShardCore
+from fleet.phones import population
+from fleet.round.shard import ShardCore
 
 
 def test_generation_is_independent_of_the_row_range():

@@ -194,8 +194,8 @@ def test_printed_epsilon_equals_an_independent_recomputation_from_the_outputs(
     Diurnal availability: every round has its own q_r. `fleet-privacy --run` prints the same."""
     from dataclasses import asdict
 
-    from fleet import checkpoint
-    from fleet.privacy.cli import main as fleet_privacy
+    from fleet.round import checkpoint
+    from fleet.runtime.privacy_cli import main as fleet_privacy
 
     cfg = tiny_mean(
         "fleet.availability.model=diurnal",
@@ -373,7 +373,7 @@ def test_target_epsilon_stops_before_a_round_would_pass_it():
 
 
 def test_a_delta_not_below_one_over_the_population_warns(caplog):
-    from fleet.run import check_privacy_budget
+    from fleet.runtime.header import check_privacy_budget
 
     check_privacy_budget(tiny_mean("privacy.delta=0.001"), 2000)
     assert "privacy.delta = 0.001 is not below 1 / population = 0.0005" in caplog.text
@@ -383,7 +383,7 @@ def test_a_delta_not_below_one_over_the_population_warns(caplog):
 
 
 def test_an_unreachable_target_is_refused_before_start_up():
-    from fleet.run import check_privacy_budget
+    from fleet.runtime.header import check_privacy_budget
 
     with pytest.raises(ConfigError, match=r"privacy.target_epsilon: 0.01 is unreachable: one round costs"):
         check_privacy_budget(tiny_mean("privacy.target_epsilon=0.01"), 2000)
@@ -419,7 +419,7 @@ def test_zero_noise_only_on_request_and_then_epsilon_is_infinite():
 
 @pytest.mark.parametrize("argv", [["--delta", "2"], ["--noise", "nan"], ["--noise", "inf"], ["--delta", "0"]])
 def test_fleet_privacy_refuses_bad_numbers(argv, capsys):
-    from fleet.privacy.cli import main
+    from fleet.runtime.privacy_cli import main
 
     base = ["--population", "1000", "--goal", "10", "--rounds", "10"]
     if "--noise" not in argv:
@@ -442,7 +442,7 @@ def test_a_round_with_no_valid_update_is_flagged_as_pure_noise():
 def test_fleet_privacy_prints_both_accountants_and_the_noise_for_a_target(capsys):
     """PLD is tighter than RDP's conversion for few rounds (paper.md: 0.084 against 0.813 at
     z = 1, q = 1e-3, 100 rounds, delta = 1e-6); dp-accounting is asked here, independently."""
-    from fleet.privacy.cli import main
+    from fleet.runtime.privacy_cli import main
 
     main(["--population", "100000", "--goal", "100", "--rounds", "100", "--noise", "1.0", "--delta", "1e-6"])
     out = capsys.readouterr().out

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import in_process_fleet, tiny_mean
 
-from fleet.cli import _summary_text
-from fleet.coordinator import PRIVATE_KEYS
+from fleet.round.coordinator import PRIVATE_KEYS
+from fleet.runtime.cli import _summary_text
 from tests.doubles import OneDevice
 
 ATTACK = (

@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_mean
 from omegaconf import OmegaConf
 
-from fleet import report
-from fleet.run import train
+from fleet.runtime import report
+from fleet.runtime.driver import train
 
 # What every run gets; other plots (the dropout stress page) appear only for sweeps that need them.
 ALL_PLOTS = {
@@ -44,7 +44,10 @@ def sweep_dir(ray_session, tmp_path_factory) -> Path:
 
 def fleet_report(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fleet.report", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fleet.runtime.report", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -142,7 +145,7 @@ def test_empty_run_gives_a_page_without_plots(tmp_path):
 def test_twenty_runs_stay_readable_and_inside_the_figure(tmp_path):
     """20 runs with long labels: distinct colours, and no artist (legend, titles, tick labels)
     falls outside its figure. Only the drop reasons that happened get a panel."""
-    from fleet import report
+    from fleet.runtime import report
 
     runs = []
     for k in range(20):

@@ -9,8 +9,8 @@ import pytest
 from conftest import FIXED_SIZE, in_process_fleet, tiny_mean
 from scipy import stats
 
-from fleet import timing
-from fleet.timing import Reason
+from fleet.phones import timing
+from fleet.phones.timing import Reason
 
 
 def _funnel_ok(line: dict) -> None:

@@ -9,8 +9,8 @@ import re
 import numpy as np
 from conftest import tiny_mean
 
-from fleet import population
-from fleet.run import train
+from fleet.phones import population
+from fleet.runtime.driver import train
 
 
 def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog, capfd):
@@ -70,7 +70,7 @@ def test_run_writes_outputs_and_leaks_no_device_id(ray_session, tmp_path, caplog
     assert f"DP-FedAvg, z={cfg.privacy.noise_multiplier:g}" in caplog.text
     # The header's textbook figure is what fleet-privacy prints for the command it names.
     header = re.search(r"textbook epsilon after 6 rounds (\S+) .*fleet-privacy ([^)]*)\)", caplog.text)
-    from fleet.privacy.cli import main as fleet_privacy
+    from fleet.runtime.privacy_cli import main as fleet_privacy
 
     capfd.readouterr()
     fleet_privacy([*header.group(2).split(), "--accountant", "pld"])
@@ -81,7 +81,8 @@ def test_nothing_from_the_shards_private_state_reaches_the_outputs(ray_session, 
     """state/ names who took part (journals and per-row participation, by row); metrics,
     summary, the report and W&B must not carry any of it. The participants' ids are read from
     state/ itself, then searched for everywhere else, W&B's offline files included."""
-    from fleet import checkpoint, report
+    from fleet.round import checkpoint
+    from fleet.runtime import report
 
     cfg = tiny_mean(
         "fleet.id_mode=random",
@@ -118,7 +119,7 @@ def test_nothing_from_the_shards_private_state_reaches_the_outputs(ray_session, 
 
 
 def test_private_telemetry_run_writes_only_the_release(ray_session, tmp_path):
-    from fleet.coordinator import PRIVATE_KEYS
+    from fleet.round.coordinator import PRIVATE_KEYS
 
     cfg = tiny_mean(
         "privacy.telemetry=private",

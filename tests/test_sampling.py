@@ -7,7 +7,7 @@ import pytest
 from conftest import in_process_fleet, tiny_mean
 from scipy import stats
 
-from fleet.sampling import Sampler, split_ranks
+from fleet.round.sampling import Sampler, split_ranks
 
 
 def _selection_counts(draw, n_avail: int, k: int, trials: int) -> np.ndarray:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 from conftest import tiny_mean
 
-from fleet import availability, population, rng
+from fleet import rng
 from fleet.config import FleetConfig
-from fleet.shard import remote_shard_class
+from fleet.phones import availability, population
+from fleet.round.shard import remote_shard_class
 
 BUDGET = 2 * 1024**3 / 10_000_000  # bytes a device, all included
 DEVICES = 1_000_000

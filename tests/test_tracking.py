@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet.cli import sweep_group
-from fleet.tracking import Tracker, wandb_values
+from fleet.runtime.cli import sweep_group
+from fleet.runtime.tracking import Tracker, wandb_values
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 

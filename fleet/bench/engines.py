@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from fleet.local_training import BatchedEngine, Engine, FusedEngine, ReferenceEngine
-from fleet.model import SPECIAL_TOKENS, ModelShape, NWPModel, get_flat
+from fleet.learning.engines import BatchedEngine, Engine, FusedEngine, ReferenceEngine
+from fleet.learning.model import SPECIAL_TOKENS, ModelShape, NWPModel, get_flat
 
 MODELS = {
     # name: (cell, vocab incl. specials, embed = proj, hidden)

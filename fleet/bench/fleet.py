@@ -68,7 +68,7 @@ def bench_config(population: int, shards: int) -> Config:
 def measure(population: int, shards: int, rounds: int) -> dict:
     import ray
 
-    from fleet.run import fleet_actors
+    from fleet.runtime.placement import fleet_actors
 
     base = session_pss()
     t0 = time.perf_counter()

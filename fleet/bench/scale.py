@@ -39,7 +39,7 @@ import psutil
 
 from fleet.bench.fleet import GIB, bench_config, session_pss_by_process
 from fleet.config import Config, DataConfig, ModelConfig, TaskConfig, validate
-from fleet.shard import ShardCore
+from fleet.round.shard import ShardCore
 
 MIB = 1024**2
 # The model of the test suite's small NWP runs: training is real but cheap, so a whole sweep fits
@@ -110,8 +110,8 @@ def measure(
     over the same shards: the shards do not depend on the goal)."""
     import ray
 
-    from fleet.coordinator import Coordinator
-    from fleet.run import fleet_actors
+    from fleet.round.coordinator import Coordinator
+    from fleet.runtime.placement import fleet_actors
 
     cfgs = {g: scale_config(population, shards, g, model) for g in goals}
     t0 = time.perf_counter()
@@ -190,8 +190,8 @@ class _MeteredShard(ShardCore):
 
 def traffic(population: int, shards: int, goal: int, model: ModelConfig, rounds: int) -> dict:
     """Bytes per round between the coordinator and all shards, by phase, in-process."""
-    from fleet.coordinator import Coordinator
-    from fleet.population import shard_ranges
+    from fleet.phones.population import shard_ranges
+    from fleet.round.coordinator import Coordinator
 
     cfg = scale_config(population, shards, goal, model)
     fleet = [_MeteredShard(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(population, shards))]

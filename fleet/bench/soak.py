@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet import checkpoint
 from fleet.config import (
     Config,
     DataConfig,
@@ -34,6 +33,7 @@ from fleet.config import (
     TrackingConfig,
     TrainConfig,
 )
+from fleet.round import checkpoint
 
 
 def soak_config(population: int, rounds: int, task: str) -> Config:
@@ -64,7 +64,7 @@ class SlowMean:
     """The mean task with a few milliseconds a device, so a kill can land inside a round."""
 
     def __new__(cls, cfg, role):
-        from fleet.tasks.mean import MeanTask
+        from fleet.learning.tasks.mean import MeanTask
 
         class _Slow(MeanTask):
             def client_updates(self, params, device_ids, num_examples, round_idx):
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     import ray
 
-    from fleet.run import train
+    from fleet.runtime.driver import train
 
     killed: list[str] = []
 

@@ -55,9 +55,9 @@ from fleet.config import (
     TrainConfig,
     validate,
 )
-from fleet.local_training import make_engine
-from fleet.model import SPECIAL_TOKENS, ModelShape, build_model, get_flat, job_flops, model_bytes
-from fleet.timing import JobCost
+from fleet.learning.engines import make_engine
+from fleet.learning.model import SPECIAL_TOKENS, ModelShape, build_model, get_flat, job_flops, model_bytes
+from fleet.phones.timing import JobCost
 
 VOCAB = 10_000  # W1 counts every token id; our model adds SPECIAL_TOKENS, so we ask for fewer words
 EXAMPLES = 64
@@ -387,7 +387,7 @@ class Fleet:
     def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float, mechanism: str):
         import ray
 
-        from fleet.run import init_ray, start_actors
+        from fleet.runtime.placement import init_ray, start_actors
 
         cfg = w1_config(shards, rounds, engine, gpus_per_shard, mechanism)
         validate(cfg)

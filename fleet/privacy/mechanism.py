@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # imported where used: only the coordinator and the audits ne
     import dp_accounting
 
 
+def default_delta(population: int) -> float:
+    """delta = 1 / N^1.1: below 1/N, as user-level DP needs."""
+    return float(population) ** -1.1
+
+
 @dataclass(frozen=True)
 class Sampling:
     """One sampling scheme: its neighbouring relation and the sensitivities it implies."""

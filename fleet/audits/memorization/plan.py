@@ -1,0 +1,190 @@
+"""The canary plan: which canaries, and which devices carry them (drawn before the actors start)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleet import rng
+from fleet.config import ConfigError
+from fleet.learning.data.canaries import CanaryPlan
+from fleet.learning.data.vocab import NUM_SPECIAL
+from fleet.phones import population
+
+PLAN_DIR = "canaries"
+PLAN_FILE = "plan.npz"
+RESULT_FILE = "memorization.json"
+GROUPS_FILE = "memorization.csv"
+PLOT_FILE = "memorization.png"
+COMPARE_STEM = "memorization_compare"
+PLAN_STREAM = "canary_plan"
+AUDIT_STREAM = "canary_audit"
+
+# Population rows built at once when choosing planted devices. Planted rows are scattered, so
+# each usually falls in its own chunk; building a row costs a few ms of per-call overhead
+# whatever the chunk, so small chunks keep a 10-million-device plan to seconds.
+_ROW_CHUNK = 1 << 10
+
+
+def planted(cfg: Any) -> bool:
+    """Whether the config plants canaries (any memorization option but `none`)."""
+    return bool(cfg.memorization.groups)
+
+
+def word_distribution(corpus: Any, dist: str) -> np.ndarray:
+    """Probabilities over the V words (index i is token id i + 4) that secrets are drawn from."""
+    if dist == "uniform":
+        return np.full(corpus.vocab_size, 1.0 / corpus.vocab_size)
+    p = np.asarray(corpus.unigram(), dtype=np.float64)[NUM_SPECIAL:]
+    if p.sum() <= 0:
+        raise ConfigError("memorization.secret_dist: the corpus unigram has no words; use uniform")
+    return p / p.sum()
+
+
+def draw_words(g: np.random.Generator, p: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Word token ids (int32) of the given shape, i.i.d. from the word distribution p."""
+    idx = np.searchsorted(np.cumsum(p), g.random(shape), side="right")
+    return (np.minimum(idx, len(p) - 1) + NUM_SPECIAL).astype(np.int32)
+
+
+def make_plan(cfg: Any, corpus: Any) -> CanaryPlan:
+    """Draw the canaries and their devices, reproducibly from (seed, config)."""
+    m = cfg.memorization
+    g = np.random.default_rng([cfg.seed, rng.stream_id(PLAN_STREAM)])
+    p = word_distribution(corpus, m.secret_dist)
+    k = sum(grp.canaries for grp in m.groups)
+    if m.prefix:
+        prefixes = np.tile(_word_ids(corpus, m.prefix), (k, 1))
+    else:
+        prefixes = draw_words(g, p, (k, m.prefix_words))
+    secrets = draw_words(g, p, (k, m.secret_words))
+    group = np.repeat(np.arange(len(m.groups)), [grp.canaries for grp in m.groups]).astype(np.int32)
+    repeats = np.array([0 if m.groups[i].prob is not None else m.groups[i].repeats for i in group])
+    prob = np.array([m.groups[i].prob or 0.0 for i in group], dtype=np.float64)
+    demands = [(m.groups[i].devices, max(int(repeats[c]), 1)) for c, i in enumerate(group)]
+    rows, ids, counts = _choose_devices(cfg, corpus, g, demands)
+    plan = CanaryPlan(
+        seed=int(cfg.seed),
+        seq_len=int(cfg.model.seq_len),
+        prefixes=prefixes,
+        secrets=secrets,
+        group=group,
+        repeats=repeats.astype(np.int32),
+        prob=prob,
+        device_ids=ids,
+        device_rows=rows,
+        device_canary=np.repeat(np.arange(k), [d for d, _ in demands]).astype(np.int32),
+        device_insertions=np.zeros(len(rows), dtype=np.int64),
+    )
+    for j, (c, dev, n) in enumerate(zip(plan.device_canary, ids, counts, strict=True)):
+        plan.device_insertions[j] = int(plan.positions(int(c), int(dev), int(n)).sum())
+    return plan
+
+
+def _word_ids(corpus: Any, words: Sequence[str]) -> np.ndarray:
+    index = {w: i for i, w in enumerate(corpus.vocab())}
+    ids = []
+    for w in words:
+        if index.get(w, -1) < NUM_SPECIAL:
+            raise ConfigError(f"memorization.prefix: {w!r} is not a word of the corpus vocabulary")
+        ids.append(index[w])
+    return np.asarray(ids, dtype=np.int32)
+
+
+def _choose_devices(
+    cfg: Any, corpus: Any, g: np.random.Generator, demands: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct devices for each demand (count, minimum examples), in demand order.
+
+    Rows are visited in one seeded random order, looked up a block at a time; each demand takes
+    the first unused eligible rows with enough examples. So each canary's devices are uniform
+    among the qualifying devices, and only the rows looked at are ever built (a 10-million
+    device fleet costs a permutation and a block, not the whole table).
+    Returns (rows, device ids, example counts), concatenated in demand order.
+    """
+    from fleet.round.shard import fleet_size
+
+    pop = fleet_size(cfg)
+    total = sum(d for d, _ in demands)
+    if total > pop:
+        raise ConfigError(f"memorization.groups: {total} planted devices needed, the fleet has {pop}")
+    order = g.permutation(pop)
+    block = total + total // 4 + 64  # most devices qualify: one block usually suffices
+    seen = 0
+    rows = np.zeros(0, dtype=np.int64)
+    ids = np.zeros(0, dtype=np.int64)
+    counts = np.zeros(0, dtype=np.int64)
+    used = np.zeros(0, dtype=bool)
+    picked: list[np.ndarray] = []
+    for need, min_examples in demands:
+        while True:
+            free = np.flatnonzero(~used & (counts >= min_examples))
+            if len(free) >= need:
+                break
+            if seen >= pop:
+                raise ConfigError(
+                    f"memorization.groups: not enough eligible devices with >= {min_examples} examples "
+                    f"for the canaries (population {pop})"
+                )
+            more = order[seen : seen + block]
+            seen += len(more)
+            more_ids, more_counts, eligible = _row_info(cfg, corpus, more)
+            rows = np.concatenate([rows, more[eligible]])
+            ids = np.concatenate([ids, more_ids[eligible]])
+            counts = np.concatenate([counts, more_counts[eligible]])
+            used = np.concatenate([used, np.zeros(int(eligible.sum()), dtype=bool)])
+        take = free[:need]
+        used[take] = True
+        picked.append(take)
+    sel = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+    return rows[sel], ids[sel], counts[sel]
+
+
+def _row_info(cfg: Any, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(device id, examples, eligible) of population rows, as the shards build them.
+
+    Mirrors `ShardCore.__init__`: a Parquet population or the generated one, with an Arrow
+    corpus's own ids and counts when the corpus defines the fleet.
+    """
+    from fleet.round.shard import corpus_defines_devices
+
+    f = cfg.fleet
+    ids = np.zeros(len(rows), dtype=np.int64)
+    counts = np.zeros(len(rows), dtype=np.int64)
+    eligible = np.zeros(len(rows), dtype=bool)
+    chunk = rows // _ROW_CHUNK
+    for c in np.unique(chunk):
+        sel = np.flatnonzero(chunk == c)
+        lo, hi = int(rows[sel].min()), int(rows[sel].max()) + 1
+        if f.path:
+            cols = population.load(f.path, lo, hi, f.availability.model)
+        else:
+            cols = population.generate(f, cfg.seed, lo, hi)
+        c_ids, c_counts = cols["device_id"], cols["num_examples"]
+        if corpus_defines_devices(cfg):
+            c_ids, c_counts = corpus.device_table(lo, hi)
+        at = rows[sel] - lo
+        ids[sel], counts[sel] = c_ids[at], c_counts[at]
+        eligible[sel] = cols["memory_bytes"][at] >= f.min_memory_gb * population.GB
+    return ids, counts, eligible
+
+
+def plan_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PLAN_DIR / PLAN_FILE
+
+
+def prepare(cfg: Any, run_dir: str | Path) -> Path | None:
+    """Before the actors start: write the run's canary plan (once; a resumed run keeps its plan)
+    and point the shards at it through `memorization.plan_path`. None without canaries."""
+    if not planted(cfg):
+        return None
+    path = plan_file(run_dir)
+    if not path.exists():
+        from fleet.learning.data.corpus import make_corpus
+
+        make_plan(cfg, make_corpus(cfg)).save(path)
+    cfg.memorization.plan_path = str(path)
+    return path

@@ -1,0 +1,190 @@
+"""Scoring canaries: log-perplexity, exposure by rank and by extrapolation, beam-search extraction."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fleet.audits.memorization.plan import draw_words
+from fleet.learning.data.vocab import BOS, NUM_SPECIAL
+
+# Logit floats per forward pass when scoring candidates (128 MB, twice with the log-softmax):
+# 4,096 five-word candidates of the Gboard-size vocabulary, 25,000 of the demo's.
+SCORE_FLOATS = 1 << 25
+_LN2 = math.log(2.0)
+
+
+def _run(model: Any, tokens: Any, r: Any, c: Any) -> tuple[Any, Any, Any]:
+    """Feed tokens (b, t) through the cell from state (r, c); outputs (b, t, proj) and the state."""
+    import torch
+
+    gx = torch.nn.functional.embedding(tokens, model.embedding) @ model.w_x + model.bias
+    outs = []
+    for step in range(tokens.shape[1]):
+        r, c, _ = model.cell(gx[:, step], r, c)
+        outs.append(r)
+    return (torch.stack(outs, dim=1) if outs else gx.new_zeros(len(tokens), 0, r.shape[1])), r, c
+
+
+def _context_state(model: Any, prefixes: np.ndarray) -> tuple[Any, Any]:
+    """The state after [bos, prefix] for each row of prefixes (k, m): what predicts the secret."""
+    import torch
+
+    tokens = torch.from_numpy(np.concatenate([np.full((len(prefixes), 1), BOS), prefixes], axis=1))
+    shape = model.shape
+    r = torch.zeros(len(prefixes), shape.proj_dim)
+    c = torch.zeros(len(prefixes), shape.hidden_dim)
+    _, r, c = _run(model, tokens.long(), r, c)
+    return r, c
+
+
+def log_perplexity(
+    model: Any, prefix: np.ndarray, secrets: np.ndarray, batch: int | None = None
+) -> np.ndarray:
+    """Bits: sum over each secret's words of -log2 P(word | bos, prefix, earlier words).
+
+    `model` is an NWPModel; secrets (N, n) share one prefix (m,). The prefix is run once; each
+    batch of secrets (default: `SCORE_FLOATS` logits) is one pass of n-1 cell steps from its
+    state, one logits matmul over all positions and one gather: no Python per candidate.
+    """
+    import torch
+
+    secrets = np.asarray(secrets)
+    batch = batch or max(1, SCORE_FLOATS // (secrets.shape[1] * model.embedding.shape[0]))
+    out = np.empty(len(secrets), dtype=np.float64)
+    with torch.no_grad():
+        r0, c0 = _context_state(model, np.asarray(prefix, dtype=np.int64)[None, :])
+        for s in range(0, len(secrets), batch):
+            sec = torch.from_numpy(np.ascontiguousarray(secrets[s : s + batch], dtype=np.int64))
+            b = len(sec)
+            r, c = r0.expand(b, -1), c0.expand(b, -1)
+            outs, _, _ = _run(model, sec[:, :-1], r, c)
+            states = torch.cat([r[:, None, :], outs], dim=1)  # predicts word j from words < j
+            logp = torch.log_softmax(states @ model.embedding.t(), dim=-1)
+            out[s : s + b] = -logp.gather(-1, sec[..., None])[..., 0].sum(1).double().numpy() / _LN2
+    return out
+
+
+def exposure_by_rank(canary: float, references: np.ndarray) -> tuple[int, float]:
+    """(rank, exposure) of a canary's log-perplexity among R candidates' (|R| = R + 1)."""
+    rank = 1 + int(np.count_nonzero(np.asarray(references) < canary))
+    return rank, math.log2(len(references) + 1) - math.log2(rank)
+
+
+def fit_skewnorm(samples: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Skew-normal fitted to candidates' log-perplexities: (shape, loc, scale) on standardised
+    values and the (mean, std) used to standardise them (the fit is better conditioned there)."""
+    from scipy import stats
+
+    mu, sd = float(np.mean(samples)), float(np.std(samples)) or 1.0
+    a, loc, scale = stats.skewnorm.fit((samples - mu) / sd)
+    return float(a), float(loc), float(scale), mu, sd
+
+
+def exposure_extrapolated(canary: float, fit: tuple[float, float, float, float, float]) -> float:
+    """-log2 CDF of the fitted skew-normal at the canary's log-perplexity (log CDF: no underflow)."""
+    from scipy import stats
+
+    a, loc, scale, mu, sd = fit
+    return float(-stats.skewnorm.logcdf((canary - mu) / sd, a, loc, scale) / _LN2)
+
+
+def beam_search(model: Any, prefixes: np.ndarray, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `width` most likely word sequences of `length` after each prefix, all prefixes at once.
+
+    Only words are generated (a secret is words). Returns tokens (k, width, length), best
+    first, and their log-probabilities (k, width) in bits.
+    """
+    import torch
+
+    k = len(prefixes)
+    emb = model.embedding
+    words = emb.shape[0] - NUM_SPECIAL
+    width = min(width, words)
+    with torch.no_grad():
+        r, c = _context_state(model, np.asarray(prefixes, dtype=np.int64))
+        seqs = torch.zeros(k, width, 0, dtype=torch.long)
+        score = torch.zeros(k, 1)
+        for step in range(length):
+            if step:
+                gx = emb[seqs[:, :, -1].reshape(-1)] @ model.w_x + model.bias
+                r, c, _ = model.cell(gx, r, c)
+            logp = torch.log_softmax(r @ emb.t(), dim=-1)[:, NUM_SPECIAL:].reshape(k, -1, words)
+            total = (score[:, :, None] + logp).reshape(k, -1)
+            score, best = total.topk(width, dim=1)
+            beam, word = best // words, best % words + NUM_SPECIAL
+            seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, step)), word[..., None]], dim=2)
+            pick = (torch.arange(k)[:, None] * (r.shape[0] // k) + beam).reshape(-1)
+            r, c = r[pick], c[pick]
+    return seqs.numpy().astype(np.int32), score.double().numpy() / _LN2
+
+
+def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` with PyTorch on one thread, restoring the caller's setting afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_one_thread
+def measure(
+    model: Any,
+    prefixes: np.ndarray,
+    secrets: np.ndarray,
+    word_p: np.ndarray,
+    references: int,
+    samples: int,
+    beam_width: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Exposure and extraction of canaries (prefixes (k, m), secrets (k, n)) under a model.
+
+    Candidates are fresh secrets drawn from `word_p` (as the canaries' were), one set shared by
+    every prefix and scored once per distinct prefix: the first `references` rank each canary,
+    the first `samples` fit the skew-normal. Returns per-canary arrays: log_perplexity (bits),
+    rank, exposure, exposure_extrapolated, extracted (top beam is the secret), extracted_top_b
+    (the secret is among the `beam_width` beams) and top_beam (its words).
+
+    Runs on one thread: the batches are narrow matmuls and elementwise gate math, where a second
+    thread gains little and, on a busy 2-core machine, was measured to make scoring 65,536
+    candidates 15x slower (23 s against 1.6 s).
+    """
+    g = np.random.default_rng(seed)
+    candidates = draw_words(g, word_p, (max(references, samples), secrets.shape[1]))
+    k = len(secrets)
+    out = {
+        "log_perplexity": np.zeros(k),
+        "rank": np.zeros(k, dtype=np.int64),
+        "exposure": np.zeros(k),
+        "exposure_extrapolated": np.zeros(k),
+    }
+    unique, which = np.unique(prefixes, axis=0, return_inverse=True)
+    which = np.asarray(which).reshape(-1)
+    for u, prefix in enumerate(unique):
+        mine = np.flatnonzero(which == u)
+        cand = log_perplexity(model, prefix, candidates)
+        fit = fit_skewnorm(cand[:samples])
+        out["log_perplexity"][mine] = log_perplexity(model, prefix, secrets[mine])
+        for c in mine:
+            lp = out["log_perplexity"][c]
+            out["rank"][c], out["exposure"][c] = exposure_by_rank(lp, cand[:references])
+            out["exposure_extrapolated"][c] = exposure_extrapolated(lp, fit)
+    beams, _ = beam_search(model, prefixes, secrets.shape[1], beam_width)
+    out["extracted"] = np.all(beams[:, 0] == secrets, axis=1)
+    out["extracted_top_b"] = np.any(np.all(beams == secrets[:, None, :], axis=2), axis=1)
+    out["top_beam"] = beams[:, 0]
+    return out

@@ -1,0 +1,194 @@
+"""The driver: start Ray (or join a cluster), the shards and the coordinator; stream rounds out.
+
+Kept apart from the Hydra entry point so tests and notebooks can call `train(cfg, run_dir)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleet.config import ConfigError, config_from_dict, validate
+from fleet.round import checkpoint
+from fleet.round.shard import fleet_size
+from fleet.runtime import hooks
+from fleet.runtime.guards import Guard, abandonment, progress_text
+from fleet.runtime.header import check_privacy_budget, header
+from fleet.runtime.placement import cluster_line, fleet_actors, init_ray
+from fleet.runtime.resume import Interrupted, metrics_before, resumed_config
+from fleet.runtime.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def _summary(
+    cfg: Any,
+    lines: list[dict],
+    stop_reason: str,
+    pop: int,
+    infos: list[dict],
+    num_params: int,
+    build_s: float,
+    wall0: float,
+    run_dir: Path,
+) -> dict:
+    """The run's summary; under private telemetry only what the release already shows (how many
+    rounds released) and what does not depend on who took part."""
+    current = [x for x in lines if not x.get("superseded")]
+    out = {
+        "rounds": len(current),
+        "released_rounds": sum(1 for x in current if x["released"]),
+        "abandoned_rounds": sum(1 for x in current if x["abandoned"]),
+        "superseded_rounds": len(lines) - len(current),
+        "stop_reason": stop_reason,
+        "population": pop,
+        "shards": len(infos),
+        "build_s": build_s,
+        "state_bytes_per_device": sum(i["state_bytes"] for i in infos) / pop,
+        "model_params": num_params,
+        "telemetry": cfg.privacy.telemetry,
+        "run_dir": str(run_dir),
+    }
+    if cfg.privacy.telemetry != "private":
+        out["wall_s"] = time.perf_counter() - wall0
+        out["sim_hours"] = (
+            (current[-1]["sim_time"] + current[-1]["round_duration_s"]) / 3600.0 if current else 0.0
+        )
+        out["mean_reported"] = float(np.mean([x["reported"] for x in current])) if current else math.nan
+        out["pure_noise_rounds"] = sum(1 for x in current if x.get("pure_noise"))
+    return out
+
+
+# What may change when a run is resumed: how long it goes on, how it is watched and where it runs.
+# Anything else would make the resumed run a different run from the one checkpointed.
+def train(
+    cfg: Any,
+    run_dir: str | Path,
+    config_dict: dict | None = None,
+    on_round: Callable[[dict, list, Any], None] | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Run (or, with cfg.resume, continue) a training job; metrics.jsonl and summary.json in run_dir.
+
+    With a resume, `overrides` (the command line's) may extend or re-watch the run (`RESUMABLE`).
+    `on_round(line, shards, coordinator)` is called after each logged round (tests use it to
+    inject crashes).
+    """
+    import ray
+
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        config_dict = resumed_config(checkpoint.load_run_config(run_dir), overrides or [])
+        cfg = config_from_dict(config_dict)
+        cfg.resume = str(run_dir)
+        checkpoint.load_coordinator(
+            run_dir / checkpoint.STATE_DIR
+        )  # a corrupt one: one line, before start-up
+    validate(cfg)
+    if cfg.tracking.mode == "online":
+        from fleet.runtime.tracking import wandb_logged_in
+
+        if not wandb_logged_in():
+            raise ConfigError(
+                "tracking.mode: online needs a W&B login: run `wandb login` (or set WANDB_API_KEY), "
+                "or use tracking=offline and `wandb sync` later"
+            )
+    pop = fleet_size(cfg)
+    if cfg.fleet.goal > pop:
+        raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")
+    check_privacy_budget(cfg, pop)
+    run_dir = Path(run_dir)
+    state_dir = run_dir / checkpoint.STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if config_dict is None:
+        config_dict = asdict(cfg) if is_dataclass(cfg) else {}
+    if not cfg.resume:
+        checkpoint.save_config(run_dir, config_dict)
+    hooks.call(hooks.BEFORE_START, hooks.Run(cfg, run_dir))  # e.g. the canary plan the shards read
+    started = init_ray(cfg, run_dir)
+    wall0 = time.perf_counter()
+    actors = ExitStack()  # the shards, the coordinator and their placement group, released at the end
+    shards, coordinator = actors.enter_context(fleet_actors(cfg, pop, state_dir))
+    try:
+        infos = ray.get([s.info.remote() for s in shards])
+        first = ray.get(coordinator.resume.remote()) if cfg.resume else 0
+        lines = metrics_before(run_dir / "metrics.jsonl", first, cfg.rng == "secure")
+        build_s = time.perf_counter() - wall0
+        num_params = int(ray.get(coordinator.get_params.remote()).size)
+        log.info("%s", header(cfg, pop, infos, num_params, build_s, run_dir))
+        log.info("%s", cluster_line(cfg, started))
+        tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
+        tracker.bar.update(first)
+        stop_reason = "rounds"
+        diverged = None
+        guard = Guard(cfg.train)
+        pending = None
+        try:
+            for r in range(first, cfg.train.rounds):
+                pending = coordinator.run_round.remote()
+                line = ray.get(pending)
+                pending = None
+                if line.get("stop"):  # releasing this round would pass privacy.target_epsilon
+                    stop_reason = line["stop"]
+                    break
+                tracker.log(line)
+                lines.append(line)
+                verdict = guard.check(line)
+                for warning in verdict.warnings:
+                    tracker.warn(warning)
+                if (r + 1) % cfg.train.eval_every == 0:
+                    log.info("round %d: %s", r + 1, progress_text(lines))
+                if verdict.stop:
+                    stop_reason, diverged = "diverged", verdict.stop
+                    tracker.warn(f"diverged: {diverged}")
+                    break
+                if (r + 1) % cfg.train.checkpoint_every == 0:
+                    ray.get(coordinator.checkpoint.remote())
+                if on_round is not None:
+                    on_round(line, shards, coordinator)
+                limit = cfg.train.max_wall_seconds
+                if limit is not None and time.perf_counter() - wall0 > limit:
+                    stop_reason = "max_wall_seconds"
+                    break
+        except KeyboardInterrupt:
+            # Ctrl-C: let the round in flight finish (it may already be released), then checkpoint.
+            if pending is not None:
+                line = ray.get(pending)
+                tracker.log(line)
+                lines.append(line)
+            stop_reason = "interrupted"
+        ray.get(coordinator.checkpoint.remote())
+        final_eval = ray.get(coordinator.evaluate.remote())
+        summary = _summary(cfg, lines, stop_reason, pop, infos, num_params, build_s, wall0, run_dir)
+        summary["incidents"] = ray.get(coordinator.get_incidents.remote())
+        summary["final"] = final_eval
+        summary["privacy"] = ray.get(coordinator.privacy_summary.remote())
+        if diverged:
+            summary["diverged"] = diverged
+        why = abandonment(lines, cfg, pop)
+        if why:
+            summary["abandonment"] = why
+            log.warning("%s", why)
+        if stop_reason != "interrupted":
+
+            def evaluate(ids: np.ndarray, n: np.ndarray) -> dict:
+                return ray.get(coordinator.evaluate_devices.remote(ids, n))
+
+            run = hooks.Run(cfg, run_dir, shards, lines, summary, stop_reason, evaluate)
+            hooks.call(hooks.AFTER_TRAINING, run)  # the audits; their figures go to the W&B run
+        tracker.finish(summary)
+        if stop_reason == "interrupted":
+            raise Interrupted(run_dir, len(lines))
+        return summary
+    finally:
+        actors.close()
+        if started:
+            ray.shutdown()

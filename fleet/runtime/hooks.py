@@ -1,0 +1,44 @@
+"""The audits, attached to a run as hooks: the driver calls the lists, never an audit by name.
+
+Each entry is an import path `module:function`, imported when called (the audits load
+matplotlib, scipy and dp-accounting, which a run without them never needs). A hook gets the
+`Run` and decides for itself whether it applies; what it adds to `run.summary` goes to
+summary.json and W&B.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Before the actors start (what the shards must read when they are built).
+BEFORE_START = ("fleet.audits.memorization:before_start",)
+# When training ends, before the W&B run is finished (their figures go to it).
+AFTER_TRAINING = (
+    "fleet.audits.memorization:after_training",
+    "fleet.audits.participation:after_training",
+)
+
+
+@dataclass
+class Run:
+    """What a hook may look at: the config, the run directory and, after training, the live
+    shards, the metrics lines, the summary so far, why training stopped and a way to evaluate the
+    model on given held-out devices."""
+
+    cfg: Any
+    run_dir: Path
+    shards: list[Any] = field(default_factory=list)
+    lines: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    stop_reason: str = ""
+    evaluate_devices: Callable[[Any, Any], dict] | None = None
+
+
+def call(hooks: Sequence[str], run: Run) -> None:
+    for path in hooks:
+        module, _, name = path.partition(":")
+        getattr(importlib.import_module(module), name)(run)
