@@ -19,8 +19,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# How an infinity is written to JSON (which has none): readers treat |x| >= this as infinite.
+JSON_INF = 1e308
+
+
 def jsonable(x: Any) -> Any:
-    """`x` as JSON can hold it: numpy scalars as numbers, nan as null, infinities as +-1e308."""
+    """`x` as JSON can hold it: numpy scalars as numbers, nan as null, infinities as +-JSON_INF."""
     if isinstance(x, dict):
         return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -28,7 +32,7 @@ def jsonable(x: Any) -> Any:
     if hasattr(x, "item") and callable(x.item):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+        return None if math.isnan(x) else (JSON_INF if x > 0 else -JSON_INF)
     return x
 
 

@@ -202,6 +202,9 @@ class RayConfig:
     cpus_per_shard: float = 1.0  # each shard's placement-group bundle (and its actor) reserves these
     gpus_per_shard: float = 0.0
     placement_timeout_s: float = 300.0  # a cluster may take this long to find (or add) the nodes
+    join_foreign: bool = (
+        False  # let `auto` join a Ray another process started with ray.init, or another user's
+    )
     dashboard: bool = False
     log_to_driver: bool = False
 
@@ -221,6 +224,9 @@ class TrackingConfig:
 @dataclass
 class CanaryGroupConfig:
     """`canaries` canaries, each planted on `devices` devices of its own (no device holds two).
+
+    `devices: 0` is a control group: canaries drawn exactly as the others and never planted, so
+    their exposure measures chance (about 1/ln 2 bits on average) under the same model.
 
     On each planted device the canary replaces `repeats` examples, or, if `prob` is set, each
     example independently with probability `prob` (Carlini et al. 2019; Thakkar et al. 2021).
@@ -250,6 +256,10 @@ class MemorizationConfig:
     references: int = 16384  # R fresh candidates the canary is ranked against (exposure by rank)
     samples: int = 65536  # candidates the skew-normal is fitted to (extrapolated exposure)
     beam_width: int = 10  # beam search from the prefix: extracted = top beam; also within the top b
+    bootstrap: int = 20  # resamples for the extrapolation's interval (canaries ranked first only)
+    generic_prefixes: int = 8  # beam search from this many prefixes no canary has, too
+    track_every: int = 0  # rank exposure every this many rounds (0: final audit only)
+    track_references: int = 1024  # candidates of that running rank (fixed for the run)
     audit: bool = True  # audit when training ends (fleet-audit RUN_DIR does it again)
     plan_path: str | None = None  # set by fleet.runtime.driver: RUN_DIR/canaries/plan.npz, read by the shards
 
@@ -488,11 +498,14 @@ def validate_memorization(cfg: Any, key: str = "memorization") -> None:
     )
     for i, g in enumerate(m.groups):
         gk = f"{key}.groups[{i}]"
-        _check(g.devices >= 1, f"{gk}.devices", f"must be >= 1 (got {g.devices})")
+        _check(g.devices >= 0, f"{gk}.devices", f"must be >= 0, 0 for a control group (got {g.devices})")
         _check(g.canaries >= 1, f"{gk}.canaries", f"must be >= 1 (got {g.canaries})")
         _check(g.repeats >= 1, f"{gk}.repeats", f"must be >= 1 (got {g.repeats})")
         if g.prob is not None:
             _check(0 < g.prob <= 1, f"{gk}.prob", f"must be in (0, 1] (got {g.prob})")
+    for name in ("bootstrap", "generic_prefixes", "track_every"):
+        _check(getattr(m, name) >= 0, f"{key}.{name}", f"must be >= 0 (got {getattr(m, name)})")
+    _check(m.track_references >= 1, f"{key}.track_references", f"must be >= 1 (got {m.track_references})")
 
 
 def validate_privacy(cfg: Any) -> None:

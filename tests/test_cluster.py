@@ -184,3 +184,70 @@ def test_a_shard_that_refuses_to_start_stops_the_run_with_one_line(ray_session):
 
 if __name__ == "__main__":
     _train_on_two_nodes(Path(sys.argv[1]))
+
+
+def test_auto_refuses_a_ray_that_a_running_process_started_or_another_user_owns(tmp_path):
+    """`ray.address=auto` takes the newest Ray on the host. The session directory says who
+    started it (its name ends in the starter's pid) and whose it is (its owner)."""
+    from fleet.runtime.placement import foreign_cluster
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    standing = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "ray", "start", "--block"]
+    )
+    try:
+        by_init = tmp_path / f"session_2026-12-02_10-00-00_000001_{sleeper.pid}"
+        by_init.mkdir()
+        assert f"process {sleeper.pid} started it with ray.init" in foreign_cluster(by_init)
+        by_ray_start = tmp_path / f"session_2026-12-02_10-00-00_000001_{standing.pid}"
+        by_ray_start.mkdir()
+        assert foreign_cluster(by_ray_start) is None  # `ray start --block`: made to be joined
+        exited = tmp_path / "session_2026-12-02_10-00-00_000001_999999999"
+        exited.mkdir()
+        assert foreign_cluster(exited) is None  # the starter is gone: `ray start`, or long done
+        ours = tmp_path / f"session_2026-12-02_10-00-00_000001_{os.getpid()}"
+        ours.mkdir()
+        assert foreign_cluster(ours) is None
+        os.chown(exited, 65534, 65534)
+        assert "another user (uid 65534)" in foreign_cluster(exited)
+    finally:
+        sleeper.kill()
+        standing.kill()
+
+
+@pytest.mark.slow
+def test_fleet_train_with_auto_will_not_join_a_test_sessions_ray(tmp_path):
+    """The probe's case: a test process holds a Ray it started with ray.init; `ray=cluster` in
+    another process found it through `auto` and ran there unsaid. Now it is one line and exit 2,
+    and ray.join_foreign=true joins it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RAY_AUTH_MODE": "disabled"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+         "print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        address = holder.stdout.readline().strip()
+        probe = (
+            "import sys, ray\n"
+            "from conftest import make_cfg\n"
+            "from fleet.config import ConfigError\n"
+            "from fleet.runtime.placement import init_ray\n"
+            "try:\n"
+            "    init_ray(make_cfg('fleet=tiny', 'ray=cluster', *sys.argv[1:]))\n"
+            "except ConfigError as e:\n"
+            "    print('refused:', e); sys.exit(2)\n"
+            "print('joined', ray.get_runtime_context().gcs_address)\n"
+        )
+        env["RAY_ADDRESS"] = address  # what `auto` resolves to, whatever else runs on this host
+        refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "not a standing cluster" in refused.stdout and f"process {holder.pid}" in refused.stdout
+        assert len(refused.stdout.strip().splitlines()) == 1
+        joined = subprocess.run(
+            [sys.executable, "-c", probe, "ray.join_foreign=true"], capture_output=True, text=True, env=env
+        )
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert f"joined {address}" in joined.stdout
+    finally:
+        holder.kill()

@@ -299,3 +299,163 @@ def test_run_with_canaries_audits_and_leaks_no_planted_device_id(privacy, ray_se
     table = (tmp_path / f"{mz.COMPARE_STEM}.csv").read_text().splitlines()
     assert len(table) == 1 + 4 and (tmp_path / f"{mz.COMPARE_STEM}.png").exists()
     assert "other run" in capfd.readouterr().out
+
+
+def test_the_control_group_of_an_untrained_model_sits_at_chance():
+    """Canaries never seen rank uniformly among candidates drawn alike: their mean exposure is
+    1/ln 2 bits, which the Student interval of 64 of them must contain. A canary scored against
+    candidates from a different law (here: the uniform, which an unigram-drawn secret beats
+    under a model that learned the unigram), or an off-by-one rank, moves it out."""
+    cfg = make_cfg(*SMALL_NWP, "memorization=secret_sharer")
+    corpus = make_corpus(cfg)
+    word_p = mz.word_distribution(corpus, "unigram")
+    g = np.random.default_rng(11)
+    prefixes, secrets = mz.draw_words(g, word_p, (64, 3)), mz.draw_words(g, word_p, (64, 5))
+    torch.manual_seed(1)
+    model = NWPModel(cfg.model.vocab_size + NUM_SPECIAL, 16, 32, 16, init_scale=1.0).eval()
+    got = mz.measure(model, prefixes, secrets, word_p, references=1023, samples=256, beam_width=2, seed=5)
+    mean, lo, hi = mz.mean_interval(got["exposure"])
+    assert lo < mz.CHANCE_BITS < hi, (mean, lo, hi)
+    assert hi - lo < 1.0  # 64 canaries: an interval narrow enough to mean something
+
+    # The same canaries under a model that knows the unigram, ranked against uniform candidates,
+    # are not at chance: the interval leaves 1/ln 2 (the test can fail).
+    unigram_model = fixed_distribution_model(np.log(word_p))
+    uniform = np.full_like(word_p, 1.0 / len(word_p))
+    off = mz.measure(
+        unigram_model, prefixes, secrets, uniform, references=1023, samples=256, beam_width=2, seed=5
+    )
+    assert mz.mean_interval(off["exposure"])[1] > mz.CHANCE_BITS
+
+
+def test_cells_are_tested_against_the_control_group():
+    g = np.random.default_rng(0)
+    chance = lambda n: 10.0 - np.log2(g.integers(1, 1025, n))  # noqa: E731 - ranks uniform in 1..1024
+    canaries = []
+    for group, devices, exposures in ((0, 0, chance(8)), (1, 1, chance(8)), (2, 4, np.full(8, 10.0))):
+        for e in exposures:
+            canaries.append(
+                {"group": group, "devices": devices, "repeats": 4, "prob": None, "insertions": 4 * devices,
+                 "log_perplexity": 30.0, "exposure": float(e), "saturated": e == 10.0,
+                 "exposure_extrapolated": float(e), "exposure_extrapolated_hi": None, "extracted": False,
+                 "extracted_top_b": False, "generic_hits": 0}
+            )  # fmt: skip
+    rows = {r["group"]: r for r in mz.group_table(canaries)}
+    assert rows[0]["p_vs_control"] is None and rows[0]["devices_planned"] == 0
+    assert not rows[1]["above_control"] and rows[1]["p_vs_control"] > 0.05
+    assert rows[2]["above_control"] and rows[2]["p_vs_control"] < 1e-3
+    assert rows[2]["saturated"] == 8 and rows[2]["devices_planned"] == 32
+    for r in rows.values():
+        assert r["exposure_lo"] <= r["exposure"] <= r["exposure_hi"]
+    assert rows[2]["exposure_lo"] == rows[2]["exposure_hi"] == 10.0
+
+
+def test_the_extrapolation_is_capped_at_the_candidate_spaces_own_maximum():
+    """A model sure of one secret: the skew-normal fitted to the candidates would put it far out
+    (tens of bits), but a candidate equals the canary with probability 16^-3 under the uniform
+    candidate law, so no exposure can pass 12 bits. Rank saturates: reported as ranked first."""
+    logp = np.full(16, -20.0)
+    logp[0] = 0.0  # word 4: nearly probability 1 after any context
+    model = fixed_distribution_model(logp - np.log(np.exp(logp).sum()))
+    word_p = np.full(16, 1 / 16)
+    secrets = np.array([[4, 4, 4], [5, 6, 7]], dtype=np.int32)
+    prefixes = np.array([[8, 9], [8, 9]], dtype=np.int32)
+    np.testing.assert_allclose(mz.secret_bits(secrets, word_p), [12.0, 12.0])
+    unbounded = mz.exposure_extrapolated(
+        mz.log_perplexity(model, prefixes[0], secrets[:1])[0],
+        mz.fit_skewnorm(
+            mz.log_perplexity(model, prefixes[0], mz.draw_words(np.random.default_rng(1), word_p, (512, 3)))
+        ),
+    )
+    assert unbounded > 12.0  # what the fit alone says
+    got = mz.measure(
+        model, prefixes, secrets, word_p, references=511, samples=512, beam_width=2, seed=3, bootstrap=5
+    )
+    assert got["exposure_extrapolated"][0] == pytest.approx(12.0)
+    assert got["saturated"][0] and got["exposure"][0] == pytest.approx(9.0)
+    assert got["exposure_extrapolated_lo"][0] <= got["exposure_extrapolated_hi"][0] <= 12.0 + 1e-9
+    assert not got["saturated"][1] and math.isnan(got["exposure_extrapolated_hi"][1])  # rank is the figure
+    assert got["exposure_extrapolated"][1] <= 12.0
+
+
+def test_the_bootstrap_interval_reaches_the_true_exposure_where_the_fit_is_right():
+    """Erring low is the unsafe side of a privacy audit: where the candidates really are skew-normal,
+    the interval must contain the true exposure, its upper end above it, out to 22 bits (the
+    point estimate alone is up to a bit off there). Where they are not, the fit tends to read low
+    above ~12 bits, which no resampling can reveal; reports quote the upper end and say so."""
+    from scipy import stats
+
+    a = 4.0
+    samples = stats.skewnorm.rvs(a, size=4096, random_state=np.random.default_rng(2))
+    for bits in (10.0, 16.0, 22.0):
+        canary = float(stats.skewnorm.ppf(2.0**-bits, a))
+        fit = mz.fit_skewnorm(samples)
+        lo, hi = mz.bootstrap_extrapolated(canary, samples, 99.0, np.random.default_rng(4), 30)
+        assert lo < hi
+        assert lo <= bits <= hi, (bits, mz.exposure_extrapolated(canary, fit), lo, hi)
+        assert lo <= mz.exposure_extrapolated(canary, fit) <= hi
+
+
+def test_generic_prefixes_bring_up_a_secret_the_model_says_after_anything():
+    logp = np.log(np.array([0.6, 0.3, 0.05, 0.05]))  # words 4..7, whatever the context
+    model = fixed_distribution_model(logp)
+    secrets = np.array([[4, 4], [7, 6]], dtype=np.int32)  # the most likely pair; an unlikely one
+    generic = np.array([[5], [6], [7]], dtype=np.int32)
+    np.testing.assert_array_equal(mz.generic_extraction(model, generic, secrets, beam_width=2), [3, 0])
+    np.testing.assert_array_equal(mz.generic_extraction(model, generic[:0], secrets, beam_width=2), [0, 0])
+
+
+def train_in_process(cfg, run_dir):
+    """A run without Ray (shards in this process), as the memorization notebook runs one."""
+    from fleet.phones.population import shard_ranges
+    from fleet.round.coordinator import Coordinator
+    from fleet.round.shard import ShardCore
+    from fleet.runtime.hooks import Run
+
+    run_dir.mkdir(parents=True)
+    mz.prepare(cfg, run_dir)
+    pop, state = cfg.fleet.population, str(run_dir / "state")
+    shards = [ShardCore(cfg, i, a, b, state_dir=state) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
+    coordinator = Coordinator(cfg, shards, pop, state)
+    live = Run(cfg, run_dir, weights=lambda: coordinator.params)
+    for r in range(cfg.train.rounds):
+        coordinator.run_round()
+        live.round = r + 1
+        mz.during_training(live)
+    coordinator.checkpoint()
+    return coordinator
+
+
+@pytest.mark.slow
+def test_positive_control_one_device_canary_is_memorized_without_dp(one_thread, tmp_path):
+    """The preset's positive control, shrunk: a canary on ONE phone of 40, each phone training in
+    about one round of four, is memorized without DP (far above the never-planted control, most
+    ranked first); the exposure track shows it growing over training."""
+    cfg = make_cfg(
+        *SMALL_NWP,
+        "privacy=none",
+        "fleet.population=40",
+        "fleet.goal=10",
+        "train.rounds=150",
+        "train.client_lr=1.0",
+        "train.server_optimizer=sgd",
+        "memorization=secret_sharer",
+        "memorization.groups=[{devices:0,repeats:1,canaries:8},{devices:1,repeats:16,canaries:8}]",
+        "memorization.references=1023",
+        "memorization.samples=1024",
+        "memorization.track_every=50",
+    )
+    validate(cfg)
+    train_in_process(cfg, tmp_path / "run")
+    result = mz.run_audit(tmp_path / "run", cfg, figures=True)
+    control, single = result["groups"]
+    assert control["devices"] == 0 and control["times_trained"] == 0
+    assert single["devices_trained"] == 8 and single["times_trained"] > 16 * 5
+    assert single["above_control"] and single["exposure_lo"] > control["exposure_hi"]
+    assert single["exposure"] > 8.0 and single["saturated"] >= 4, result["groups"]
+    assert control["exposure"] < 4.0
+    track = mz.read_track(tmp_path / "run")
+    assert track["rounds"] == [50, 100, 150]
+    planted = np.array([c["devices"] == 1 for c in result["canaries"]])
+    assert track["exposure"][-1, planted].mean() > track["exposure"][0, planted].mean()
+    assert (tmp_path / "run" / mz.PLOT_FILE).exists()

@@ -129,6 +129,30 @@ def test_plots_follow_the_metrics_present(tmp_path):
     assert report.write_report([run], tmp_path / "out").exists()
 
 
+def test_clipping_without_noise_has_an_infinite_epsilon_and_a_report_all_the_same(tmp_path):
+    """privacy=clip_only: DP's clipping, z = 0, epsilon infinite, written to JSON as 1e308. The
+    memorization sweep's middle arm died drawing that on an axis; it is no number to plot."""
+    from fleet.atomic import jsonable
+
+    inf = jsonable(float("inf"))
+    clip = _write_run(
+        tmp_path / "clip",
+        [_line(r, epsilon=inf, recall=0.1 + 0.01 * r) for r in range(6)],
+        {
+            "rounds": 6,
+            "final": {"recall@1": 0.2},
+            "privacy": {"dp": True, "epsilon": inf, "textbook": {"epsilon": inf}},
+        },
+    )
+    (run,) = report.find_runs([clip])
+    figs = report.figures([run])
+    assert "epsilon" not in figs and "privacy_claims" not in figs
+    for fig in figs.values():
+        report.png_bytes(fig)  # draws
+    page = report.write_report([run], tmp_path / "out")
+    assert "1e+308" not in page.read_text()
+
+
 def test_torn_last_line_of_a_running_job_is_left_out(tmp_path):
     run = _write_run(tmp_path / "running", [_line(0), _line(1)])
     with open(run / "metrics.jsonl", "a") as f:

@@ -131,6 +131,9 @@ def train(
         diverged = None
         guard = Guard(cfg.train)
         pending = None
+        live = hooks.Run(
+            cfg, run_dir, shards, lines, weights=lambda: ray.get(coordinator.get_params.remote())
+        )
         try:
             for r in range(first, cfg.train.rounds):
                 pending = coordinator.run_round.remote()
@@ -141,6 +144,8 @@ def train(
                     break
                 tracker.log(line)
                 lines.append(line)
+                live.round = r + 1
+                hooks.call(hooks.DURING_TRAINING, live)  # e.g. the canaries' exposure every k rounds
                 verdict = guard.check(line)
                 for warning in verdict.warnings:
                     tracker.warn(warning)

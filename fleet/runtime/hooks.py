@@ -16,6 +16,8 @@ from typing import Any
 
 # Before the actors start (what the shards must read when they are built).
 BEFORE_START = ("fleet.audits.memorization:before_start",)
+# After every logged round, with the released weights (e.g. the canaries' exposure over training).
+DURING_TRAINING = ("fleet.audits.memorization:during_training",)
 # When training ends, before the W&B run is finished (their figures go to it).
 AFTER_TRAINING = (
     "fleet.audits.memorization:after_training",
@@ -27,7 +29,8 @@ AFTER_TRAINING = (
 class Run:
     """What a hook may look at: the config, the run directory and, after training, the live
     shards, the metrics lines, the summary so far, why training stopped and a way to evaluate the
-    model on given held-out devices."""
+    model on given held-out devices; during training, the round just logged and a way to fetch
+    the released weights (fetched only by a hook that needs them)."""
 
     cfg: Any
     run_dir: Path
@@ -36,6 +39,8 @@ class Run:
     summary: dict = field(default_factory=dict)
     stop_reason: str = ""
     evaluate_devices: Callable[[Any, Any], dict] | None = None
+    round: int = 0
+    weights: Callable[[], Any] | None = None
 
 
 def call(hooks: Sequence[str], run: Run) -> None:

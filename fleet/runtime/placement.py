@@ -34,6 +34,17 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
     global _started_locally
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
+        if cfg.ray.address == "auto" and not cfg.ray.join_foreign:
+            session = ray._private.worker._global_node.get_session_dir_path()
+            why = foreign_cluster(session)
+            if why:
+                address = ray.get_runtime_context().gcs_address
+                ray.shutdown()
+                raise ConfigError(
+                    f"ray.address: auto found the Ray at {address}, which is not a standing cluster: {why}. "
+                    "Start one with `ray start --head` (or use ray=local), or set ray.join_foreign=true "
+                    "to run there anyway"
+                )
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
         _started_locally = True
@@ -41,6 +52,33 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
 
 
 _started_locally = False  # this process started a local Ray (the CLI does, once per sweep)
+
+
+def foreign_cluster(session_dir: str | Path) -> str | None:
+    """Why the Ray that `address=auto` found is someone else's, or None for a standing cluster.
+
+    `auto` joins the newest Ray on the host, whoever started it. A cluster made to be joined was
+    started by `ray start` (its starter has exited, or is `ray start --block`). One that a running
+    process started with `ray.init` (a test session, a notebook, another fleet-train) lives and
+    dies with that process, and another user's is not ours to load: both are refused unless the
+    user asks. The session directory is named for its starter's pid and owned by its user.
+    """
+    import psutil
+
+    path = Path(session_dir)
+    if path.exists() and path.stat().st_uid != os.getuid():
+        return f"it belongs to another user (uid {path.stat().st_uid})"
+    tail = path.name.rsplit("_", 1)[-1]
+    if not tail.isdigit() or int(tail) == os.getpid():
+        return None
+    try:
+        args = psutil.Process(int(tail)).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None  # the starter has exited: `ray start`, or a driver long gone
+    names = [Path(a).name for a in args]
+    if "ray" in names and "start" in names[names.index("ray") :]:
+        return None
+    return f"process {tail} started it with ray.init and is still running ({' '.join(args)[:80]})"
 
 
 def shard_count(cfg: Any, pop: int) -> int:

@@ -35,6 +35,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from fleet.atomic import JSON_INF
 from fleet.audits.stress import plot_stress
 
 # Evaluation metrics of the tasks we ship, for runs with no summary.json yet.
@@ -75,7 +76,9 @@ class Run:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number: not a bool, not NaN, not an infinity as JSON holds it (an epsilon of
+    clipping without noise is infinite, written as JSON_INF, and would break an axis)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < JSON_INF
 
 
 def load_run(path: str | Path) -> Run:
@@ -414,7 +417,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return "inf" if v >= JSON_INF else f"{v:.4g}"
     return "" if v is None else str(v)
 
 

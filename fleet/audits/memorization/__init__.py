@@ -16,16 +16,21 @@ data and auditing the trained model (Carlini et al. 2019, "The Secret Sharer"; T
 - **The audit** (`run_audit`, run when training ends and by `fleet-audit RUN_DIR`): for each canary,
   its log-perplexity (bits over the secret given the prefix), its exposure by rank among R fresh
   candidates, its exposure extrapolated from a skew-normal fitted to sampled candidates, and
-  whether beam search from the prefix extracts the secret. Candidates are scored by batched
-  forward passes that start from the prefix's state (computed once per prefix), and log-probs
-  are gathered, never looped over in Python. Written to RUN_DIR/memorization.json, a CSV by
-  group and a plot; `compare` (and `fleet-audit RUN_DIR --compare OTHER...`, and the
-  `CompareSweep` Hydra callback of the `memorization` experiment) sets runs side by side.
+  whether beam search from the prefix (and from a few generic prefixes) extracts the secret;
+  by cell, the mean with its 95% interval and a test against a control group never planted.
+  Candidates are scored by batched forward passes that start from the prefix's state (computed
+  once per prefix), and log-probs are gathered, never looped over in Python. Written to
+  RUN_DIR/memorization.json, a CSV by group and a plot; `compare` (and `fleet-audit RUN_DIR
+  --compare OTHER...`, and the `CompareSweep` Hydra callback of the `memorization` experiment)
+  sets runs side by side.
 
 Exposure by rank: the canary is ranked among itself and R fresh candidates of the same format
 (same prefix, secrets drawn as the canary's was), so |R| = R + 1 and exposure = log2|R| - log2
 rank, rank = 1 + the number of candidates with lower log-perplexity: 0 for a canary the model
-finds least likely, log2(R + 1) for one it prefers to every candidate.
+finds least likely, log2(R + 1) for one it prefers to every candidate. A canary ranked first is
+reported as ">= log2|R|"; the skew-normal extrapolation then is the figure, capped at the
+candidate space's own maximum (-log2 of the secret's probability) and given a bootstrap interval.
+`during_training` (a driver hook) records rank exposure every `track_every` rounds.
 """
 
 from fleet.audits.memorization.audit import group_table, load_weights, run_audit, times_trained
@@ -48,12 +53,17 @@ from fleet.audits.memorization.plan import (
 )
 from fleet.audits.memorization.scoring import (
     beam_search,
+    bootstrap_extrapolated,
     exposure_by_rank,
     exposure_extrapolated,
     fit_skewnorm,
+    generic_extraction,
     log_perplexity,
     measure,
+    secret_bits,
 )
+from fleet.audits.memorization.statistics import CHANCE_BITS, above_control, mean_interval
+from fleet.audits.memorization.track import TRACK_FILE, during_training, read_track
 from fleet.learning.data.canaries import CanaryCorpus, CanaryPlan
 
 
@@ -65,11 +75,20 @@ def before_start(run) -> None:
 def after_training(run) -> None:
     """Hook: audit the canaries when training ends (fleet-audit RUN_DIR does it again)."""
     if planted(run.cfg) and run.cfg.memorization.audit:
-        run_audit(run.run_dir, run.cfg)
+        run_audit(run.run_dir, run.cfg, summary=run.summary)
 
 
 __all__ = [
     "AUDIT_STREAM",
+    "CHANCE_BITS",
+    "TRACK_FILE",
+    "above_control",
+    "bootstrap_extrapolated",
+    "during_training",
+    "generic_extraction",
+    "mean_interval",
+    "read_track",
+    "secret_bits",
     "after_training",
     "before_start",
     "COMPARE_STEM",

@@ -140,6 +140,50 @@ def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def secret_bits(secrets: np.ndarray, word_p: np.ndarray) -> np.ndarray:
+    """-log2 of each secret's probability under the candidate distribution (words i.i.d. from
+    word_p): the most exposure any canary can have, however the model ranks it.
+
+    Exposure is -log2 P(a candidate scores at least as well as the canary), and the canary itself
+    is a candidate with that probability, so no model can push it higher. A skew-normal fit has
+    no such ceiling (a canary once came out 0.5 bits above it); this is where it is capped.
+    """
+    idx = np.asarray(secrets, dtype=np.int64) - NUM_SPECIAL
+    return -np.log2(np.asarray(word_p, dtype=np.float64)[idx]).sum(axis=1)
+
+
+def bootstrap_extrapolated(
+    canary: float, candidates: np.ndarray, cap: float, g: np.random.Generator, rounds: int
+) -> tuple[float, float]:
+    """95% percentile interval of the capped extrapolated exposure over bootstrap resamples of
+    the fitted candidates: how far the figure moves with the candidate draw (3 bits, far out).
+
+    It measures the draw only, not the skew-normal's misfit, which above about 12 bits tends to
+    read LOW: on a privacy audit the unsafe direction, so reports quote the upper end there.
+    """
+    values = [
+        min(cap, exposure_extrapolated(canary, fit_skewnorm(g.choice(candidates, len(candidates)))))
+        for _ in range(rounds)
+    ]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def generic_extraction(model: Any, prefixes: np.ndarray, secrets: np.ndarray, beam_width: int) -> np.ndarray:
+    """Which canaries' secrets come out of beam search from prefixes that are not their own.
+
+    A memorized secret that a generic context already brings up leaks without the attacker
+    knowing its prefix. Returns, per canary, the number of the given prefixes whose top
+    `beam_width` beams contain the secret.
+    """
+    if len(prefixes) == 0:
+        return np.zeros(len(secrets), dtype=np.int64)
+    beams, _ = beam_search(model, prefixes, secrets.shape[1], beam_width)
+    flat = beams.reshape(-1, secrets.shape[1])
+    hits = np.all(flat[None, :, :] == secrets[:, None, :], axis=2).reshape(len(secrets), len(prefixes), -1)
+    return hits.any(axis=2).sum(axis=1).astype(np.int64)
+
+
 @_one_thread
 def measure(
     model: Any,
@@ -150,14 +194,21 @@ def measure(
     samples: int,
     beam_width: int,
     seed: int,
+    bootstrap: int = 0,
+    generic_prefixes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Exposure and extraction of canaries (prefixes (k, m), secrets (k, n)) under a model.
 
     Candidates are fresh secrets drawn from `word_p` (as the canaries' were), one set shared by
     every prefix and scored once per distinct prefix: the first `references` rank each canary,
     the first `samples` fit the skew-normal. Returns per-canary arrays: log_perplexity (bits),
-    rank, exposure, exposure_extrapolated, extracted (top beam is the secret), extracted_top_b
-    (the secret is among the `beam_width` beams) and top_beam (its words).
+    rank, exposure, saturated (ranked first: exposure by rank is only a lower bound, log2|R|),
+    exposure_extrapolated (capped at `secret_bits`, the candidate space's own maximum),
+    exposure_cap, exposure_extrapolated_lo/hi (bootstrap interval with `bootstrap` resamples,
+    for saturated canaries only, where the extrapolation is the figure; NaN elsewhere),
+    extracted (top beam is the secret), extracted_top_b (the secret is among the `beam_width`
+    beams), top_beam (its words) and generic_hits (how many of `generic_prefixes` bring the
+    secret up in their top beams).
 
     Runs on one thread: the batches are narrow matmuls and elementwise gate math, where a second
     thread gains little and, on a busy 2-core machine, was measured to make scoring 65,536
@@ -166,11 +217,15 @@ def measure(
     g = np.random.default_rng(seed)
     candidates = draw_words(g, word_p, (max(references, samples), secrets.shape[1]))
     k = len(secrets)
+    cap = secret_bits(secrets, word_p)
     out = {
         "log_perplexity": np.zeros(k),
         "rank": np.zeros(k, dtype=np.int64),
         "exposure": np.zeros(k),
         "exposure_extrapolated": np.zeros(k),
+        "exposure_cap": cap,
+        "exposure_extrapolated_lo": np.full(k, np.nan),
+        "exposure_extrapolated_hi": np.full(k, np.nan),
     }
     unique, which = np.unique(prefixes, axis=0, return_inverse=True)
     which = np.asarray(which).reshape(-1)
@@ -182,9 +237,17 @@ def measure(
         for c in mine:
             lp = out["log_perplexity"][c]
             out["rank"][c], out["exposure"][c] = exposure_by_rank(lp, cand[:references])
-            out["exposure_extrapolated"][c] = exposure_extrapolated(lp, fit)
+            out["exposure_extrapolated"][c] = min(cap[c], exposure_extrapolated(lp, fit))
+            if bootstrap and out["rank"][c] == 1:
+                lo_hi = bootstrap_extrapolated(lp, cand[:samples], cap[c], g, bootstrap)
+                out["exposure_extrapolated_lo"][c], out["exposure_extrapolated_hi"][c] = lo_hi
+    out["saturated"] = out["rank"] == 1
     beams, _ = beam_search(model, prefixes, secrets.shape[1], beam_width)
     out["extracted"] = np.all(beams[:, 0] == secrets, axis=1)
     out["extracted_top_b"] = np.any(np.all(beams == secrets[:, None, :], axis=2), axis=1)
     out["top_beam"] = beams[:, 0]
+    generic = (
+        np.zeros((0, prefixes.shape[1]), dtype=np.int32) if generic_prefixes is None else generic_prefixes
+    )
+    out["generic_hits"] = generic_extraction(model, generic, secrets, beam_width)
     return out
