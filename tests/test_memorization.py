@@ -452,7 +452,7 @@ def test_positive_control_one_device_canary_is_memorized_without_dp(one_thread, 
     assert control["devices"] == 0 and control["times_trained"] == 0
     assert single["devices_trained"] == 8 and single["times_trained"] > 16 * 5
     assert single["above_control"] and single["exposure_lo"] > control["exposure_hi"]
-    assert single["exposure"] > 8.0 and single["saturated"] >= 4, result["groups"]
+    assert single["exposure"] > 6.0 and single["saturated"] >= 4, result["groups"]  # of 10 bits
     assert control["exposure"] < 4.0
     track = mz.read_track(tmp_path / "run")
     assert track["rounds"] == [50, 100, 150]

@@ -63,10 +63,9 @@ def track_figure(result: dict, track: dict) -> Any:
     group = np.array([c["group"] for c in result["canaries"]])
     for i, g in enumerate(result["groups"]):
         mine = group == g["group"]
-        style = {"color": "0.4", "ls": ":"} if g["devices"] == 0 else {"color": f"C{i % 10}"}
-        ax.plot(
-            track["rounds"], track["exposure"][:, mine].mean(axis=1), "o-", ms=3, label=group_name(g), **style
-        )
+        style = {"color": "0.4", "ls": ":"} if g["devices"] == 0 else {"color": f"C{i % 10}", "ls": "-"}
+        y = track["exposure"][:, mine].mean(axis=1)
+        ax.plot(track["rounds"], y, marker="o", ms=3, label=group_name(g), **style)
     ax.axhline(track["max_exposure"], color="0.5", ls="--", lw=1)
     ax.set(xlabel="round", ylabel="mean exposure by rank (bits)", ylim=(-0.3, track["max_exposure"] + 0.5))
     ax.set_title(f"{result['label']}: exposure over training (|R| = {round(2 ** track['max_exposure'])})")

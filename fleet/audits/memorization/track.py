@@ -1,6 +1,6 @@
 """Exposure over training: the canaries' rank exposure every `memorization.track_every` rounds.
 
-The final audit says what the model memorized; this says when. Every k released rounds the
+The final audit says what the model memorized; this says when. Every k rounds the
 driver hands the released weights to `during_training`, which ranks each canary among a small
 fixed set of `track_references` fresh candidates (the same set each time, so the curve moves
 only with the model) and appends one line to RUN_DIR/memorization_track.jsonl. The plan, which
