@@ -18,7 +18,7 @@ from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from fleet.audits import cli as audit_cli
-from fleet.audits import participation
+from fleet.audits import participation, participation_privacy
 from fleet.learning.data.corpus import make_corpus
 from fleet.learning.model import build_model
 from fleet.learning.tasks.mean import MeanTask
@@ -145,7 +145,7 @@ def test_device_blocks_do_not_change_the_audit():
     avail = gen.random((rounds, 500)) < np.linspace(0.05, 0.9, 500)
     avail[:, 100:200] = avail[:, [100]]  # 100 devices with one pattern, over several blocks
     avail[:, 450:] = False  # and 50 never available
-    curves, _ = participation.rounds_rdp("poisson", np.full(rounds, 20 / 400), 1.0)
+    curves, _ = participation_privacy.rounds_rdp("poisson", np.full(rounds, 20 / 400), 1.0)
 
     def audit(block: int) -> dict:
         steps = iter(avail)
@@ -194,7 +194,7 @@ def test_device_blocks_do_not_change_the_audit():
 
 def _schedule_args(cfg, lines, nominal):
     released = [x for x in lines if x["released"]]
-    curves, _ = participation.rounds_rdp(
+    curves, _ = participation_privacy.rounds_rdp(
         "poisson", np.array([x["q"] for x in released]), cfg.privacy.noise_multiplier
     )
     times = np.array([x["sim_time"] for x in released])
@@ -203,7 +203,7 @@ def _schedule_args(cfg, lines, nominal):
 
 def test_each_rounds_curve_bounds_the_exact_one_from_above():
     q = 60 / np.array([900, 1200, 1500, 2100, 2600, 3300, 4000])
-    curves, info = participation.rounds_rdp("poisson", q, 1.0)
+    curves, info = participation_privacy.rounds_rdp("poisson", q, 1.0)
     assert info == {"distinct_q": 7}
     for v, curve in zip(q, curves, strict=True):
         acc = RdpAccountant(list(ORDERS))
