@@ -14,7 +14,8 @@ import pytest
 from fleet.config import Config, ConfigError, DataConfig, FleetConfig, ModelConfig, PrivacyConfig
 from fleet.learning.data import BOS, EOS, OOV, PAD, make_corpus, unigram_baseline_recall
 from fleet.learning.data.arrow import INDEX_FILE, SUMMARY_FILE, TRAIN_FILE, ArrowCorpus, CorpusWriter
-from fleet.learning.data.ingest import device_id_of, main
+from fleet.learning.data.ingest import main
+from fleet.learning.data.rows import device_id_of
 from fleet.learning.data.vocab import Vocabulary, encode_sentence, sentences
 
 SEQ = 6
@@ -283,7 +284,7 @@ def test_corrupt_or_mismatched_corpus_raises_config_error(tmp_path: Path) -> Non
 def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path: Path, capsys) -> None:
     """Numeric user ids are users (counted apart); a text of whitespace only and a line past the
     row cap are counted as bad, never dropped silently; and nothing usable is exit 2, no corpus."""
-    from fleet.learning.data import ingest as ingest_module
+    from fleet.learning.data import rows as rows_module
 
     src = tmp_path / "in.jsonl"
     rows = [{"user_id": "a", "text": "hello there"}, {"user_id": 5, "text": "numbered user"}]
@@ -293,7 +294,7 @@ def test_what_ingest_drops_is_counted_and_a_corpus_of_nobody_is_refused(tmp_path
     s = ingest(src, tmp_path / "c", "--vocab-size", "10", "--seq-len", str(SEQ), "--eval-fraction", "0")
     assert s["rows_ok"] == 2 and s["rows_numeric_user"] == 1 and s["train_devices"] == 2
     assert s["bad_rows"] == {"empty_text": 1, "non_string_user": 1, "row_too_long": 1}
-    assert ingest_module.MAX_ROW_BYTES < len(lines[-1])
+    assert rows_module.MAX_ROW_BYTES < len(lines[-1])
     assert "(1 with a numeric user id)" in capsys.readouterr().out
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text("\n".join(json.dumps({"author": f"u{i}", "text": "x y"}) for i in range(742)) + "\n")
