@@ -1,0 +1,120 @@
+"""Local training: E epochs of minibatch SGD on one device's examples, from the broadcast weights.
+
+Three engines with one contract (`Engine.train_device`, and `Engine.train_devices` for a cohort):
+
+- `ReferenceEngine`: the eager `NWPModel`, `loss.backward()` and a manual SGD step. Slow and
+  obviously right; tests hold every other engine to its deltas.
+- `FusedEngine`: the fast CPU engine. On CPU, devices are trained one after another (DESIGN.md
+  step 4: batching devices in lockstep halves throughput there), so the speed comes from making
+  one device's steps cheap:
+    * a hand-written backward through time (no autograd graph, no optimizer object): every
+      weight gradient is a single GEMM over all timesteps, fused with the SGD update through
+      `addmm_(..., alpha=-lr)`, so gradients are never materialised;
+    * the big matmuls (input-to-gates, logits, their gradients) run over all timesteps at once;
+      only the recurrent matmuls (batch rows x proj_dim) are per step;
+    * softmax cross-entropy in place in one logits buffer, reused as its own gradient;
+    * every buffer preallocated once and reused across batches and devices, so large
+      allocations (and their page faults) never recur.
+  `python -m fleet.bench train` measures it against PyTorch's `nn.LSTM` loop and the machine's
+  matmul rate (workload W1).
+- `BatchedEngine`: the GPU engine. A GPU is kept busy only by large kernels, and one device's
+  steps (batch 16 x one timestep) are far too small, so it trains `group` devices in lockstep:
+  each device's weights are one row of a stacked (devices, params) tensor, every layer is a
+  batched matmul over the devices, and plain autograd gives each row its own device's gradient
+  (devices never mix: the loss is a sum of per-device losses). Devices whose step sequence is
+  shorter (fewer examples) ride along on masked rows that carry exactly zero gradient. On CPU
+  it is slower than the fused engine at Gboard size (DESIGN.md step 4), so `auto` picks it only
+  when the shard has a GPU.
+
+Semantics shared by both engines: `tokens` is (n, seq_len + 1) = [bos, w1..w_seq_len]; the input
+is tokens[:, :-1] and the target tokens[:, 1:]. Targets equal to `pad_id` are left out of the loss,
+which is the mean cross-entropy over the batch's remaining targets; a batch with none is skipped.
+Each epoch visits the examples in the order `rng.permutation(n)`, in batches of `batch_size`
+(the last one may be smaller). The returned loss is the mean over all counted targets of all
+steps, each measured before its step's update.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from fleet.config import ConfigError
+from fleet.learning.engines.batched import BatchedEngine
+from fleet.learning.engines.common import Engine
+from fleet.learning.engines.fused import FusedEngine
+from fleet.learning.engines.reference import ReferenceEngine
+from fleet.learning.model import PAD_ID, ModelShape
+
+log = logging.getLogger(__name__)
+
+
+ENGINES = ("auto", "fused", "reference", "batched")
+
+
+def resolve_device(mcfg: Any, gpus: float = 0.0, engine: str = "auto") -> str:
+    """The torch device local training runs on: `model.device`, or with "auto" CUDA when this
+    process was given a GPU (`ray.gpus_per_shard` > 0) and the engine can use it, else CPU."""
+    want = str(mcfg.device)
+    if want == "auto":
+        if engine in ("fused", "reference") or gpus <= 0:
+            return "cpu"
+        if not torch.cuda.is_available():
+            log.warning("this shard was given %g GPU(s) but sees no CUDA device; training on CPU", gpus)
+            return "cpu"
+        return "cuda"
+    if want == "cpu":
+        return want
+    if not want.startswith("cuda"):
+        raise ConfigError(f"model.device: unknown value {want!r}; expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device: {want!r} but this shard sees no CUDA device (is PyTorch built with CUDA, "
+            "and does ray.gpus_per_shard give it a GPU?); use model.device=auto or cpu"
+        )
+    index = int(want.split(":")[1]) if ":" in want else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"model.device: {want!r} but this shard sees {torch.cuda.device_count()} CUDA device(s) "
+            "(Ray numbers each shard's own GPUs from 0)"
+        )
+    return want
+
+
+def make_engine(
+    mcfg: Any,
+    name: str = "auto",
+    pad_id: int | None = PAD_ID,
+    gpus: float = 0.0,
+    deterministic: bool = True,
+) -> Engine:
+    """The engine for a `fleet.config.ModelConfig`: "auto" is the batched engine on a GPU and the
+    fused engine (the fastest on CPU) otherwise. `gpus` is what the calling shard was given;
+    `deterministic` (reproducible mode) asks a GPU for its deterministic kernels.
+
+    `pad_id=None` counts every target (the W1 benchmark, whose token ids are all words).
+    """
+    shape = ModelShape.from_config(mcfg)
+    if name not in ENGINES:
+        raise ConfigError(f"model.engine: unknown value {name!r}; expected one of {', '.join(ENGINES)}")
+    device = resolve_device(mcfg, gpus, name)
+    if name == "batched" or (name == "auto" and device != "cpu"):
+        return BatchedEngine(shape, pad_id, device, int(mcfg.batch_devices), deterministic)
+    if device != "cpu":
+        raise ConfigError(f"model.engine: {name!r} runs on CPU only; use model.engine=batched on {device}")
+    if name == "reference":
+        return ReferenceEngine(shape, pad_id)
+    return FusedEngine(shape, pad_id)
+
+
+__all__ = [
+    "ENGINES",
+    "BatchedEngine",
+    "Engine",
+    "FusedEngine",
+    "ReferenceEngine",
+    "make_engine",
+    "resolve_device",
+]
