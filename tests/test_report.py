@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_mean
 from omegaconf import OmegaConf
 
-from fleet.runtime import report
+from fleet.runtime import plots, report
 from fleet.runtime.driver import train
 
 # What every run gets; other plots (the dropout stress page) appear only for sweeps that need them.
@@ -181,7 +181,7 @@ def test_twenty_runs_stay_readable_and_inside_the_figure(tmp_path):
         run = report.load_run(path)
         run.label = f"privacy.noise_multiplier={k / 7:.4f} fleet.goal={10 * k}"
         runs.append(run)
-    colors = {report._color(i, 20) for i in range(20)}
+    colors = {plots._color(i, 20) for i in range(20)}
     assert len(colors) == 20
     figs = report.figures(runs)
     assert figs

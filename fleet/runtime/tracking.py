@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fleet.atomic import jsonable as _jsonable
 from fleet.atomic import write_json
-from fleet.runtime.report import HEADLINE
+from fleet.runtime.runs import HEADLINE
 
 
 def wandb_logged_in() -> bool:
