@@ -459,3 +459,11 @@ def test_positive_control_one_device_canary_is_memorized_without_dp(one_thread, 
     planted = np.array([c["devices"] == 1 for c in result["canaries"]])
     assert track["exposure"][-1, planted].mean() > track["exposure"][0, planted].mean()
     assert (tmp_path / "run" / mz.PLOT_FILE).exists()
+
+
+def test_comparing_an_audit_from_an_older_fleet_says_to_audit_it_again(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / mz.RESULT_FILE).write_text(json.dumps({"label": "no DP", "max_exposure": 14.0, "groups": []}))
+    with pytest.raises(ConfigError, match=f"older fleet.*fleet-audit {old}"):
+        mz.compare([old])

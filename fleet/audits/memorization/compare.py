@@ -32,7 +32,13 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -
         path = Path(d) / RESULT_FILE
         if not path.exists():
             raise ConfigError(f"RUN_DIR: no {RESULT_FILE} in {str(d)!r}; run fleet-audit {d} first")
-        results.append(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        if "interval" not in result:
+            raise ConfigError(
+                f"RUN_DIR: {path} was written by an older fleet (no intervals); "
+                f"audit it again with fleet-audit {d}"
+            )
+        results.append(result)
     results.sort(key=lambda r: ARM_ORDER.get(r.get("arm"), len(ARM_ORDER)))
     out = Path(out_dir) if out_dir else _common_parent([Path(d) for d in run_dirs])
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +167,8 @@ def cli(run_dir: Path, args: Any) -> int:
     others = [Path(d) for d in (getattr(args, "compare", None) or [])]
     figures = not getattr(args, "no_figures", False)
     for d in [run_dir, *others]:
-        if others and (d / RESULT_FILE).exists():
-            continue
+        if others and (d / RESULT_FILE).exists() and "interval" in json.loads((d / RESULT_FILE).read_text()):
+            continue  # audited already, by this version (an older file is audited again)
         config_file = d / checkpoint.CONFIG_FILE
         if not config_file.exists():
             raise ConfigError(f"RUN_DIR: no {checkpoint.CONFIG_FILE} in {str(d)!r} (not a fleet run)")
