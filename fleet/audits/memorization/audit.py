@@ -60,7 +60,7 @@ def times_trained(run_dir: Path, rows: np.ndarray, committed: int) -> np.ndarray
     return None if np.any(out < 0) else out
 
 
-def generic_prefixes(corpus: Any, word_p: np.ndarray, plan: CanaryPlan, count: int, seed: int) -> np.ndarray:
+def generic_prefixes(word_p: np.ndarray, plan: CanaryPlan, count: int, seed: int) -> np.ndarray:
     """`count` prefixes no canary has: the most frequent words first, then seeded random draws.
 
     Prefixes have the canaries' length; with a shared configured prefix the generic ones are
@@ -117,7 +117,7 @@ def run_audit(run_dir: str | Path, cfg: Any, figures: bool = True, summary: dict
 
     seed = int(np.random.SeedSequence([cfg.seed, rng.stream_id(AUDIT_STREAM)]).generate_state(1)[0])
     word_p = word_distribution(corpus, m.secret_dist)
-    generic = generic_prefixes(corpus, word_p, plan, m.generic_prefixes, seed)
+    generic = generic_prefixes(word_p, plan, m.generic_prefixes, seed)
     got = measure(
         model, plan.prefixes, plan.secrets, word_p, m.references, m.samples, m.beam_width, seed,
         bootstrap=m.bootstrap, generic_prefixes=generic,

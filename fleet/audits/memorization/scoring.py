@@ -123,7 +123,7 @@ def beam_search(model: Any, prefixes: np.ndarray, length: int, width: int) -> tu
     return seqs.numpy().astype(np.int32), score.double().numpy() / _LN2
 
 
-def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+def one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run `fn` with PyTorch on one thread, restoring the caller's setting afterwards."""
 
     @functools.wraps(fn)
@@ -152,21 +152,28 @@ def secret_bits(secrets: np.ndarray, word_p: np.ndarray) -> np.ndarray:
     return -np.log2(np.asarray(word_p, dtype=np.float64)[idx]).sum(axis=1)
 
 
-def bootstrap_extrapolated(
-    canary: float, candidates: np.ndarray, cap: float, g: np.random.Generator, rounds: int
-) -> tuple[float, float]:
-    """95% percentile interval of the capped extrapolated exposure over bootstrap resamples of
-    the fitted candidates: how far the figure moves with the candidate draw (3 bits, far out).
+def bootstrap_fits(candidates: np.ndarray, g: np.random.Generator, rounds: int) -> list[tuple]:
+    """Skew-normals fitted to `rounds` bootstrap resamples of the candidates (one set per prefix,
+    shared by all its canaries: the fits are the cost, about 0.1 s each)."""
+    return [fit_skewnorm(g.choice(candidates, len(candidates))) for _ in range(rounds)]
+
+
+def bootstrap_interval(canary: float, fits: list[tuple], cap: float) -> tuple[float, float]:
+    """95% percentile interval of the capped extrapolated exposure over bootstrap fits: how far
+    the figure moves with the candidate draw (3 bits, far out).
 
     It measures the draw only, not the skew-normal's misfit, which above about 12 bits tends to
     read LOW: on a privacy audit the unsafe direction, so reports quote the upper end there.
     """
-    values = [
-        min(cap, exposure_extrapolated(canary, fit_skewnorm(g.choice(candidates, len(candidates)))))
-        for _ in range(rounds)
-    ]
-    lo, hi = np.percentile(values, [2.5, 97.5])
+    lo, hi = np.percentile([min(cap, exposure_extrapolated(canary, f)) for f in fits], [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def bootstrap_extrapolated(
+    canary: float, candidates: np.ndarray, cap: float, g: np.random.Generator, rounds: int
+) -> tuple[float, float]:
+    """`bootstrap_interval` of one canary from fresh resamples of the candidates."""
+    return bootstrap_interval(canary, bootstrap_fits(candidates, g, rounds), cap)
 
 
 def generic_extraction(model: Any, prefixes: np.ndarray, secrets: np.ndarray, beam_width: int) -> np.ndarray:
@@ -184,7 +191,7 @@ def generic_extraction(model: Any, prefixes: np.ndarray, secrets: np.ndarray, be
     return hits.any(axis=2).sum(axis=1).astype(np.int64)
 
 
-@_one_thread
+@one_thread
 def measure(
     model: Any,
     prefixes: np.ndarray,
@@ -234,12 +241,14 @@ def measure(
         cand = log_perplexity(model, prefix, candidates)
         fit = fit_skewnorm(cand[:samples])
         out["log_perplexity"][mine] = log_perplexity(model, prefix, secrets[mine])
+        fits = None  # bootstrap fits of this prefix's candidates, made when first needed
         for c in mine:
             lp = out["log_perplexity"][c]
             out["rank"][c], out["exposure"][c] = exposure_by_rank(lp, cand[:references])
             out["exposure_extrapolated"][c] = min(cap[c], exposure_extrapolated(lp, fit))
             if bootstrap and out["rank"][c] == 1:
-                lo_hi = bootstrap_extrapolated(lp, cand[:samples], cap[c], g, bootstrap)
+                fits = fits or bootstrap_fits(cand[:samples], g, bootstrap)
+                lo_hi = bootstrap_interval(lp, fits, cap[c])
                 out["exposure_extrapolated_lo"][c], out["exposure_extrapolated_hi"][c] = lo_hi
     out["saturated"] = out["rank"] == 1
     beams, _ = beam_search(model, prefixes, secrets.shape[1], beam_width)

@@ -20,7 +20,7 @@ import numpy as np
 
 from fleet import rng
 from fleet.audits.memorization.plan import draw_words, plan_file, planted, word_distribution
-from fleet.audits.memorization.scoring import exposure_by_rank, log_perplexity
+from fleet.audits.memorization.scoring import exposure_by_rank, log_perplexity, one_thread
 from fleet.learning.data.canaries import CanaryPlan
 
 TRACK_FILE = "memorization_track.jsonl"
@@ -50,24 +50,18 @@ def _tracker(run_dir: Path, cfg: Any) -> _Tracker:
     return _TRACKERS[key]
 
 
+@one_thread
 def track_exposures(model: Any, plan: CanaryPlan, candidates: np.ndarray) -> np.ndarray:
-    """Each canary's rank exposure among `candidates` under the model (one thread, no grad)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = np.zeros(plan.num_canaries)
-        unique, which = np.unique(plan.prefixes, axis=0, return_inverse=True)
-        which = np.asarray(which).reshape(-1)
-        for u, prefix in enumerate(unique):
-            mine = np.flatnonzero(which == u)
-            cand = log_perplexity(model, prefix, candidates)
-            for c, lp in zip(mine, log_perplexity(model, prefix, plan.secrets[mine]), strict=True):
-                out[c] = exposure_by_rank(float(lp), cand)[1]
-        return out
-    finally:
-        torch.set_num_threads(threads)
+    """Each canary's rank exposure among `candidates` under the model."""
+    out = np.zeros(plan.num_canaries)
+    unique, which = np.unique(plan.prefixes, axis=0, return_inverse=True)
+    which = np.asarray(which).reshape(-1)
+    for u, prefix in enumerate(unique):
+        mine = np.flatnonzero(which == u)
+        cand = log_perplexity(model, prefix, candidates)
+        for c, lp in zip(mine, log_perplexity(model, prefix, plan.secrets[mine]), strict=True):
+            out[c] = exposure_by_rank(float(lp), cand)[1]
+    return out
 
 
 def during_training(run: Any) -> None:
