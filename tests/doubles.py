@@ -121,3 +121,30 @@ class AllInvalid(MeanTask):
     def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
         for _ in device_ids:
             yield np.full_like(params, np.nan), 0.0
+
+
+class Neighbour(MeanTask):
+    """The neighbouring-runs harness's task (tests/neighbours.py). Every device sends the unit
+    vector of coordinate `LEAF` (set by the harness before each round: the round's release index),
+    so each released model shows which rounds' sums it contains; `TARGET` sends `UPDATE`: "push"
+    (the same unit vector), "zero" (a valid zero update: its data zeroed) or "nan" (invalid).
+    Evaluations are empty: the released model is the only output that may differ. Class
+    attributes: in-process runs only."""
+
+    TARGET = -1
+    UPDATE = "push"
+    LEAF = 0
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        for dev in device_ids:
+            unit = np.zeros_like(params)
+            unit[Neighbour.LEAF] = 1.0
+            if int(dev) != Neighbour.TARGET or Neighbour.UPDATE == "push":
+                yield unit, 0.0
+            elif Neighbour.UPDATE == "zero":
+                yield np.zeros_like(params), 0.0
+            else:
+                yield np.full_like(params, np.nan), 0.0
+
+    def evaluate(self, params) -> dict:
+        return {}

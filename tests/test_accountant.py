@@ -24,7 +24,8 @@ from fleet.privacy.accountant import (
     round_up,
 )
 from fleet.privacy.ledger import Ledger, read
-from fleet.privacy.mechanism import Release
+from fleet.privacy.mechanisms.fedavg import GaussianFedAvg
+from fleet.privacy.sampled import SampledRelease as Release
 
 
 def exact_rdp(sampling: str, q: float, z: float) -> np.ndarray:
@@ -117,15 +118,16 @@ def test_look_ahead_does_not_record_and_a_snapshot_resumes_exactly(tmp_path):
         rebuilt = Accountant(kind, 1e-6, 5e-4, list(releases))
         assert resumed.epsilon() == pytest.approx(acc.epsilon(), rel=1e-12)
         assert rebuilt.epsilon() == pytest.approx(acc.epsilon(), rel=1e-9)
-    ledger = Ledger(tmp_path / "ledger.jsonl")
+    parse = GaussianFedAvg.parse
+    ledger = Ledger(tmp_path / "ledger.jsonl", parse)
     for r in releases[:5]:
         ledger.append(r)
     with open(tmp_path / "ledger.jsonl", "a") as f:
         f.write('{"round": 5, "sampl')  # a crash while writing
-    assert read(tmp_path / "ledger.jsonl") == releases[:5]
-    ledger = Ledger(tmp_path / "ledger.jsonl")
+    assert read(tmp_path / "ledger.jsonl", parse) == releases[:5]
+    ledger = Ledger(tmp_path / "ledger.jsonl", parse)
     ledger.truncate(3)
-    assert read(tmp_path / "ledger.jsonl") == releases[:3]
+    assert read(tmp_path / "ledger.jsonl", parse) == releases[:3]
 
 
 def test_zero_noise_is_infinite_and_stays_so():

@@ -29,7 +29,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _weights(run_dir: Path) -> np.ndarray:
-    return checkpoint.load_coordinator(run_dir / "state")["server"]["weights"]
+    return checkpoint.released_model(checkpoint.load_coordinator(run_dir / "state"))
 
 
 def _cfg(*extra: str):
@@ -217,8 +217,9 @@ def test_bad_input_leaves_earlier_checkpoints_intact(ray_session, tmp_path):
 
 def _ledger(run_state: Path) -> list:
     from fleet.privacy.ledger import LEDGER_FILE, read
+    from fleet.privacy.mechanisms.fedavg import GaussianFedAvg
 
-    return read(run_state / LEDGER_FILE)
+    return read(run_state / LEDGER_FILE, GaussianFedAvg.parse)
 
 
 @pytest.mark.parametrize("rng", ["secure", "reproducible"])
@@ -242,10 +243,11 @@ def test_rounds_released_after_the_checkpoint_are_accounted_across_a_crash(rng, 
     shards, again = in_process_fleet(cfg, 2, state)  # new actors: the crash lost the old ones
     assert again.resume() == 5
     secure = rng == "secure"
-    assert again.accountant.epsilon() == pytest.approx((lost if secure else first)[-1]["epsilon"])
+    assert again.mechanism.epsilon() == pytest.approx((lost if secure else first)[-1]["epsilon"])
     reruns = [again.run_round() for _ in range(2)]
     ledger = _ledger(state)
-    acc = Accountant(cfg.privacy.accountant, again.delta, again.accountant.interval, ledger)
+    mech = again.mechanism
+    acc = Accountant(cfg.privacy.accountant, mech.delta, mech.accountant.interval, ledger)
     assert reruns[-1]["epsilon"] == pytest.approx(acc.epsilon())
     participations = np.concatenate([s.participations for s in shards])
     assert participations.max() <= 1  # the limit held for every device
@@ -354,7 +356,7 @@ def test_resume_of_the_nwp_task_and_of_adaptive_clipping_is_exact(overrides, tmp
     assert again.resume() == 3
     rest = _stable([again.run_round() for _ in range(3)])
     np.testing.assert_array_equal(again.get_params(), full.get_params())
-    assert rest == whole[3:] and again.clip_norm == full.clip_norm
+    assert rest == whole[3:] and again.mechanism.clip_norm == full.mechanism.clip_norm
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def _cfg(*extra: str):
 
 
 def _weights(run_dir: Path) -> np.ndarray:
-    return checkpoint.load_coordinator(run_dir / "state")["server"]["weights"]
+    return checkpoint.released_model(checkpoint.load_coordinator(run_dir / "state"))
 
 
 def _train_on_two_nodes(run_dir: Path) -> None:

@@ -168,7 +168,8 @@ def test_active_hours_force_rounds_into_the_band():
 
 
 def test_bad_dropout_config_names_the_key():
-    from fleet.config import ConfigError, validate
+    from fleet.config import ConfigError
+    from fleet.privacy.mechanisms import validate
 
     with pytest.raises(ConfigError, match=r"^dropout.extra_failure:"):
         validate(tiny_mean("dropout.extra_failure=1.5"))

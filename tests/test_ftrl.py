@@ -118,12 +118,24 @@ def test_prefix_noise_has_the_variance_the_tree_implies_and_nodes_are_reused():
     assert np.var(noise[7] - noise[6]) == pytest.approx(4 * zs**2, rel=0.04)
 
 
-def test_each_node_is_drawn_once():
-    drawn = []
-    t = tree_lib.Tree(0, 3)
-    for _ in range(13):
-        t.add(np.zeros(3), lambda level, i: drawn.append((level, i)) or np.ones(3))
-    assert sorted(drawn) == sorted(tree_lib.used_nodes(13)) and len(drawn) == len(set(drawn))
+def test_each_node_is_noised_once_on_its_leaves_exact_sum():
+    """Leaf t is 2^t (so a sum names its leaves); a node is noised once, when its last leaf
+    arrives, on exactly its leaves' sum, and each release is the sum of its cover's nodes."""
+    noised: dict[tuple[int, int], float] = {}
+
+    def noise(exact: np.ndarray, level: int, i: int) -> np.ndarray:
+        assert (level, i) not in noised
+        assert exact[0] == sum(2.0**leaf for leaf in range(i << level, (i + 1) << level))
+        noised[(level, i)] = 1000.0 * (len(noised) + 1)  # a distinct noise per node
+        return exact + noised[(level, i)]
+
+    t = tree_lib.Tree(0, 1)
+    for step in range(1, 14):
+        release = t.add(np.array([2.0 ** (step - 1)]), noise)
+        cover = tree_lib.cover(step)
+        assert release[0] == (2.0**step - 1) + sum(noised[node] for node in cover)
+        assert t.exact_prefix()[0] == 2.0**step - 1
+    assert sorted(noised) == sorted(tree_lib.used_nodes(13))
 
 
 def test_a_new_tree_starts_from_the_current_model_with_no_noise_carried():
@@ -214,22 +226,20 @@ def test_resume_mid_tree_equals_an_uninterrupted_run(tmp_path):
     for _ in range(4):
         again.run_round()
     np.testing.assert_array_equal(again.get_params(), full.get_params())
-    assert again.accountant.epsilon() == pytest.approx(full.accountant.epsilon())
+    assert again.mechanism.epsilon() == pytest.approx(full.mechanism.epsilon())
 
 
 def test_the_gboard_es_ftrl_preset_reproduces_the_published_figure(capsys):
     """Spanish 2022 (paper.md): z = 7, 2,000 rounds, once per 24 hours: rho = 0.81, epsilon 8.9 at
     delta 1e-10. With 200 rounds a day and daily trees, dp-accounting itself gives the same."""
-    from fleet.config import separation_rounds
+    from fleet.privacy.mechanisms import limit_rounds
     from fleet.runtime.cli import load_config
     from fleet.runtime.privacy_cli import main
 
     cfg = load_config(["experiment=gboard_es_ftrl"])
-    assert separation_rounds(cfg) == 200 == cfg.privacy.restart_every and cfg.privacy.noise_multiplier == 7
-    with pytest.raises(SystemExit) as e:
-        main(["--mechanism", "dp_ftrl", "--rounds", "2000", "--noise", "7", "--restart-every", "200"]
-             + ["--separation", "200", "--delta", "1e-10"])  # fmt: skip
-    assert e.value.code == 0
+    assert limit_rounds(cfg) == 200 == cfg.privacy.restart_every and cfg.privacy.noise_multiplier == 7
+    main(["--mechanism", "dp_ftrl", "--rounds", "2000", "--noise", "7", "--restart-every", "200"]
+         + ["--separation", "200", "--delta", "1e-10"])  # fmt: skip
     out = capsys.readouterr().out
     assert "rho = 0.8163 (zCDP)" in out
     acc = rdp_privacy_accountant.RdpAccountant(

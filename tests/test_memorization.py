@@ -417,7 +417,7 @@ def train_in_process(cfg, run_dir):
     pop, state = cfg.fleet.population, str(run_dir / "state")
     shards = [ShardCore(cfg, i, a, b, state_dir=state) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
     coordinator = Coordinator(cfg, shards, pop, state)
-    live = Run(cfg, run_dir, weights=lambda: coordinator.params)
+    live = Run(cfg, run_dir, weights=coordinator.get_params)
     for r in range(cfg.train.rounds):
         coordinator.run_round()
         live.round = r + 1

@@ -54,7 +54,7 @@ def test_engine_choice_does_not_change_the_run():
         cfg = make_cfg(*SMALL_NWP, "fleet.goal=12", f"model.engine={engine}", "model.batch_devices=5")
         _, coord = in_process_fleet(cfg)
         lines = [coord.run_round() for _ in range(2)]
-        runs[engine] = (coord.params.copy(), lines)
+        runs[engine] = (coord.get_params().copy(), lines)
     (p_f, l_f), (p_b, l_b) = runs["fused"], runs["batched"]
     assert [x["reported"] for x in l_f] == [x["reported"] for x in l_b] and l_f[0]["reported"] >= 10
     for a, b in zip(l_f, l_b, strict=True):

@@ -26,7 +26,7 @@ from fleet.learning.tasks.nwp import evaluate_tokens
 from fleet.phones import population
 from fleet.phones.participation import epsilons
 from fleet.privacy.accountant import ORDERS
-from fleet.privacy.mechanism import default_delta
+from fleet.privacy.mechanisms import default_delta
 from fleet.round import checkpoint
 from fleet.round.shard import ShardCore
 
@@ -75,7 +75,7 @@ def test_always_available_devices_have_the_nominal_epsilon(tmp_path):
     priv = audit["privacy"]
     nominal = priv["nominal"]["epsilon"]
     assert audit["released_rounds"] == 6 and priv["nominal"]["q"] == lines[0]["q"] == 20 / 400
-    assert priv["run"]["epsilon"] == coord.accountant.epsilon()  # the run's own (PLD) figure
+    assert priv["run"]["epsilon"] == coord.mechanism.epsilon()  # the run's own (PLD) figure
     rs = priv["real_schedule"]
     assert rs["distinct_patterns"] == 1 and rs["devices"] == 400 and rs["distinct_q"] == 1
     for q in rs["quantiles"].values():
@@ -263,7 +263,7 @@ def test_audit_uses_the_fleet_and_delta_that_ran_with_a_corpus(tmp_path):
     audit = participation.run_audit(cfg, shards, lines, tmp_path, figures=False)
     priv, part = audit["privacy"], audit["participation"]
     assert audit["population"] == devices
-    assert priv["delta"] == coord.delta == default_delta(devices)
+    assert priv["delta"] == coord.mechanism.delta == default_delta(devices)
     assert priv["nominal"]["q"] == part["nominal_q"] == 10 / devices
     assert part["never_trained"]["uniform_expected"] == pytest.approx((1 - 10 / devices) ** 3)
     assert priv["run"]["epsilon"] == lines[-1]["epsilon"]

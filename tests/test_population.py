@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_mean
 
-from fleet.config import ConfigError, FleetConfig, validate
+from fleet.config import ConfigError, FleetConfig
 from fleet.phones import population
+from fleet.privacy.mechanisms import validate
 from fleet.round.shard import ShardCore
 
 

@@ -19,9 +19,10 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
-from fleet.config import ConfigError, validate
+from fleet.config import ConfigError
 from fleet.privacy.accountant import ORDERS
 from fleet.privacy.clipping import clip
+from fleet.privacy.mechanisms import check_population, validate
 from tests.doubles import OneDevice
 
 SGD = ("train.server_optimizer=sgd", "train.server_lr=1.0")
@@ -238,16 +239,17 @@ def test_printed_epsilon_equals_an_independent_recomputation_from_the_outputs(
 
 
 def test_each_round_is_accounted_with_the_q_of_who_could_be_sampled():
-    """10% of the fleet is ineligible (too little memory) and 1.3x is selected: q = 26 / 1805, not
-    goal / population = 0.01. The textbook figure is printed beside it, labelled as such."""
+    """10% of the fleet is ineligible (too little memory) and 1.3x is selected: q = 26 / 1805. The
+    textbook figure, q = ceil(goal x overselect) / population = 26 / 2000 (every device always
+    available, over-selection counted), is printed beside it, labelled as such."""
     cfg = tiny_mean("fleet.min_reports=1")
     shards, coord = in_process_fleet(cfg)
     eligible = sum(int(s.eligible.sum()) for s in shards)
     line = coord.run_round()
     assert line["available"] == eligible < 2000
-    assert line["q"] == pytest.approx(26 / eligible) and coord.accountant.releases[0].q == line["q"]
+    assert line["q"] == pytest.approx(26 / eligible) and coord.mechanism.accountant.releases[0].q == line["q"]
     summary = coord.privacy_summary()
-    assert summary["textbook"]["q"] == 0.01 and summary["textbook"]["epsilon"] < summary["epsilon"]
+    assert summary["textbook"]["q"] == 26 / 2000 and summary["textbook"]["epsilon"] < summary["epsilon"]
     assert "real availability does not give it" in summary["textbook"]["note"]
     assert summary["device"].startswith("a device available in every released round")
 
@@ -261,7 +263,7 @@ def test_the_sampling_that_runs_is_the_sampling_that_is_accounted(sampling):
     _, coord = in_process_fleet(cfg, 1)
     lines = [coord.run_round() for _ in range(12)]
     cohort = math.ceil(cfg.fleet.goal * cfg.fleet.overselect)
-    events = [r.event() for r in coord.accountant.releases]
+    events = [r.event() for r in coord.mechanism.accountant.releases]
     summary = coord.privacy_summary()
     assert summary["sampling"] == sampling
     if sampling == "poisson":
@@ -330,19 +332,6 @@ def test_noise_std_is_z_times_s_and_present_whatever_the_dropout():
     assert abs(x.mean()) < 5 * z * s / np.sqrt(len(x))
 
 
-def test_secure_noise_is_standard_normal():
-    """The OS-CSPRNG Box-Muller draws of secure mode: mean 0, variance 1, normal shape, and no
-    two calls alike."""
-    from fleet.privacy.noise import NoiseSource
-
-    src = NoiseSource("secure", 0)
-    x = src.normal(0, "update_noise", 200_001)  # odd: the last pair is cut
-    assert len(x) == 200_001
-    assert abs(x.mean()) < 5 / np.sqrt(len(x)) and abs(x.std() - 1) < 0.01
-    assert stats.kstest(x, "norm").pvalue > 1e-4
-    assert not np.array_equal(src.normal(0, "update_noise", 10), src.normal(0, "update_noise", 10))
-
-
 def test_no_noise_without_dp():
     cfg = tiny_mean("task.name=tests.doubles:ZeroTask", "privacy=none", "train.server_optimizer=sgd")
     _, coord = in_process_fleet(cfg)
@@ -369,25 +358,25 @@ def test_target_epsilon_stops_before_a_round_would_pass_it():
         lines.append(line)
     assert line["stop"] == "target_epsilon" and len(lines) == 5
     assert lines[-1]["epsilon"] == pytest.approx(eps[4]) and eps[4] <= target
-    assert coord.round == 5 and len(coord.accountant.releases) == 5
+    assert coord.round == 5 and len(coord.mechanism.accountant.releases) == 5
 
 
-def test_a_delta_not_below_one_over_the_population_warns(caplog):
-    from fleet.runtime.header import check_privacy_budget
-
-    check_privacy_budget(tiny_mean("privacy.delta=0.001"), 2000)
-    assert "privacy.delta = 0.001 is not below 1 / population = 0.0005" in caplog.text
-    caplog.clear()
-    check_privacy_budget(tiny_mean(), 2000)
-    assert "privacy.delta" not in caplog.text
+@pytest.mark.parametrize("mechanism", ["privacy=dp_fedavg", "privacy=dp_ftrl"])
+@pytest.mark.parametrize("delta", ["0.001", "0.9"])
+def test_a_delta_not_below_one_over_the_population_is_refused(mechanism, delta):
+    """With delta >= 1/N, publishing one random device's data in the clear meets the guarantee:
+    it promises nothing, so it is refused before start-up, for every mechanism."""
+    with pytest.raises(ConfigError, match=rf"privacy.delta: {delta} is not below 1 / population = 0.0005"):
+        check_population(tiny_mean(mechanism, f"privacy.delta={delta}"), 2000)
+    assert check_population(tiny_mean(mechanism), 2000) == 2000**-1.1
 
 
 def test_an_unreachable_target_is_refused_before_start_up():
-    from fleet.runtime.header import check_privacy_budget
-
     with pytest.raises(ConfigError, match=r"privacy.target_epsilon: 0.01 is unreachable: one round costs"):
-        check_privacy_budget(tiny_mean("privacy.target_epsilon=0.01"), 2000)
-    check_privacy_budget(tiny_mean("privacy.target_epsilon=5"), 2000)
+        check_population(tiny_mean("privacy.target_epsilon=0.01"), 2000)
+    check_population(tiny_mean("privacy.target_epsilon=5"), 2000)
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon: 0.01 is unreachable: the first release"):
+        check_population(tiny_mean("privacy=dp_ftrl", "privacy.target_epsilon=0.01"), 2000)
 
 
 @pytest.mark.parametrize(

@@ -132,8 +132,9 @@ def test_private_telemetry_run_writes_only_the_release(ray_session, tmp_path):
     summary = train(cfg, tmp_path / "run")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(set(x) <= PRIVATE_KEYS | {"eval_distance"} for x in lines)
-    assert "eval_distance" in lines[1] and "epsilon" in lines[0]
+    assert "eval_distance" in lines[1] and not any("epsilon" in x for x in lines)
     assert "mean_reported" not in summary and "participation" not in summary
+    assert summary["privacy"]["epsilon"] > 0 and "q" not in summary["privacy"]  # once, at the end
     assert not (tmp_path / "run" / "participation").exists()
     assert summary["privacy"]["covers"].startswith("the model (and the noised clip norm) only")
 

@@ -292,7 +292,7 @@ def headline(audit: dict) -> dict[str, float | int | None]:
         out["participation_dispersion"] = part["dispersion"]
         out["participation_max"] = part["max"]
     priv = audit["privacy"]
-    if priv.get("mechanism") == "dp_ftrl":
+    if priv.get("every_device"):
         out["epsilon_every_device"] = priv["run"]["epsilon"]
     elif priv.get("dp"):
         out["epsilon_nominal"] = priv["nominal"]["epsilon"]

@@ -20,7 +20,8 @@ from fleet.audits.participation_groups import merge, safe_ratio, sum_over_groups
 from fleet.phones.availability import HOUR
 from fleet.phones.participation import ATTRIBUTES, RATIO_EDGES, bin_index, epsilons
 from fleet.privacy.accountant import ORDERS, rdp_epsilon, round_rdp
-from fleet.privacy.mechanism import Release, default_delta, neighbouring, noise_plan
+from fleet.privacy.mechanisms import mechanism_class, run_delta
+from fleet.privacy.sampled import SampledRelease, neighbouring, noise_plan
 from fleet.round.calls import call_all
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -30,7 +31,7 @@ def rounds_rdp(sampling: str, q: np.ndarray, z: float) -> tuple[np.ndarray, dict
     """RDP curves (rows, at ORDERS) of released rounds for a device available in them: the run
     accountant's own upper bounds (exact dp-accounting curves on a grid, `round_rdp`)."""
     qs, inverse = np.unique(np.asarray(q, dtype=np.float64), return_inverse=True)
-    curves = np.array([round_rdp(Release(0, sampling, float(v), 0, 0, z)) for v in qs])
+    curves = np.array([round_rdp(SampledRelease(0, sampling, float(v), 0, 0, z)) for v in qs])
     return curves[inverse.ravel()], {"distinct_q": len(qs)}
 
 
@@ -57,25 +58,27 @@ def privacy_section(
 ) -> dict:
     """Nominal epsilon, per-device epsilon under the real schedule, and the limit-only bound."""
     p, f = cfg.privacy, cfg.fleet
-    if not p.enabled:
+    cls = mechanism_class(p)
+    if not cls.dp:
         return {"dp": False}
-    if p.mechanism == "dp_ftrl":  # no sampling assumption: every device has the run's figure
+    if not cls.amplified_by_sampling:  # no sampling assumption: every device has the run's figure
         return {
             "dp": True,
-            "mechanism": "dp_ftrl",
-            "delta": p.delta if p.delta is not None else default_delta(pop),
+            "mechanism": cls.name,
+            "every_device": True,
+            "delta": run_delta(p, pop),
             "run": {
                 "epsilon": released[-1].get("epsilon") if released else 0.0,
                 "accountant": p.accountant,
-                "note": "DP-FTRL rests on the participation limit alone: every device's epsilon",
+                "note": "no sampling assumption (the participation limit alone): every device's epsilon",
             },
         }
     z = noise_plan(p, f.goal).accounted  # under the sampling's neighbouring relation
-    delta = p.delta if p.delta is not None else default_delta(pop)
+    delta = run_delta(p, pop)
     r_count = len(released)
 
     def textbook(q: float) -> float:
-        return rdp_epsilon(r_count * round_rdp(Release(0, p.sampling, min(1.0, q), 0, 0, z)), delta)
+        return rdp_epsilon(r_count * round_rdp(SampledRelease(0, p.sampling, min(1.0, q), 0, 0, z)), delta)
 
     nominal = textbook(f.goal / pop)
     k = min(math.ceil(f.goal * f.overselect), pop)

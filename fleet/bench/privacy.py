@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from fleet.privacy.accountant import Accountant, pld_interval
-from fleet.privacy.mechanism import Release
+from fleet.privacy.sampled import SampledRelease
 
 
 def diurnal_q(rounds: int, cohort: int, population: int, rounds_per_day: int, seed: int = 0) -> np.ndarray:
@@ -30,7 +30,7 @@ def diurnal_q(rounds: int, cohort: int, population: int, rounds_per_day: int, se
     return available
 
 
-def reference_epsilon(releases: list[Release], kind: str, delta: float, interval: float) -> float:
+def reference_epsilon(releases: list[SampledRelease], kind: str, delta: float, interval: float) -> float:
     """dp-accounting on the exact events, one compose per round, independent of our bucketing."""
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
@@ -59,7 +59,7 @@ def run(
     times = []
     wall0 = time.perf_counter()
     for r, n in enumerate(available):
-        rel = Release(r, "poisson", min(1.0, cohort / int(n)), int(n), cohort, z)
+        rel = SampledRelease(r, "poisson", min(1.0, cohort / int(n)), int(n), cohort, z)
         t0 = time.perf_counter()
         acc.epsilon_with(rel)
         acc.record(rel)

@@ -38,7 +38,8 @@ import numpy as np
 import psutil
 
 from fleet.bench.fleet import GIB, bench_config, session_pss_by_process
-from fleet.config import Config, DataConfig, ModelConfig, TaskConfig, validate
+from fleet.config import Config, DataConfig, ModelConfig, TaskConfig
+from fleet.privacy.mechanisms import validate
 from fleet.round.shard import ShardCore
 
 MIB = 1024**2

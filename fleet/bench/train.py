@@ -45,10 +45,8 @@ from fleet.bench.baselines import (
     matmul_gflops,
 )
 from fleet.bench.w1 import MIB, VOCAB, peak_rss, update_gflop, w1_config
-from fleet.config import (
-    validate,
-)
 from fleet.learning.model import SPECIAL_TOKENS, ModelShape
+from fleet.privacy.mechanisms import MECHANISMS, validate
 
 # The baseline lives in a child process (its memory and threads are its own), driven one round at
 # a time so that its rounds interleave with the fleet's and both see the same machine load.
@@ -72,6 +70,7 @@ class Fleet:
         self.shards, self.coordinator = start_actors(cfg, cfg.fleet.population)
         self.pids = {i["pid"] for i in ray.get([s.info.remote() for s in self.shards])}
         ray.get(self.coordinator.get_params.remote())
+        self.privacy: dict = {}  # the mechanism's summary, read when the fleet closes
 
     def round(self) -> dict:
         """Run one round; its wall seconds, reported updates and training seconds."""
@@ -104,6 +103,7 @@ class Fleet:
     def close(self) -> None:
         import ray
 
+        self.privacy = ray.get(self.coordinator.privacy_summary.remote())
         for a in [*self.shards, self.coordinator]:
             ray.kill(a)
         if self.started:
@@ -121,7 +121,10 @@ def main(argv: list[str]) -> None:
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
     ap.add_argument(
-        "--mechanism", default="dp_fedavg", choices=["dp_fedavg", "dp_ftrl"], help="dp_ftrl: the tree"
+        "--mechanism",
+        default="dp_fedavg",
+        choices=[k for k, m in MECHANISMS.items() if m.dp],
+        help="the privacy mechanism the round runs",
     )
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
@@ -193,15 +196,10 @@ def main(argv: list[str]) -> None:
         f"this driver, which also ran the matmul and the engine-alone runs: {mem['driver'] / MIB:.0f} MiB"
     )
     agg = [x["aggregation_s"] * 1e3 for x in rounds]
-    steps = args.warmup + args.rounds
-    tree = (
-        f"; the tree holds {bin(steps).count('1')} node vector(s) of the model's size after {steps} rounds "
-        f"(at most log2(T) + 1; nothing per device)"
-        if args.mechanism == "dp_ftrl"
-        else ""
-    )
+    trees = fleet.privacy.get("trees")
+    held = f"; {len(trees)} tree(s), {trees[-1]['steps']} steps in the last" if trees else ""
     print(
-        f"{args.mechanism} aggregation (noise, server step, ledger): {np.mean(agg):.1f} ms mean a round{tree}"
+        f"{args.mechanism} aggregation (noise, server step, ledger): {np.mean(agg):.1f} ms mean a round{held}"
     )
     pct = tuple(100 * u * gflop / ref for u in fleet_ups)
     verdict = [f"fleet at {pct[0]:.0f}% | {pct[1]:.0f}% of matmul rate >= 50%: {_pass(pct, 50)}"]

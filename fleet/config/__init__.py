@@ -30,13 +30,11 @@ from fleet.config.validation import (
     check_finite,
     check_known_keys,
     min_reports,
-    separation_rounds,
     validate,
     validate_data,
     validate_dropout,
     validate_fleet,
     validate_memorization,
-    validate_privacy,
 )
 
 __all__ = [
@@ -61,11 +59,9 @@ __all__ = [
     "config_from_dict",
     "min_reports",
     "register_configs",
-    "separation_rounds",
     "validate",
     "validate_data",
     "validate_dropout",
     "validate_fleet",
     "validate_memorization",
-    "validate_privacy",
 ]

@@ -53,22 +53,6 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
-def separation_rounds(cfg: Any) -> int:
-    """The participation limit in released rounds that the shards enforce.
-
-    `fleet.min_separation_rounds`, and for DP-FTRL also `fleet.min_separation_hours` converted by
-    the clock's worst case: a round lasts at most deadline_s + round_interval_s of simulated time,
-    so two participations H hours apart are at least ceil(H x 3600 / (deadline_s +
-    round_interval_s)) rounds apart; enforcing that many released rounds as well makes it hold
-    whatever rounds are abandoned or however the clock jumps (dropout.active_hours).
-    """
-    f = cfg.fleet
-    rounds = f.min_separation_rounds
-    if getattr(cfg.privacy, "mechanism", "dp_fedavg") == "dp_ftrl" and f.min_separation_hours > 0:
-        rounds = max(rounds, math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s)))
-    return int(rounds)
-
-
 def min_reports(fleet: FleetConfig) -> int:
     if fleet.min_reports is None:
         return max(1, math.ceil(0.8 * fleet.goal))
@@ -218,59 +202,10 @@ def validate_memorization(cfg: Any, key: str = "memorization") -> None:
     _check(m.track_references >= 1, f"{key}.track_references", f"must be >= 1 (got {m.track_references})")
 
 
-def validate_privacy(cfg: Any) -> None:
-    """The mechanism's settings: a bad number must never become a privacy claim."""
-    p = cfg.privacy
-    _choice(p.telemetry, "privacy.telemetry", ("full", "private"))
-    if not p.enabled:
-        return
-    _check(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
-    _check(
-        p.noise_multiplier > 0 or p.allow_zero_noise,
-        "privacy.noise_multiplier",
-        "0 adds no noise: epsilon is infinite. Set privacy.allow_zero_noise=true to clip without "
-        "noise on purpose, or use privacy=none",
-    )
-    _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0 (got {p.clip_norm})")
-    _choice(p.mechanism, "privacy.mechanism", ("dp_fedavg", "dp_ftrl"))
-    _choice(p.sampling, "privacy.sampling", ("poisson", "fixed_size"))
-    _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
-    if p.mechanism == "dp_ftrl":
-        _check(p.restart_every >= 0, "privacy.restart_every", f"must be >= 0 (got {p.restart_every})")
-        _check(not p.adaptive, "privacy.adaptive", "adaptive clipping is not available with dp_ftrl")
-        _check(
-            cfg.train.server_optimizer in ("sgd", "sgdm", "momentum"),
-            "train.server_optimizer",
-            "dp_ftrl's server is FTRL: sgd (plain), or sgdm / momentum (DP-FTRLM: heavy-ball "
-            "momentum on the prefix sums; Nesterov has no FTRL form)",
-        )
-        return
-    _check(
-        not (p.accountant == "pld" and p.sampling == "fixed_size"),
-        "privacy.accountant",
-        "pld cannot account fixed_size sampling (dp-accounting has no PLD for sampling without "
-        "replacement under replace-one); set privacy.accountant=rdp or privacy.sampling=poisson",
-    )
-    if p.delta is not None:
-        _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
-    if p.target_epsilon is not None:
-        _check(p.target_epsilon > 0, "privacy.target_epsilon", f"must be > 0 (got {p.target_epsilon})")
-    if p.adaptive:
-        _check(p.initial_clip > 0, "privacy.initial_clip", f"must be > 0 (got {p.initial_clip})")
-        _check(0 < p.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
-        _check(p.clip_lr > 0, "privacy.clip_lr", f"must be > 0 (got {p.clip_lr})")
-        sigma_b = p.count_noise if p.count_noise is not None else cfg.fleet.goal / 20.0
-        _check(sigma_b > 0, "privacy.count_noise", f"must be > 0 (got {sigma_b})")
-        _check(
-            p.noise_multiplier < 2 * sigma_b,
-            "privacy.noise_multiplier",
-            f"adaptive clipping needs z < 2 * count_noise ({p.noise_multiplier} >= {2 * sigma_b}); "
-            "raise privacy.count_noise or fleet.goal",
-        )
-
-
 def validate(cfg: Any) -> None:
-    """Check a composed config (dataclass or DictConfig) before anything is started."""
+    """Check a composed config (dataclass or DictConfig) before anything is started: everything but
+    the privacy mechanism's own settings, which its class checks
+    (`fleet.privacy.mechanisms.validate` runs both)."""
     check_finite(cfg)
     validate_fleet(cfg.fleet)
     if cfg.task.name == "nwp":
@@ -306,7 +241,7 @@ def validate(cfg: Any) -> None:
                 f"task.name: cannot import {module!r} ({e}); put it on PYTHONPATH (on every node)"
             ) from None
         _check(found, "task.name", f"module {module!r} has no {name!r}")
-    validate_privacy(cfg)
+    _choice(cfg.privacy.telemetry, "privacy.telemetry", ("full", "private"))
     t = cfg.train
     _check(t.rounds >= 0, "train.rounds", f"must be >= 0 (got {t.rounds})")
     _check(t.client_epochs >= 1, "train.client_epochs", "must be >= 1")

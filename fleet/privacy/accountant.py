@@ -1,7 +1,7 @@
 """Epsilon of the rounds released so far, by Google's dp-accounting: PLD (default) or RDP.
 
-The accountant is fed the ledger's releases (`fleet.privacy.mechanism.Release`), one per released
-round, each with its own sampling probability q_r. Abandoned rounds release nothing and add
+The accountant is fed the ledger's releases (`fleet.privacy.sampled.SampledRelease`), one per
+released round, each with its own sampling probability q_r. Abandoned rounds release nothing and add
 nothing (DESIGN.md invariant 5). The figure is the epsilon of a device available in every
 released round, an upper bound for every device (a device not available in a round is sampled
 with probability 0 there).
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.privacy.mechanism import Release, event, neighbouring
+from fleet.privacy.sampled import SampledRelease, event, neighbouring
 
 # RDP orders: dense at small orders where the optimum usually lies, sparse up to 1024.
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
@@ -92,6 +92,8 @@ def pld_interval(q: float, z: float, rounds: int, delta: float) -> float:
         )
         eps = one.self_compose(rounds).get_epsilon_for_delta(delta)
         want = eps * math.sqrt(0.003 / (0.2 * rounds**1.2))
+        if not want > 0:  # epsilon 0 (a delta so large nothing is protected): any interval will do
+            return 1e-2
         if want >= interval / 2:
             break
         interval = want
@@ -136,7 +138,7 @@ def _pld(q: float, z: float, interval: float, delta: float) -> Any:
     )
 
 
-def round_rdp(r: Release) -> np.ndarray:
+def round_rdp(r: SampledRelease) -> np.ndarray:
     """An upper bound on the round's RDP curve (see the module docstring)."""
     if r.sampling != "poisson":
         return _rdp_curve(r.sampling, round_up(r.q), r.noise_multiplier)
@@ -151,7 +153,7 @@ def round_rdp(r: Release) -> np.ndarray:
     return np.where(np.isinf(c_lo) | np.isinf(c_hi), np.inf, chord)
 
 
-def round_pld(r: Release, interval: float, delta: float) -> Any:
+def round_pld(r: SampledRelease, interval: float, delta: float) -> Any:
     """An upper bound on the round's privacy loss distribution (Poisson only)."""
     if r.sampling != "poisson":
         raise ValueError(
@@ -166,69 +168,6 @@ def round_pld(r: Release, interval: float, delta: float) -> Any:
     return _pld(hi, r.noise_multiplier, interval, delta).compute_mixture(
         _pld(lo, r.noise_multiplier, interval, delta), w
     )
-
-
-@dataclass
-class TreeVersion:
-    """Releases of one tree: `steps` so far, under a participation limit of `separation`. A
-    crash that lost released rounds of a tree (secure mode) starts a second version of it: both
-    are accounted, as if independent trees (conservative: they share the nodes drawn before)."""
-
-    tree: int
-    steps: int
-    separation: int
-
-
-def tree_events(versions: list[TreeVersion], z: float, kind: str) -> list[Any]:
-    """One dp-accounting event per tree: `SingleEpochTreeAggregationDpEvent(z, steps)` when one
-    participation per tree is all the limit allows (RDP), else the Gaussian mechanism with the
-    tree's sensitivity bound (`tree.sensitivity_factor`): multiplier z / sqrt(factor)."""
-    import dp_accounting
-
-    from fleet.privacy import tree as tree_lib
-
-    out = []
-    for v in versions:
-        if kind == "rdp" and tree_lib.participations(v.steps, v.separation) == 1:
-            out.append(dp_accounting.SingleEpochTreeAggregationDpEvent(z, v.steps))
-        else:
-            out.append(
-                dp_accounting.GaussianDpEvent(
-                    z / math.sqrt(tree_lib.sensitivity_factor(v.steps, v.separation))
-                )
-            )
-    return out
-
-
-def tree_rho(versions: list[TreeVersion], z: float) -> float:
-    """zCDP of the trees: each is a Gaussian mechanism, rho = sensitivity^2 / (2 (zS)^2)."""
-    from fleet.privacy import tree as tree_lib
-
-    return sum(tree_lib.sensitivity_factor(v.steps, v.separation) for v in versions) / (2 * z * z)
-
-
-def tree_epsilon(versions: list[TreeVersion], z: float, kind: str, delta: float, interval: float) -> float:
-    """Epsilon at delta of the trees so far, composed by dp-accounting."""
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    if not versions:
-        return 0.0
-    if z <= 0:
-        return math.inf
-    if kind == "rdp":
-        acc = rdp_privacy_accountant.RdpAccountant(
-            list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
-        )
-        for e in tree_events(versions, z, kind):
-            acc.compose(e)
-        return float(acc.get_epsilon(delta))
-    # Gaussian mechanisms compose into one Gaussian: sensitivities add in quadrature.
-    total = math.sqrt(2 * tree_rho(versions, z))  # sensitivity over the noise, summed
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
-    acc.compose(dp_accounting.GaussianDpEvent(1.0 / total))
-    return float(acc.get_epsilon(delta))
 
 
 def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
@@ -250,31 +189,22 @@ class Accountant:
     kind: str  # pld | rdp
     delta: float
     interval: float = 1e-4
-    releases: list[Release] = field(default_factory=list)
+    releases: list[SampledRelease] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant: unknown value {self.kind!r}")
         self._state: Any = None  # running RDP curve or PLD
         self._eps = 0.0
-        self._pending: tuple[Release, Any, float] | None = None
+        self._pending: tuple[SampledRelease, Any, float] | None = None
         releases, self.releases = self.releases, []
         for r in releases:
             self.record(r)
 
-    def _with(self, r: Release) -> tuple[Any, float]:
+    def _with(self, r: SampledRelease) -> tuple[Any, float]:
         """(new state, epsilon) after also composing r."""
         if math.isinf(self._eps) or r.noise_multiplier <= 0:
             return None, math.inf
-        if r.sampling == "tree":
-            versions = [TreeVersion(v.tree, v.steps, v.separation) for v in (self._state or [])]
-            last = versions[-1] if versions else None
-            if last is not None and last.tree == r.tree and r.step == last.steps + 1:
-                last.steps += 1
-                last.separation = min(last.separation, r.separation)
-            else:
-                versions.append(TreeVersion(r.tree, r.step, r.separation))
-            return versions, tree_epsilon(versions, r.noise_multiplier, self.kind, self.delta, self.interval)
         if r.q <= 0:
             return self._state, self._eps
         if self.kind == "rdp":
@@ -287,13 +217,13 @@ class Accountant:
     def epsilon(self) -> float:
         return self._eps
 
-    def epsilon_with(self, r: Release) -> float:
+    def epsilon_with(self, r: SampledRelease) -> float:
         """Epsilon if `r` were released too (kept, so `record(r)` costs nothing more)."""
         state, eps = self._with(r)
         self._pending = (r, state, eps)
         return eps
 
-    def record(self, r: Release) -> float:
+    def record(self, r: SampledRelease) -> float:
         if self._pending is not None and self._pending[0] == r:
             _, state, eps = self._pending
         else:
@@ -303,18 +233,12 @@ class Accountant:
         self._state, self._eps = state, eps
         return eps
 
-    def trees(self) -> list[TreeVersion]:
-        """DP-FTRL: the trees (and versions of them) accounted so far."""
-        if not self.releases or self.releases[0].sampling != "tree" or self._state is None:
-            return []
-        return list(self._state)
-
     def snapshot(self) -> dict:
         """The running state, for a checkpoint (rebuilding it from a long ledger costs a
         composition per round)."""
         return {"releases": len(self.releases), "state": self._state, "epsilon": self._eps}
 
-    def load(self, releases: Iterable[Release], snapshot: dict | None = None) -> None:
+    def load(self, releases: Iterable[SampledRelease], snapshot: dict | None = None) -> None:
         """Continue from a ledger: the snapshot's state covers its first releases, the rest (rounds
         released after the checkpoint, in secure mode) are composed on top."""
         releases = list(releases)
@@ -328,7 +252,7 @@ class Accountant:
             self.record(r)
 
 
-def epsilon_of(releases: Iterable[Release], kind: str, delta: float, interval: float) -> float:
+def epsilon_of(releases: Iterable[SampledRelease], kind: str, delta: float, interval: float) -> float:
     """Epsilon of a list of releases (a run's ledger), as the run's accountant computes it."""
     return Accountant(kind, delta, interval, list(releases)).epsilon()
 
@@ -340,7 +264,7 @@ def nominal_epsilon(kind: str, sampling: str, q: float, z: float, rounds: int, d
         return 0.0
     if z <= 0:
         return math.inf
-    one = Release(0, sampling, min(1.0, q), 0, 0, z)
+    one = SampledRelease(0, sampling, min(1.0, q), 0, 0, z)
     if kind == "rdp":
         return rdp_epsilon(rounds * round_rdp(one), delta)
     interval = pld_interval(q, z, rounds, delta)

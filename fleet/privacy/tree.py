@@ -1,12 +1,13 @@
 """Tree aggregation for DP-FTRL (Kairouz et al. 2021): noised prefix sums of the rounds' sums.
 
 Within one tree, step t (the t-th released round since the tree started) adds its clipped sum
-g_t as leaf t, and the release is the prefix sum g_1 + ... + g_t plus the noise of the dyadic
-nodes that cover [1, t]: one node per 1-bit of t, so popcount(t) independent N(0, (zS)^2)
-vectors. A node [a 2^l + 1, (a + 1) 2^l] is first needed when its last leaf arrives; its noise is
-drawn then, once, and kept for every later prefix that uses it (it leaves the cover for good when
-it stops being used, so only O(log T) vectors are ever held). Nothing here samples anyone: the
-guarantee rests on how often one device can contribute to a tree, not on who was chosen.
+g_t as leaf t, and the release is the sum of the noised values of the dyadic nodes that cover
+[1, t]: one node per 1-bit of t, each its leaves' exact sum plus independent N(0, (zS)^2) noise,
+so the prefix sum g_1 + ... + g_t plus popcount(t) noises. A node [a 2^l + 1, (a + 1) 2^l] is
+first needed when its last leaf arrives; it is noised then, once (by the mechanism's one noise
+source), and kept for every later prefix that uses it (it leaves the cover for good when it stops
+being used, so only O(log T) vectors are ever held). Nothing here samples anyone: the guarantee
+rests on how often one device can contribute to a tree, not on who was chosen.
 
 Sensitivity (DESIGN.md invariant 1, for the tree). The release of a tree is a linear function of
 its used nodes' sums, each with its own noise, so the whole tree is one Gaussian mechanism whose
@@ -22,7 +23,6 @@ bound against brute force over every participation pattern of small trees.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,26 +69,37 @@ def sensitivity_factor(steps: int, separation: int) -> int:
 
 @dataclass
 class Tree:
-    """One tree's running state: its steps, the exact sum so far, and the noise of the nodes in
-    the current cover (drawn once, by `draw(level, index)`, and kept while in use)."""
+    """One tree's running state: its steps, and for each node of the current cover its exact sum
+    and its noised value (`noised(exact, level, index)`, called once per node, when the node's
+    last leaf arrives). A release is the sum of the cover's noised values: a post-processing of
+    the nodes' releases, which is what the sensitivity above is about. A node's exact sum is its
+    leaf plus the exact sums of the cover nodes it absorbs, so only O(log T) vectors are held."""
 
     index: int
     dim: int
     steps: int = 0
-    exact: np.ndarray | None = None
+    exact: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     nodes: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
-    def add(self, leaf: np.ndarray, draw: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    def add(self, leaf: np.ndarray, noised: Callable[[np.ndarray, int, int], np.ndarray]) -> np.ndarray:
         """Add the next leaf; returns the noised prefix sum of all leaves so far."""
         self.steps += 1
-        self.exact = leaf.astype(np.float64) if self.exact is None else self.exact + leaf
         needed = cover(self.steps)
-        self.nodes = {node: self.nodes[node] if node in self.nodes else draw(*node) for node in needed}
-        return self.exact + np.sum([self.nodes[node] for node in needed], axis=0)
+        level, i = needed[-1]  # the node that ends at this leaf (the others are kept)
+        first = i << level  # its leaves are [first, first + 2^level), 0-based
+        exact = leaf.astype(np.float64)
+        for (lv, j), value in self.exact.items():
+            if j << lv >= first:  # a cover node inside the new one: absorbed
+                exact = exact + value
+        self.exact = {node: self.exact[node] for node in needed[:-1]}
+        self.nodes = {node: self.nodes[node] for node in needed[:-1]}
+        self.exact[(level, i)] = exact
+        self.nodes[(level, i)] = np.asarray(noised(exact, level, i), dtype=np.float64)
+        return np.sum([self.nodes[node] for node in needed], axis=0)
 
-    def noise_std_factor(self) -> int:
-        """How many node noises the latest prefix sum carries (popcount of the step)."""
-        return bin(self.steps).count("1")
+    def exact_prefix(self) -> np.ndarray:
+        """The prefix sum without noise (telemetry: the noise's norm is released - exact)."""
+        return np.sum(list(self.exact.values()), axis=0) if self.exact else np.zeros(self.dim)
 
     def state(self) -> dict:
         return {
@@ -101,9 +112,4 @@ class Tree:
 
 
 def from_state(state: dict) -> Tree:
-    return Tree(state["index"], state["dim"], state["steps"], state["exact"], dict(state["nodes"]))
-
-
-def levels(steps: int) -> int:
-    """Levels of a tree of `steps` leaves: ceil(log2(steps + 1))."""
-    return math.ceil(math.log2(steps + 1)) if steps > 0 else 0
+    return Tree(state["index"], state["dim"], state["steps"], dict(state["exact"]), dict(state["nodes"]))

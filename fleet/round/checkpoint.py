@@ -5,7 +5,8 @@ A checkpoint is two kinds of file under RUN_DIR/state/, written atomically (temp
   availability model's state, as arrays aligned to row index (no device ids). Per-device state
   stays with the shards' files, apart from the coordinator's (DESIGN.md invariant 3);
 - `coordinator.pt`, written last, which commits the checkpoint: round counter, simulated clock,
-  model, server optimizer, accountant history, clip norm, incident counts. It holds no device id.
+  incident counts, and the mechanism's state (the released model under `model`, its server
+  optimizer or tree, its accountant, the clip norm). It holds no device id.
 All randomness is keyed by (seed, round, device), so the round counter is the whole RNG state.
 
 Between checkpoints each shard appends the rows it counted in every round to a journal, so a shard
@@ -127,6 +128,13 @@ def load_coordinator(state_dir: Path) -> dict[str, Any] | None:
         raise ConfigError(
             f"resume: cannot read the checkpoint {str(path)!r} ({type(e).__name__}): {e}"
         ) from None
+
+
+def released_model(state: dict[str, Any]) -> np.ndarray:
+    """The model a checkpoint's mechanism released (what evaluation and every audit read), float32.
+    The mechanism writes it under one key whatever its kind: an FTRL run's server optimizer never
+    steps, so reading the optimizer's weights would score the initial model."""
+    return np.asarray(state["mechanism"]["model"], dtype=np.float32)
 
 
 def save_config(run_dir: Path, config: dict) -> None:

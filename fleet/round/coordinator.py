@@ -1,19 +1,20 @@
-"""The Coordinator: clock, secret sampler, round protocol, DP aggregation, server optimizer, accountant.
+"""The Coordinator: the clock, the secret sampler and the round protocol over the shards.
 
 One round (DESIGN.md steps 1-3, 5-7):
 1. check-in: each shard returns how many of its devices are available now;
-2. secret uniform sampling over the whole fleet: `fixed_size` draws K = ceil(goal * overselect)
-   ranks without replacement, `poisson` takes each available device with q_r = min(1, K /
-   available_r) (privacy.sampling); a target epsilon that this round would pass stops here;
-3. plan: shards return each selected device's arrival time (or drop reason) by rank; fixed_size
-   accepts the first `goal` arrivals before the deadline (later ones are `after_goal`), poisson
-   accepts every arrival before the deadline (its cohort is random and nothing caps it); with
+2. the mechanism prepares the round's release (a target epsilon that it would pass stops here)
+   and says how the cohort is drawn: K = ceil(goal * overselect) ranks without replacement, or
+   each available device with q_r = min(1, K / available_r) (Poisson); the secret sampler draws;
+3. plan: shards return each selected device's arrival time (or drop reason) by rank; a cohort
+   that closes on its goal accepts the first `goal` arrivals before the deadline (later ones are
+   `after_goal`), a Poisson cohort every arrival before the deadline (nothing caps it); with
    fewer than `min_reports` the round is abandoned and releases nothing;
 5. shards train the accepted devices and return one clipped sum each;
-6. Gaussian noise with std z*S is added once to the total, which is divided by the goal (fixed
-   denominator) and applied with the server optimizer;
-7. the round's release (q_r, n_r, m_r and the noise multiplier under the sampling's neighbouring
-   relation) is appended to the ledger and accounted before the round's line leaves.
+6. the privacy mechanism (`fleet.privacy.mechanisms`) releases the round: its noise, its model
+   step, its ledger entry and its accounting, before the round's line leaves.
+
+The coordinator never asks which mechanism it holds: how the cohort is drawn and closed, the
+clip norm, the noise and what is accounted are the mechanism's.
 
 The coordinator never sees a device id: only counts, ranks, arrival times and sums. With
 `privacy.telemetry=private` the line it returns holds only what is released and accounted.
@@ -21,24 +22,18 @@ The coordinator never sees a device id: only counts, ranks, arrival times and su
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fleet.config import min_reports, separation_rounds
+from fleet.config import min_reports
 from fleet.learning.tasks import make_task
 from fleet.phones import dropout
 from fleet.phones.timing import Reason
-from fleet.privacy import mechanism
-from fleet.privacy.accountant import Accountant, pld_interval
-from fleet.privacy.ftrl import FTRLServer
-from fleet.privacy.ledger import LEDGER_FILE, Ledger
-from fleet.privacy.mechanism import Release, default_delta
-from fleet.privacy.noise import NoiseSource
-from fleet.privacy.summary import privacy_summary
+from fleet.privacy import mechanisms
+from fleet.privacy.mechanisms import ShardSums
 from fleet.round import checkpoint
 from fleet.round.calls import ShardCrash, call_all
 from fleet.round.sampling import Sampler, split_ranks
@@ -46,9 +41,11 @@ from fleet.round.server import ServerOptimizer
 from fleet.round.shard import NORM_BINS, ShardCore
 
 # What a metrics line holds under `privacy.telemetry=private`: the release (the model is not in
-# the line), what is noised and accounted (the clip norm, moved by a noised count), the budget,
-# and evaluations of the released model on held-out devices.
-PRIVATE_KEYS = {"round", "released", "abandoned", "epsilon", "clip_norm", "incident", "stop"}
+# the line), what is noised and accounted (the clip norm, moved by a noised count), and
+# evaluations of the released model on held-out devices. Not the epsilon: under a participation
+# limit each round's q_r depends on who was sampled before, so the figure is published once, in
+# the summary.
+PRIVATE_KEYS = {"round", "released", "abandoned", "clip_norm", "incident", "stop"}
 
 
 class Coordinator:
@@ -64,63 +61,19 @@ class Coordinator:
         self._incarnations = [info["incarnation"] for info in infos]
         self.population = population
         self.task = make_task(cfg, role="server")
-        self.server = ServerOptimizer(
-            self.task.init_params(),
-            cfg.train.server_optimizer,
-            cfg.train.server_lr,
-            cfg.train.server_momentum,
-        )
-        self.params = self.server.params()
+        t = cfg.train
+
+        def server(params: np.ndarray) -> ServerOptimizer:
+            return ServerOptimizer(params, t.server_optimizer, t.server_lr, t.server_momentum)
+
+        # The mechanism holds the released model, the noise, the ledger and the accountant.
+        self.mechanism = mechanisms.build(cfg, population, self.task.init_params(), server, self.state_dir)
         self.sampler = Sampler(cfg.rng, cfg.seed)
-        self.noise = NoiseSource(cfg.rng, cfg.seed)
         self.clock = cfg.fleet.start_hour * 3600.0
         self.round = 0
-        self.releases_done = 0  # released rounds so far: the participation limit counts these
         self.private = cfg.privacy.telemetry == "private"
-        p = cfg.privacy
-        self.dp = bool(p.enabled)
-        self.ftrl: FTRLServer | None = None
-        self.separation = separation_rounds(cfg)
-        self.clip_norm: float | None = None
-        self.accountant: Accountant | None = None
-        self.pure_noise_rounds = 0
-        if self.dp:
-            f = cfg.fleet
-            self.clip_norm = p.initial_clip if p.adaptive else p.clip_norm
-            self.delta = p.delta if p.delta is not None else default_delta(population)
-            self.cohort = math.ceil(f.goal * f.overselect)
-            plan = mechanism.noise_plan(p, f.goal)
-            self.update_noise, self.count_noise = plan.update, plan.count_std
-            # The multiplier accounted, under the sampling's neighbouring relation, from the noise
-            # the round adds and the sensitivities it implies.
-            self.accounted_noise = plan.accounted
-            q_floor = min(1.0, self.cohort / population)  # every q_r is at least this
-            if p.mechanism == "dp_ftrl":
-                q_floor = 1.0  # no amplification: the interval for a Gaussian of the run's length
-                std = p.noise_multiplier * p.clip_norm
-                momentum = cfg.train.server_momentum if cfg.train.server_optimizer != "sgd" else 0.0
-                self.ftrl = FTRLServer(
-                    self.params,
-                    cfg.train.server_lr,
-                    momentum,
-                    p.restart_every,
-                    lambda tree, level, i: (
-                        std * self.noise.normal(i, f"ftrl_node_{tree}_{level}", len(self.params))
-                    ),
-                )
-            interval = pld_interval(q_floor, self.accounted_noise, cfg.train.rounds, self.delta)
-            self.ledger = Ledger(self.state_dir / LEDGER_FILE if self.state_dir else None)
-            self.accountant = Accountant(p.accountant, self.delta, interval)
 
     # ---- the round -----------------------------------------------------------------------
-    def budget_exhausted(self) -> bool:
-        """True when even the least exposed round (q_r at its floor, cohort / population) would
-        pass privacy.target_epsilon: no round can be released any more."""
-        target = self.cfg.privacy.target_epsilon
-        if not self.dp or target is None:
-            return False
-        return self.accountant.epsilon_with(self._release(self.round, self.population)) > target
-
     def run_round(self) -> dict:
         """One round; a shard crash abandons it (nothing released) and the shard is recovered.
 
@@ -166,8 +119,8 @@ class Coordinator:
             "incident": "shard_crash",
             "round_duration_s": self.cfg.fleet.deadline_s,
             "wasted_flops": 0.0,
-            "epsilon": self.accountant.epsilon() if self.dp else None,
-            "clip_norm": self.clip_norm,
+            "epsilon": self.mechanism.epsilon(),
+            "clip_norm": self.mechanism.clip_norm,
         }
 
     def _recover_shards(self, upto_round: int | None) -> None:
@@ -193,39 +146,26 @@ class Coordinator:
                 self._shard_pids[i] = alive["pid"]
                 self._incarnations[i] = alive["incarnation"]
 
-    def _release(self, r: int, available: int) -> Release:
-        """Round r's release as accounted, given how many devices are available."""
-        p = self.cfg.privacy
-        cohort = min(self.cohort, available)
-        if self.ftrl is not None:  # no sampling assumption: where the round sits in its tree
-            tree, step = self.ftrl.position()
-            return Release(
-                r, "tree", 1.0, int(available), int(cohort), self.accounted_noise, tree, step, self.separation
-            )
-        q = min(1.0, self.cohort / available) if available else 0.0
-        return Release(r, p.sampling, q, int(available), int(cohort), self.accounted_noise)
-
     def _round(self, r: int, t: float) -> dict:
         f = self.cfg.fleet
         n = len(self.shards)
-        poisson = self.dp and self.ftrl is None and self.cfg.privacy.sampling == "poisson"
+        mech = self.mechanism
 
         t0 = time.perf_counter()
-        counts = call_all(self.shards, "check_in", [(r, t, self.releases_done)] * n)
+        counts = call_all(self.shards, "check_in", [(r, t, mech.releases)] * n)
         t_checkin = time.perf_counter() - t0
         total = int(sum(counts))
 
-        release = self._release(r, total) if self.dp else None
-        target = self.cfg.privacy.target_epsilon
-        if release is not None and target is not None and total > 0:
-            if self.accountant.epsilon_with(release) > target:
-                return {"round": r, "stop": "target_epsilon", "epsilon": self.accountant.epsilon()}
+        stop = mech.begin(r, total)
+        if stop is not None:
+            return {"round": r, "stop": stop, "epsilon": mech.epsilon()}
 
         t0 = time.perf_counter()
-        if poisson:
-            ranks = self.sampler.draw_poisson(r, total, release.q)
+        cohort = mech.cohort(total)
+        if cohort.poisson:
+            ranks = self.sampler.draw_poisson(r, total, cohort.q)
         else:
-            ranks = self.sampler.draw(r, total, math.ceil(f.goal * f.overselect))
+            ranks = self.sampler.draw(r, total, cohort.size)
         local = split_ranks(ranks, counts)
         t_sampling = time.perf_counter() - t0
 
@@ -241,16 +181,16 @@ class Coordinator:
         order = np.argsort(arrival, kind="stable")
         n_arrived = int(np.count_nonzero(reason == Reason.REPORTED))
         accepted = reason == Reason.REPORTED
-        if not poisson:  # a fixed-size round closes on its goal; Poisson's cohort is not capped
+        if cohort.closes_on_goal:  # the first `goal` arrivals count; a Poisson cohort is not capped
             accepted = np.zeros(len(arrival), dtype=bool)
             accepted[order[: min(f.goal, n_arrived)]] = True
             reason[(reason == Reason.REPORTED) & ~accepted] = Reason.AFTER_GOAL
         n_accepted = int(accepted.sum())
         goal_time = float(arrival[order[f.goal - 1]]) if n_arrived >= f.goal else None
-        if not poisson:
+        if cohort.closes_on_goal:
             close = goal_time if goal_time is not None else deadline
         elif np.any(reason == Reason.DEADLINE) or n_arrived == 0:
-            close = deadline  # a Poisson round waits for every selected device
+            close = deadline  # a round that does not close on its goal waits for every selected device
         else:
             close = float(arrival[accepted].max())
         t_plan = time.perf_counter() - t0
@@ -265,11 +205,11 @@ class Coordinator:
         if not abandoned:
             t0 = time.perf_counter()
             sizes = np.cumsum([0] + [len(x) for x in local])
-            params_arg = self._broadcast(self.params)
+            params_arg = self._broadcast(mech.params)
             results = call_all(
                 self.shards,
                 "train",
-                [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], self.clip_norm) for i in range(n)],
+                [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], mech.clip_norm) for i in range(n)],
             )
             self._check_incarnations([res["incarnation"] for res in results])
             t_train = time.perf_counter() - t0
@@ -278,7 +218,7 @@ class Coordinator:
             invalid = int(sum(res["invalid"] for res in results))
             invalid_flops = float(sum(res["invalid_flops"] for res in results))
             reported_mix = _merge_mix([res["mix"] for res in results])
-            metrics.update(self._aggregate(r, results, reported, release))
+            metrics.update(self._aggregate(r, results, reported))
             t_agg = time.perf_counter() - t0
 
         dropped = {reason_name(c): int(np.count_nonzero(reason == c)) for c in Reason if c != Reason.REPORTED}
@@ -290,7 +230,7 @@ class Coordinator:
             "available": total,
             "waiting_for_limit": int(sum(p["waiting"] for p in plans)),
             "selected": int(len(ranks)),
-            "q": release.q if release is not None else None,
+            "q": cohort.q,
             "reported": reported if not abandoned else n_accepted,
             "dropped": dropped,
             "abandoned": bool(abandoned),
@@ -304,8 +244,8 @@ class Coordinator:
                 (flops * done)[(reason != Reason.REPORTED) & (reason != Reason.AFTER_GOAL)].sum()
             ),
             "mix": {"selected": _merge_mix([p["mix"] for p in plans]), "reported": reported_mix},
-            "epsilon": self.accountant.epsilon() if self.dp else None,
-            "clip_norm": self.clip_norm,
+            "epsilon": mech.epsilon(),
+            "clip_norm": mech.clip_norm,
             "timing": {
                 "checkin_s": t_checkin,
                 "sampling_s": t_sampling,
@@ -334,10 +274,10 @@ class Coordinator:
 
         return ray.put(params)
 
-    def _aggregate(self, r: int, results: list[dict], reported: int, release: Release | None) -> dict:
-        """Sum the shards' clipped sums, add noise once, average, apply; account the release."""
+    def _aggregate(self, r: int, results: list[dict], reported: int) -> dict:
+        """Sum the shards' clipped sums and hand them to the mechanism, which releases the round
+        (noise, model step, ledger and accountant); the rest is telemetry."""
         total = np.sum([res["sum"] for res in results], axis=0)
-        goal = self.cfg.fleet.goal
         out: dict[str, Any] = {
             "train_loss": sum(res["loss_sum"] for res in results) / max(reported, 1),
             "update_norm_mean": sum(res["norm_sum"] for res in results) / max(reported, 1),
@@ -345,42 +285,9 @@ class Coordinator:
         }
         hist = np.sum([res["norm_hist"] for res in results], axis=0)
         out["update_norm_median"] = _hist_quantile(hist, 0.5)
-        self.releases_done += 1
-        if self.dp:
-            if reported == 0:  # every update was invalid: this release is the noise alone
-                out["pure_noise"] = True
-                self.pure_noise_rounds += 1
-            if self.ftrl is not None:
-                self.params = self.ftrl.step(total, goal)
-                out["noise_norm"] = self.ftrl.last_noise_norm
-            else:
-                std = self.update_noise * self.clip_norm
-                noise = std * self.noise.normal(r, "update_noise", len(total))
-                out["noise_norm"] = float(np.linalg.norm(noise))
-                update = (total + noise) / goal  # fixed denominator, whatever the dropout
-                if self.cfg.privacy.adaptive:
-                    unclipped = sum(res["unclipped"] for res in results)
-                    self._adapt_clip(r, unclipped, reported, goal)
-                self.params = self.server.step(update.astype(np.float32))
-            out["signal_to_noise"] = out["clipped_sum_norm"] / max(out["noise_norm"], 1e-30)
-            # Committed before the line leaves: a crash after this point cannot lose the release.
-            self.ledger.append(release)
-            self.accountant.record(release)
-        elif reported > 0:
-            self.params = self.server.step((total / reported).astype(np.float32))
+        unclipped = int(sum(res["unclipped"] for res in results))
+        out.update(self.mechanism.release(r, ShardSums(total, reported, unclipped)))
         return out
-
-    def _adapt_clip(self, r: int, unclipped: int, reported: int, goal: int) -> None:
-        """Geometric update of the clip norm toward the target quantile (Andrew et al. 2021).
-
-        Each reported device's bit enters centred, as b - 1/2 (sensitivity 1/2 under zero-out,
-        1 under replace-one), which is what the noise split of `mechanism.adaptive_split` assumes.
-        """
-        p = self.cfg.privacy
-        centred = unclipped - reported / 2.0
-        noised = centred + self.count_noise * float(self.noise.normal(r, "count_noise", 1)[0])
-        fraction = noised / goal + 0.5
-        self.clip_norm = float(self.clip_norm * math.exp(-p.clip_lr * (fraction - p.target_quantile)))
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -388,14 +295,8 @@ class Coordinator:
         return {
             "round": self.round,
             "clock": self.clock,
-            "server": self.server.state(),
-            "accountant": self.accountant.snapshot() if self.dp else None,
-            "pld_interval": self.accountant.interval if self.dp else None,
-            "clip_norm": self.clip_norm,
+            "mechanism": self.mechanism.state(),
             "incidents": dict(self.incidents),
-            "pure_noise_rounds": self.pure_noise_rounds,
-            "releases_done": self.releases_done,
-            "ftrl": self.ftrl.state() if self.ftrl is not None else None,
         }
 
     def checkpoint(self) -> int:
@@ -421,31 +322,16 @@ class Coordinator:
         """Load the committed checkpoint and bring every shard to the same round.
 
         Rounds released after the checkpoint are re-run. In reproducible mode they draw the same
-        cohort and noise and release the same outputs: their ledger entries and the shards'
-        journal records are replaced. In secure mode each re-run is a new release with a fresh
-        cohort: the lost rounds stay accounted and their participants stay recorded, so the
-        participation limit still counts them.
+        cohort and noise and release the same outputs: the mechanism drops their ledger entries
+        and the shards their journal records. In secure mode each re-run is a new release with a
+        fresh cohort: the lost rounds stay accounted (the mechanism decides what else follows)
+        and their participants stay recorded, so the participation limit still counts them.
         """
         state = checkpoint.load_coordinator(self.state_dir)
         self.round, self.clock = state["round"], state["clock"]
-        self.server.load_state(state["server"])
-        self.params = self.server.params()
-        if self.ftrl is not None:
-            self.ftrl.load_state(state["ftrl"])
-            self.params = self.ftrl.params.copy()
         secure = self.cfg.rng == "secure"
-        if self.dp:
-            if not secure:
-                self.ledger.truncate(self.round)
-            if state.get("pld_interval"):
-                self.accountant.interval = state["pld_interval"]
-            self.accountant.load(self.ledger.releases, state.get("accountant"))
-        self.clip_norm = state["clip_norm"]
+        self.mechanism.resume(state["mechanism"], secure)
         self.incidents.update(state["incidents"])
-        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
-        # In secure mode the rounds released after the checkpoint stay counted (their
-        # participants' limits too): the next release comes after them.
-        self.releases_done = len(self.accountant.releases) if self.dp else state["releases_done"]
         call_all(self.shards, "restore", [(None if secure else self.round,)] * len(self.shards))
         return self.round
 
@@ -453,26 +339,25 @@ class Coordinator:
         return dict(self.incidents)
 
     def evaluate(self) -> dict:
-        return self.task.evaluate(self.params)
+        return self.task.evaluate(self.mechanism.params)
 
     def evaluate_devices(self, device_ids: np.ndarray, num_examples: np.ndarray) -> dict:
         """The model's metrics on given held-out devices (for metrics by group); {} if the task
         cannot evaluate arbitrary devices."""
         evaluate = getattr(self.task, "evaluate_devices", None)
-        return evaluate(self.params, device_ids, num_examples) if evaluate else {}
+        return evaluate(self.mechanism.params, device_ids, num_examples) if evaluate else {}
 
     def get_params(self) -> np.ndarray:
-        return self.params
+        """The released model."""
+        return self.mechanism.params
 
     def releases(self) -> list[dict]:
         """The ledger, as dicts (what `fleet-privacy --run` and the audits read)."""
-        return [r.to_json() for r in self.accountant.releases] if self.dp else []
+        return [r.to_json() for r in self.mechanism.ledger.releases] if self.mechanism.dp else []
 
     def privacy_summary(self) -> dict:
         """The epsilon and, beside it, what it covers, under which mechanism and assumptions."""
-        return privacy_summary(
-            self.cfg, self.population, self.accountant if self.dp else None, self.pure_noise_rounds
-        )
+        return self.mechanism.summary()
 
 
 def _merge_mix(mixes: list[dict]) -> dict:

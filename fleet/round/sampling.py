@@ -6,7 +6,7 @@ rank j to its j-th available device. That is exact uniform sampling without repl
 whole fleet (DESIGN.md invariant 4), it is the same sample whatever the number of shards, and no
 device id ever reaches the coordinator (invariant 3).
 
-Two samplings, each accounted as what it is (`fleet.privacy.mechanism`): `draw` takes exactly k
+Two samplings, each accounted as what it is (`fleet.privacy.sampled`): `draw` takes exactly k
 of the available devices without replacement (fixed_size); `draw_poisson` takes each available
 device independently with probability q, drawn as a Binomial(total, q) cohort size and then that
 many distinct ranks uniformly, which is the same law as one coin per device, with no per-device

@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import ConfigError, FleetConfig, separation_rounds
+from fleet.config import ConfigError, FleetConfig
 from fleet.learning.tasks import make_task
 from fleet.phones import availability, dropout, population
 from fleet.phones import participation as participation_shard
 from fleet.phones.timing import Reason, job_seconds, plan
 from fleet.privacy.clipping import clip
+from fleet.privacy.mechanisms import limit_rounds
 from fleet.round import checkpoint
 
 NEVER = np.iinfo(np.int32).min // 2  # the release index of a device never counted
@@ -82,7 +83,7 @@ class ShardCore:
         self.sep_s = f.min_separation_hours * 3600.0
         # The limit in released rounds (DP-FTRL's guarantee rests on it): each device's last
         # release index, kept only when such a limit is in force (4 bytes a device).
-        self.sep_rounds = separation_rounds(cfg)
+        self.sep_rounds = limit_rounds(cfg)
         self.last_release = np.full(self.n, NEVER, dtype=np.int32) if self.sep_rounds > 0 else None
         self._release_idx = 0
         self._waiting = 0
@@ -101,7 +102,7 @@ class ShardCore:
 
         `release_idx` is the index this round's release would have (the coordinator counts
         released rounds; by default the round index): a device counted at release j may be
-        counted again from release j + separation_rounds on."""
+        counted again from release j + the limit on."""
         ok = self.avail.available(t)
         ok &= self.eligible
         out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
@@ -209,11 +210,13 @@ class ShardCore:
             norm_hist[np.searchsorted(NORM_BINS, norm, side="right") - 1] += 1
         ok = np.zeros(len(idx), dtype=bool)
         ok[np.asarray(counted, dtype=np.int64)] = True
-        done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never counted
-        self._record_participation(done, t, self._release_idx)
+        done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never in the sum
+        # Every device sent the model has taken part, whatever it returned: were an invalid update
+        # exempt from the limit, a device's data would decide who could be sampled next.
+        self._record_participation(idx, t, self._release_idx)
         if self.state_dir is not None:
             checkpoint.append_journal(
-                self.state_dir, self.start, self.stop, round_idx, self._release_idx, t, done
+                self.state_dir, self.start, self.stop, round_idx, self._release_idx, t, idx
             )
         return {
             "sum": total,

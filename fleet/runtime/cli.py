@@ -35,7 +35,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fleet.config import CONF_DIR, Config, ConfigError, register_configs, validate
+from fleet.config import CONF_DIR, Config, ConfigError, register_configs
+from fleet.privacy.mechanisms import validate
 
 CONFIG_NAME = "config"
 # Errors a user fixes by changing the command line or a profile: one line, exit code 2.
@@ -196,25 +197,29 @@ def _summary_text(s: dict, run_dir: str) -> str:
     ]
     priv = s["privacy"]
     if priv.get("dp"):
-        q = priv["q"]
-        if priv.get("rho_zcdp") is not None or q["rule"] == "no sampling assumption":
-            rho = f", rho {priv['rho_zcdp']:.4g} zCDP" if priv.get("rho_zcdp") is not None else ""
-            span = f"{priv['mechanism']}{rho}"
-        elif q["min"] is not None:
+        q = priv.get("q")
+        if priv.get("rho_zcdp") is not None:
+            span = f"{priv['mechanism']}, rho {priv['rho_zcdp']:.4g} zCDP"
+        elif q and q["min"] is not None:
             span = f"{priv['sampling']} sampling, q_r {q['min']:.3g} to {q['max']:.3g}"
-        else:
+        elif q:
             span = f"{priv['sampling']} sampling, no round released"
+        else:  # private telemetry: the q_r describe the samples and stay out
+            span = f"{priv['mechanism']}"
         parts.append(
             f"epsilon: {priv['epsilon']:.4g} at delta {priv['delta']:.3g} ({priv['accountant'].upper()}, "
             f"{span}; {priv['device']})"
         )
         parts.append(f"  covers: {priv['covers']}")
         parts.append(f"  {priv['guarantee']}")
+        parts.append(f"  public: {priv['public']}")
+        if priv.get("depends_on"):
+            parts.append(f"  depends on: {priv['depends_on']}")
         t = priv["textbook"]
         if t:
             parts.append(
-                f"  textbook figure, q = goal / population = {t['q']:.3g}: {t['epsilon']:.4g} "
-                "(real availability does not give it)"
+                f"  textbook figure, q = ceil(goal x overselect) / population = {t['q']:.3g}: "
+                f"{t['epsilon']:.4g} (real availability does not give it)"
             )
         if priv.get("pure_noise_rounds"):
             parts.append(f"  {priv['pure_noise_rounds']} released round(s) had no valid update: pure noise")

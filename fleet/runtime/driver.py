@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import ConfigError, config_from_dict, validate
+from fleet.config import ConfigError, config_from_dict
+from fleet.privacy.mechanisms import check_population, validate
 from fleet.round import checkpoint
 from fleet.round.shard import fleet_size
 from fleet.runtime import hooks
 from fleet.runtime.guards import Guard, abandonment, progress_text
-from fleet.runtime.header import check_privacy_budget, header
+from fleet.runtime.header import header
 from fleet.runtime.placement import cluster_line, fleet_actors, init_ray
 from fleet.runtime.resume import Interrupted, metrics_before, resumed_config
 from fleet.runtime.tracking import Tracker
@@ -104,7 +105,7 @@ def train(
     pop = fleet_size(cfg)
     if cfg.fleet.goal > pop:
         raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")
-    check_privacy_budget(cfg, pop)
+    check_population(cfg, pop)  # delta below 1 / population, a reachable target
     run_dir = Path(run_dir)
     state_dir = run_dir / checkpoint.STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)

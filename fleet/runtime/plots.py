@@ -242,7 +242,7 @@ def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = N
 
 def privacy_claims(r: Run) -> tuple[float | None, float | None]:
     """(what the mechanism's textbook analysis claims, what holds for every device under the
-    fleet's real availability). DP-FedAvg: the textbook figure (q = goal / population) and the
+XX
     ledger's (each round's real q_r, a device available in every round). DP-FTRL rests on no
     sampling, only on the participation limit the shards enforce: both are its figure."""
     priv = r.summary.get("privacy") or {}

@@ -34,11 +34,11 @@ from fleet.round import checkpoint
 
 
 def load_weights(run_dir: Path) -> tuple[np.ndarray, int]:
-    """The final server weights of a run (its last checkpoint) and that checkpoint's round."""
+    """The released model of a run's last checkpoint (whatever the mechanism) and its round."""
     saved = checkpoint.load_coordinator(run_dir / checkpoint.STATE_DIR)
     if saved is None:
         raise ConfigError(f"RUN_DIR: no checkpoint in {str(run_dir)!r} (state/{checkpoint.COORDINATOR_FILE})")
-    return np.asarray(saved["server"]["weights"], dtype=np.float32), int(saved["round"])
+    return checkpoint.released_model(saved), int(saved["round"])
 
 
 def times_trained(run_dir: Path, rows: np.ndarray, committed: int) -> np.ndarray | None:

@@ -25,7 +25,7 @@ from fleet.privacy import tree as tree_lib
 
 
 class FTRLServer:
-    """The model as DP-FTRL(M) releases it. `draw(tree, level, index)` gives a node's noise."""
+    """The model as DP-FTRL(M) releases it. `noised(tree, exact, level, index)` releases a node."""
 
     def __init__(
         self,
@@ -33,9 +33,9 @@ class FTRLServer:
         lr: float,
         momentum: float,
         restart_every: int,
-        draw: Callable[[int, int, int], np.ndarray],
+        noised: Callable[[int, np.ndarray, int, int], np.ndarray],
     ):
-        self.lr, self.momentum, self.restart_every, self.draw = lr, momentum, restart_every, draw
+        self.lr, self.momentum, self.restart_every, self.noised = lr, momentum, restart_every, noised
         self.theta0 = params.astype(np.float64)
         self.params = params.astype(np.float32)
         self.m = np.zeros_like(self.theta0)
@@ -48,15 +48,20 @@ class FTRLServer:
             return self.tree.index + 1, 1
         return self.tree.index, self.tree.steps + 1
 
+    def restart(self, index: int) -> None:
+        """A new tree `index` from the current model: theta_0 moves there, the sum, the momentum
+        and the nodes start afresh (nothing noised before is reused)."""
+        self.theta0 = self.params.astype(np.float64)
+        self.m = np.zeros_like(self.theta0)
+        self.tree = tree_lib.Tree(index, len(self.params))
+
     def step(self, clipped_sum: np.ndarray, goal: int) -> np.ndarray:
         """Release one round: add its clipped sum to the tree, return the new model."""
         if self.restart_every and self.tree.steps >= self.restart_every:
-            self.theta0 = self.params.astype(np.float64)
-            self.m = np.zeros_like(self.theta0)
-            self.tree = tree_lib.Tree(self.tree.index + 1, len(self.params))
+            self.restart(self.tree.index + 1)
         index = self.tree.index
-        prefix = self.tree.add(clipped_sum, lambda level, i: self.draw(index, level, i))
-        self.last_noise_norm = float(np.linalg.norm(prefix - self.tree.exact))
+        prefix = self.tree.add(clipped_sum, lambda exact, level, i: self.noised(index, exact, level, i))
+        self.last_noise_norm = float(np.linalg.norm(prefix - self.tree.exact_prefix()))
         self.m = self.momentum * self.m + prefix / goal
         self.params = (self.theta0 + self.lr * self.m).astype(np.float32)
         return self.params.copy()

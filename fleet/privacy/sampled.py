@@ -6,17 +6,18 @@ centred count of unclipped updates):
 
 - `poisson`: every available, eligible device joins the cohort independently with probability
   q_r. Neighbours: one device's contribution replaced by nothing (zero-out; dp-accounting's
-  REPLACE_SPECIAL, which for Poisson sampling is accounted exactly as add-or-remove). The device
-  stays in the fleet, so how many devices are available (and hence q_r) is the same on both
-  sides. Sensitivity: S for the sum, 1/2 for the centred count (each bit enters as b - 1/2).
+  REPLACE_SPECIAL). The device stays in the fleet, so how many devices are available (and hence
+  q_r) is the same on both sides. Sensitivity: S for the sum, 1/2 for the centred count (each bit
+  enters as b - 1/2).
 - `fixed_size`: m_r of the n_r available devices drawn uniformly without replacement.
   Neighbours: one device's data replaced by another's (replace-one; n_r is public). Sensitivity:
   2S for the sum (a contribution u becomes u', |u - u'| <= 2S), 1 for the centred count.
 
 dp-accounting's noise multiplier is the noise's standard deviation over the sensitivity under
 the relation, so the same z costs twice as much under replace-one: the multiplier accounted is
-z/2. Both relations protect a device's training data; its presence in the fleet, its schedule
-and its timing (which devices check in, how fast they are) are the simulated world, not data.
+z/2. Both relations protect a device's training data; its presence in the fleet, its schedule,
+its speed and its example count (which decide whether its job makes the deadline) are the
+simulated world, public on both sides.
 """
 
 from __future__ import annotations
@@ -25,13 +26,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported where used: only the coordinator and the audits need dp-accounting
+if TYPE_CHECKING:  # imported where used: only the accountants and the audits need dp-accounting
     import dp_accounting
-
-
-def default_delta(population: int) -> float:
-    """delta = 1 / N^1.1: below 1/N, as user-level DP needs."""
-    return float(population) ** -1.1
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,8 @@ SAMPLINGS = {
         "REPLACE_SPECIAL",
         1.0,
         0.5,
-        "one device's contribution replaced by nothing (zero-out; accounted as add-or-remove)",
+        "one device's contribution replaced by nothing (zero-out: the device stays in the fleet, "
+        "so q_r is the same on both sides)",
     ),
     "fixed_size": Sampling(
         "fixed_size",
@@ -59,14 +56,6 @@ SAMPLINGS = {
         2.0,
         1.0,
         "one device's data replaced by another's (replace-one: sensitivity 2S)",
-    ),
-    # DP-FTRL: no sampling assumption; the tree's sensitivity comes from the participation limit
-    "tree": Sampling(
-        "tree",
-        "REPLACE_SPECIAL",
-        1.0,
-        0.5,
-        "one device's contribution replaced by nothing (zero-out), in every round it took part in",
     ),
 }
 
@@ -99,8 +88,8 @@ def effective_noise_multiplier(
 
 
 def adaptive_split(z: float, count_std: float) -> float:
-    """The update's noise multiplier that keeps the zero-out (add-or-remove) total at z when the
-    centred count (sensitivity 1/2) carries noise `count_std` (Andrew et al. 2021): solves
+    """The update's noise multiplier that keeps the zero-out total at z when the centred count
+    (sensitivity 1/2) carries noise `count_std` (Andrew et al. 2021): solves
     z^-2 = z_update^-2 + (2 count_std)^-2. Needs z < 2 count_std."""
     if z <= 0:
         return z
@@ -128,26 +117,17 @@ def noise_plan(privacy: Any, goal: int) -> NoisePlan:
         update = adaptive_split(z, count_std)
     else:
         count_std, update = None, z
-    kind = accounted_sampling(privacy)
-    return NoisePlan(update, count_std, effective_noise_multiplier(kind, update, 1.0, count_std))
-
-
-def accounted_sampling(privacy: Any) -> str:
-    """What the ledger accounts a release as: the sampling for DP-FedAvg, "tree" for DP-FTRL
-    (whose cohorts are drawn as fixed_size, but no guarantee rests on how)."""
-    return "tree" if getattr(privacy, "mechanism", "dp_fedavg") == "dp_ftrl" else privacy.sampling
+    return NoisePlan(update, count_std, effective_noise_multiplier(privacy.sampling, update, 1.0, count_std))
 
 
 @dataclass(frozen=True)
-class Release:
-    """One released round as accounted: the ledger's entry (a reviewer recomputes from these).
+class SampledRelease:
+    """One released DP-FedAvg round as accounted: the ledger's entry (a reviewer recomputes from
+    these).
 
     `q` is the chance that a device available in this round is in its cohort; `available` and
     `cohort` are n_r and m_r (for poisson, m_r is the cohort the coordinator aimed at, the
     realised size is random); `noise_multiplier` is under the sampling's relation.
-    DP-FTRL's releases (`sampling` "tree") carry no sampling assumption (q is 1): `tree` and
-    `step` place the round in its tree, `separation` is the participation limit in released
-    rounds that the shards enforced, and `noise_multiplier` is each node's noise over S.
     """
 
     round: int
@@ -156,13 +136,9 @@ class Release:
     available: int
     cohort: int
     noise_multiplier: float
-    tree: int | None = None
-    step: int | None = None
-    separation: int | None = None
 
     def event(self) -> dp_accounting.DpEvent:
-        """The exact dp-accounting event of this round (no bucketing); a tree's rounds are
-        accounted together, per tree (`fleet.privacy.accountant.tree_events`)."""
+        """The exact dp-accounting event of this round (no bucketing)."""
         return event(self.sampling, self.q, self.noise_multiplier, self.available, self.cohort)
 
     def to_json(self) -> dict:

@@ -1,0 +1,233 @@
+"""DP-FTRL (Kairouz et al. 2021): tree aggregation of the rounds' clipped sums, no sampling assumed.
+
+- **Cohort.** Drawn uniformly without replacement from the available devices (K = ceil(goal x
+  overselect)), the first `goal` arrivals counted, as for fixed-size DP-FedAvg; but no guarantee
+  rests on how: only on the participation limit, each device at most once in any
+  `limit_rounds(cfg)` consecutive released rounds, which the shards enforce.
+- **Noise.** Each node of the tree is noised once, when its last leaf arrives, with N(0, (zS)^2)
+  from the mechanism's noise source; a release is the sum of its cover's noised nodes
+  (`fleet.privacy.tree`), the model FTRL's (`fleet.privacy.ftrl_server`).
+- **Accounting.** Each tree is one Gaussian mechanism of squared sensitivity
+  `tree.sensitivity_factor(steps, limit)` S^2; trees compose (`fleet.privacy.tree_accountant`).
+  The figure does not depend on who was available or sampled: it is every device's.
+- **Resume.** Reproducible: rounds after the checkpoint are re-run with the same cohorts and the
+  same node noise, and replace their entries. Secure: those rounds were released with nodes of
+  their own; continuing the checkpoint's tree would put the checkpoint's leaves into a second
+  set of nodes (a true squared sensitivity far above the one accounted), so training continues
+  in a fresh tree from the checkpoint's model. The lost rounds' tree stays accounted as it was
+  released, the new tree is accounted as a tree of its own, and the participation limit runs on
+  across both (the lost rounds stay counted), so the two compose as independent trees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from fleet.privacy import tree as tree_lib
+from fleet.privacy.accountant import pld_interval
+from fleet.privacy.ftrl_server import FTRLServer
+from fleet.privacy.mechanisms.base import (
+    ArgumentError,
+    Cohort,
+    Mechanism,
+    ShardSums,
+    check,
+    check_gaussian,
+    cohort_size,
+    default_delta,
+    run_delta,
+)
+from fleet.privacy.tree_accountant import TreeAccountant, TreeRelease, TreeVersion, tree_epsilon, tree_rho
+
+NODE_STREAM = "ftrl_node_{tree}_{level}"
+
+
+class TreeFTRL(Mechanism):
+    """DP-FTRL(M) with tree aggregation and optional restarts."""
+
+    name = "dp_ftrl"
+
+    def __init__(self, cfg: Any, population: int, init_params: np.ndarray, noise, server, state_dir):
+        super().__init__(cfg, population, init_params, noise, server, state_dir)
+        p, t = cfg.privacy, cfg.train
+        self.clip_norm = p.clip_norm
+        self.std = p.noise_multiplier * p.clip_norm
+        self.limit = self.limit_rounds(cfg)
+        # Each node's multiplier, with the sensitivity the noise source says to account.
+        sens = noise.accounted_sensitivity(p.clip_norm, len(init_params), self.std) if self.std > 0 else 1.0
+        self.accounted = self.std / sens
+        momentum = t.server_momentum if t.server_optimizer != "sgd" else 0.0
+        self.server = FTRLServer(init_params, t.server_lr, momentum, p.restart_every, self._noised_node)
+        self.pure_noise_rounds = 0
+        interval = pld_interval(1.0, self.accounted, t.rounds, self.delta)  # no amplification
+        self.accountant = TreeAccountant(p.accountant, self.delta, interval)
+
+    def _noised_node(self, tree: int, exact: np.ndarray, level: int, index: int) -> np.ndarray:
+        return self.noise.add(exact, self.std, index, NODE_STREAM.format(tree=tree, level=level))
+
+    # ---- settings -------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        p = cfg.privacy
+        check_gaussian(cfg)
+        check(p.restart_every >= 0, "privacy.restart_every", f"must be >= 0 (got {p.restart_every})")
+        check(not p.adaptive, "privacy.adaptive", "adaptive clipping is not available with dp_ftrl")
+        check(
+            cfg.train.server_optimizer in ("sgd", "sgdm", "momentum"),
+            "train.server_optimizer",
+            "dp_ftrl's server is FTRL: sgd (plain), or sgdm / momentum (DP-FTRLM: heavy-ball "
+            "momentum on the prefix sums; Nesterov has no FTRL form)",
+        )
+
+    @classmethod
+    def limit_rounds(cls, cfg: Any) -> int:
+        """`fleet.min_separation_rounds`, and `fleet.min_separation_hours` converted by the clock's
+        worst case: a round lasts at most deadline_s + round_interval_s of simulated time, so two
+        participations H hours apart are at least ceil(H x 3600 / (deadline_s + round_interval_s))
+        rounds apart; enforcing that many released rounds too makes it hold whatever rounds are
+        abandoned or however the clock jumps (dropout.active_hours)."""
+        f = cfg.fleet
+        rounds = f.min_separation_rounds
+        if f.min_separation_hours > 0:
+            hours = math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s))
+            rounds = max(rounds, hours)
+        return int(rounds)
+
+    @classmethod
+    def check_budget(cls, cfg: Any, population: int) -> None:
+        """A target below what the first release costs (a tree of one step) is refused."""
+        p = cfg.privacy
+        if p.target_epsilon is None or p.noise_multiplier <= 0:
+            return
+        delta = run_delta(p, population)
+        one = tree_epsilon([TreeVersion(0, 1, 1)], p.noise_multiplier, p.accountant, delta, 1e-4)
+        check(
+            one <= p.target_epsilon,
+            "privacy.target_epsilon",
+            f"{p.target_epsilon:g} is unreachable: the first release alone costs {one:.4g} "
+            f"(z = {p.noise_multiplier:g}, no sampling assumed); raise privacy.noise_multiplier",
+        )
+
+    @classmethod
+    def header(cls, cfg: Any, population: int) -> list[str]:
+        p = cfg.privacy
+        restart = f"a new tree every {p.restart_every} rounds" if p.restart_every else "one tree"
+        return [
+            f"DP-FTRL, z={p.noise_multiplier:g}, clip S={p.clip_norm:g}, {restart}, each device at most "
+            f"once in {cls.limit_rounds(cfg)} released rounds"
+        ]
+
+    @classmethod
+    def parse(cls, entry: dict) -> TreeRelease:
+        fields = ("round", "tree", "step", "separation", "noise_multiplier")
+        return TreeRelease(**{k: entry[k] for k in fields})
+
+    @classmethod
+    def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
+        return TreeAccountant(kind, delta, interval, list(entries)).epsilon()
+
+    @classmethod
+    def offline(cls, args: Any) -> list[str]:
+        """Rounds split into trees of --restart-every, each device at most once in any
+        --separation released rounds: rho (zCDP) and epsilon by both accountants."""
+        if args.rounds is None or args.noise is None:
+            raise ArgumentError("dp_ftrl needs --rounds and --noise")
+        if args.delta is None and args.population is None:
+            raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
+        delta = args.delta if args.delta is not None else default_delta(args.population)
+        size = args.restart_every or args.rounds
+        trees = [
+            TreeVersion(i, min(size, args.rounds - i * size), args.separation)
+            for i in range(-(-args.rounds // size))
+        ]
+        k = tree_lib.participations(min(size, args.rounds), args.separation)
+        out = [
+            f"{len(trees)} tree(s) of up to {size} rounds; each device at most once in any "
+            f"{args.separation} released rounds: at most {k} participation(s) per tree"
+        ]
+        if args.noise <= 0:
+            return out + ["epsilon = inf (no noise)"]
+        out.append(f"rho = {tree_rho(trees, args.noise):.4g} (zCDP)")
+        kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
+        for kind in kinds:
+            eps = tree_epsilon(trees, args.noise, kind, delta, 1e-4)
+            out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {args.noise:g})")
+        return out
+
+    # ---- the round ------------------------------------------------------------------------
+    def cohort(self, available: int) -> Cohort:
+        k = min(cohort_size(self.cfg.fleet), available)
+        return Cohort(k / available if available else 0.0, k, poisson=False, closes_on_goal=True)
+
+    def _entry(self, r: int, available: int) -> TreeRelease:
+        tree, step = self.server.position()
+        return TreeRelease(r, tree, step, self.limit, self.accounted)
+
+    def release(self, r: int, sums: ShardSums) -> dict:
+        out: dict[str, Any] = {}
+        if sums.reported == 0:  # every update was invalid: the tree takes a zero leaf
+            out["pure_noise"] = True
+            self.pure_noise_rounds += 1
+        self.server.step(sums.total, self.cfg.fleet.goal)
+        out["noise_norm"] = self.server.last_noise_norm
+        out["signal_to_noise"] = float(np.linalg.norm(sums.total)) / max(out["noise_norm"], 1e-30)
+        self._commit()
+        return out
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.server.params.copy()
+
+    # ---- state ----------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"ftrl": self.server.state(), "pure_noise_rounds": self.pure_noise_rounds}
+
+    def _load(self, state: dict) -> None:
+        self.server.load_state(state["ftrl"])
+        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
+
+    def _after_lost(self, lost: int) -> None:
+        """Secure resume after released rounds were lost: a fresh tree (see the module docstring)."""
+        self.server.restart(max(e.tree for e in self.ledger.releases) + 1)
+
+    # ---- what it says ---------------------------------------------------------------------
+    def summary(self) -> dict:
+        cfg, acc = self.cfg, self.accountant
+        p = cfg.privacy
+        trees = acc.trees
+        once = all(tree_lib.participations(v.steps, v.separation) == 1 for v in trees)
+        out = {
+            "dp": True,
+            "epsilon": acc.epsilon(),
+            "delta": acc.delta,
+            "rho_zcdp": tree_rho(trees, self.accounted) if trees and self.accounted > 0 else None,
+            "accountant": acc.kind,
+            "pld_interval": acc.interval if acc.kind == "pld" else None,
+            "mechanism": "DP-FTRL (tree aggregation"
+            + (", momentum)" if cfg.train.server_optimizer != "sgd" else ")"),
+            "sampling": "none assumed (cohorts drawn without replacement; the guarantee does not rest on it)",
+            "event": (
+                "SingleEpochTreeAggregationDpEvent(z, steps) per tree"
+                if once and acc.kind == "rdp"
+                else "GaussianDpEvent(z / sqrt(tree sensitivity factor)) per tree"
+            )
+            + ", composed",
+            "neighbours": "one device's contribution replaced by nothing (zero-out), in every round it "
+            "took part in",
+            "device": f"every device: each takes part at most once in any {self.limit} consecutive "
+            "released rounds (enforced in the shards, kept across crashes)",
+            "participation_limit_rounds": self.limit,
+            "restart_every": p.restart_every,
+            "trees": [{"tree": v.tree, "steps": v.steps, "separation": v.separation} for v in trees],
+            "noise_multiplier": p.noise_multiplier,
+            "accounted_noise_multiplier": self.accounted,
+            "released_rounds": len(acc.releases),
+            "textbook": None,
+            **self._covers(),
+        }
+        if not self.private:
+            out["pure_noise_rounds"] = self.pure_noise_rounds
+        return out

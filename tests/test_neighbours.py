@@ -1,0 +1,105 @@
+"""Privacy proven by attacking it: neighbouring runs through every mechanism and every path.
+
+Two runs of the same fleet, seed and (replayed) secret randomness differ only in one device's data
+(its update zeroed, or made invalid). For every mechanism and path (tests/neighbours.py):
+
+- under `privacy.telemetry=private`, nothing that leaves the coordinator differs but the released
+  model: not a line, not the summary (and the model does differ: the control);
+- whatever the telemetry, the accounting does not depend on the device's data: the ledger and
+  every epsilon are the same in both runs (a device whose update is invalid still used its turn);
+- the epsilon accounted is at least what the mechanism that ran gives up: dp-accounting on every
+  released round for DP-FedAvg; for DP-FTRL a brute force over every participation pattern of the
+  sensitivity of all its releases, read off the released models themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from neighbours import MECHANISMS, PATHS, config, patch, run, target_for, true_sensitivity
+
+from fleet.privacy.accountant import ORDERS
+
+RELEASED_KEYS = {"clip_norm"}  # released like the model when the clip adapts (a noised count)
+
+
+def _public(lines: list[dict], mechanism: str) -> list[dict]:
+    if mechanism != "fedavg_adaptive":
+        return lines
+    return [{k: v for k, v in x.items() if k not in RELEASED_KEYS} for x in lines]
+
+
+@pytest.mark.parametrize("other", ["zero", "nan"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mechanism", [*MECHANISMS, "fedavg_goal_1"])
+def test_under_private_telemetry_only_the_model_differs(mechanism, path, other, tmp_path, monkeypatch):
+    patch(monkeypatch)
+    extra = ()
+    if mechanism == "fedavg_goal_1":  # the target alone in its rounds: an invalid update is pure noise
+        mechanism = "fedavg_fixed"
+        extra = ("fleet.goal=1", "fleet.overselect=1", "fleet.min_separation_rounds=0")
+    cfg = config(mechanism, path, "private", *extra)
+    target = target_for(cfg, tmp_path / "probe")
+    a = run(cfg, path, "push", target, tmp_path / "a")
+    b = run(cfg, path, other, target, tmp_path / "b")
+    assert a.target_counted >= 2 and b.target_counted == a.target_counted
+    if extra and other == "nan":
+        assert any(x.get("pure_noise") for x in b.full)  # the case this variant is for
+    assert _public(a.lines, mechanism) == _public(b.lines, mechanism)
+    assert a.summary == b.summary and "pure_noise_rounds" not in a.summary
+    assert all("epsilon" not in x and "available" not in x for x in a.lines)
+    assert not np.array_equal(a.models[-1], b.models[-1])  # the release itself does differ
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_the_accounting_is_blind_to_the_data_and_covers_what_ran(mechanism, path, tmp_path, monkeypatch):
+    patch(monkeypatch)
+    cfg = config(mechanism, path, "full")
+    target = target_for(cfg, tmp_path / "probe")
+    a = run(cfg, path, "push", target, tmp_path / "a")
+    b = run(cfg, path, "nan", target, tmp_path / "b")
+    assert a.target_counted >= 2 and any(x.get("waiting_for_limit") for x in a.full)
+    # An invalid update still used the device's turn: who could be sampled next, hence every q_r
+    # and every epsilon, is the same with and without its data.
+    assert a.ledger == b.ledger and a.summary["epsilon"] == b.summary["epsilon"]
+    assert [x.get("available") for x in a.lines] == [x.get("available") for x in b.lines]
+    assert [x.get("epsilon") for x in a.lines] == [x.get("epsilon") for x in b.lines]
+    if path == "resume":  # reproducible: the lost rounds were re-run and released the same again
+        again = [a.lines[i + len(a.lost)] for i in a.lost]
+        assert [a.lines[i] for i in a.lost] == again and len(a.ledger) == len(a.lines) - len(a.lost)
+    kept = [x for i, x in enumerate(a.full) if path != "resume" or i not in a.lost]
+    released = [x for x in kept if x.get("released")]
+    assert len(a.ledger) == len(released)  # every release accounted once, lost ones too in secure mode
+    if mechanism == "ftrl":
+        z = cfg.privacy.noise_multiplier
+        assert a.accounted >= true_sensitivity(a, z) * (1 - 1e-6)
+    else:
+        want = dp_accounting_epsilon(cfg, released, a.summary["delta"])
+        assert want * (1 - 1e-6) <= a.summary["epsilon"] <= want * 1.02
+
+
+def dp_accounting_epsilon(cfg, released: list[dict], delta: float) -> float:
+    """dp-accounting alone, from each released round's available count and the config: q_r =
+    min(1, K / available_r), z under the sampling's relation (z / 2 under replace-one)."""
+    p, f = cfg.privacy, cfg.fleet
+    k = math.ceil(f.goal * f.overselect)
+    z = p.noise_multiplier
+    if p.sampling == "poisson":
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        for x in released:
+            q = min(1.0, k / x["available"])
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    else:
+        relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+        acc = rdp_privacy_accountant.RdpAccountant(list(ORDERS), relation)
+        for x in released:
+            n, m = x["available"], min(k, x["available"])
+            gauss = dp_accounting.GaussianDpEvent(z / 2)
+            acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(n, m, gauss))
+    return float(acc.get_epsilon(delta))
