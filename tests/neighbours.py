@@ -132,8 +132,18 @@ def patch(monkeypatch) -> None:
     monkeypatch.setattr(sampling, "os", SimpleNamespace(urandom=lambda n: _Secrets.rng.randbytes(n)))
 
 
-def run(cfg, path: str, update: str, target: int, state_dir: Path) -> Run:
-    """One run along `path` with the target's update `update` (see the module docstring)."""
+def run(
+    cfg,
+    path: str,
+    update: str,
+    target: int,
+    state_dir: Path,
+    rounds: int = ROUNDS,
+    checkpoint: int = CHECKPOINT,
+    lost: int = LOST,
+) -> Run:
+    """One run of `rounds` rounds along `path` with the target's update `update` (see the module
+    docstring); a resume checkpoints after `checkpoint` rounds and loses the next `lost`."""
     from fleet.round.shard import ShardCore
 
     Neighbour.TARGET, Neighbour.UPDATE = target, update
@@ -156,22 +166,22 @@ def run(cfg, path: str, update: str, target: int, state_dir: Path) -> Run:
             out.counts.append(full["reported"] - (update == "zero" and _counted(shards, target, full)))
 
     if path in ("plain", "restart"):
-        for i in range(ROUNDS):
-            if path == "restart" and i == CHECKPOINT:  # rebuilt from its files, as Ray restarts it
+        for i in range(rounds):
+            if path == "restart" and i == checkpoint:  # rebuilt from its files, as Ray restarts it
                 s = shards[0]
                 t0 = cfg.fleet.start_hour * 3600.0
                 shards[0] = coord.shards[0] = ShardCore(cfg, 0, s.start, s.stop, t0, str(state_dir))
             step(coord)
     else:
-        for _ in range(CHECKPOINT):
+        for _ in range(checkpoint):
             step(coord)
         coord.checkpoint()
-        for _ in range(LOST):
+        for _ in range(lost):
             out.lost.append(len(out.lines))
             step(coord)
         shards, coord = in_process_fleet(cfg, 2, state_dir)  # the crash lost the old ones
-        assert coord.resume() == CHECKPOINT
-        for _ in range(ROUNDS - CHECKPOINT):
+        assert coord.resume() == checkpoint
+        for _ in range(rounds - checkpoint):
             step(coord)
     out.summary = coord.privacy_summary()
     out.ledger = [r.to_json() for r in coord.mechanism.ledger.releases]

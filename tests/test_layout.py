@@ -10,6 +10,7 @@ never import Ray.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,52 @@ def test_modules_stay_small():
     long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
     over = {n: k for n, k in long.items() if k > 420 and n not in allowed}
     assert not over
+
+
+def _mechanism_names() -> set[str]:
+    from fleet.privacy.mechanisms import MECHANISMS
+
+    return {name for name, cls in MECHANISMS.items() if cls.dp}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GRAPH if not n.startswith("fleet.privacy")))
+def test_no_mechanism_name_is_compared_outside_privacy(name):
+    """A rule of a mechanism re-typed elsewhere is where a new mechanism goes wrong: outside
+    fleet/privacy/ nothing compares a mechanism's name (or a config's `mechanism`) with anything;
+    it asks the registry or the mechanism object."""
+    names = _mechanism_names()
+    found = []
+    for node in ast.walk(ast.parse(modules()[name].read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Constant) and sub.value in names:
+                found.append(f"line {node.lineno}: {sub.value!r}")
+            if isinstance(sub, ast.Attribute) and sub.attr == "mechanism":
+                found.append(f"line {node.lineno}: .mechanism")
+    assert not found
+
+
+def test_the_checker_finds_a_mechanism_name_compared(tmp_path, monkeypatch):
+    planted = tmp_path / "planted.py"
+    planted.write_text('def f(cfg):\n    return cfg.privacy.mechanism == "dp_ftrl"\n')
+    monkeypatch.setitem(GRAPH, "fleet.runtime.planted", set())
+    monkeypatch.setattr(sys.modules[__name__], "modules", lambda: {"fleet.runtime.planted": planted})
+    with pytest.raises(AssertionError):
+        test_no_mechanism_name_is_compared_outside_privacy("fleet.runtime.planted")
+
+
+def test_noise_is_drawn_only_by_the_mechanisms():
+    """The noise source is built once (the registry's `build`) and drawn from only inside the
+    mechanism classes; the noise benchmark times it on its own."""
+    built, drawn = set(), set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                if isinstance(f, ast.Name) and f.id == "NoiseSource":
+                    built.add(name)
+                if isinstance(f, ast.Attribute) and f.attr == "add" and "noise" in ast.unparse(f.value):
+                    drawn.add(name)
+    assert built == {"fleet.privacy.mechanisms", "fleet.bench.noise"}
+    assert drawn and all(n.startswith("fleet.privacy.mechanisms.") or n == "fleet.bench.noise" for n in drawn)

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NWP, make_cfg, write_users_jsonl
+from conftest import SMALL_NWP, in_process_fleet, make_cfg, tiny_mean, write_users_jsonl
 
 from fleet.audits import memorization as mz
 from fleet.audits.cli import main
@@ -228,6 +228,23 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="memorization.groups: 2001 planted devices"):
         cfg = plan_cfg("memorization.groups=[{devices:2001}]")
         mz.make_plan(cfg, make_corpus(cfg))
+
+
+@pytest.mark.parametrize("privacy", ["none", "dp_fedavg", "dp_ftrl"])
+def test_the_audit_scores_the_model_the_mechanism_released(privacy, tmp_path):
+    """What the end-of-run audit and `fleet-audit` load is the released model, whatever the
+    mechanism: DP-FTRL's server optimizer never steps, and its weights are the initial model."""
+    from fleet.audits.memorization.audit import load_weights
+
+    cfg = tiny_mean(f"privacy={privacy}", "fleet.min_reports=1")
+    _, coord = in_process_fleet(cfg, 2, tmp_path / "state")
+    init = coord.get_params().copy()
+    for _ in range(3):
+        coord.run_round()
+    coord.checkpoint()
+    weights, committed = load_weights(tmp_path)
+    assert committed == 3 and np.array_equal(weights, coord.get_params())
+    assert np.linalg.norm(weights - init) > 0.1
 
 
 @pytest.mark.parametrize("privacy", ["none", "dp_ftrl"])

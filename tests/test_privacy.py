@@ -397,6 +397,38 @@ def test_bad_numbers_never_become_privacy_claims(override, message):
         validate(tiny_mean(override))
 
 
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("mechanism", ["dp_fedavg", "dp_ftrl"])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("privacy.delta=1.5", "privacy.delta: must be in (0, 1)"),
+        ("privacy.delta=0", "privacy.delta: must be in (0, 1)"),
+        ("privacy.target_epsilon=-1", "privacy.target_epsilon: must be > 0"),
+        ("privacy.clip_norm=0", "privacy.clip_norm: must be > 0"),
+        ("privacy.noise_multiplier=-1", "privacy.noise_multiplier: must be >= 0"),
+        ("privacy.accountant=moments", "privacy.accountant: unknown value"),
+    ],
+)
+def test_every_mechanism_checks_all_its_settings(mechanism, accountant, override, message):
+    """Each mechanism validates every setting it reads, in one line, before anything starts (DP-FTRL
+    once returned early and skipped them); a delta in (0, 1) that is not below 1 / population is
+    refused once the population is known, rather than crashing dp-accounting mid-run."""
+    cfg = tiny_mean(f"privacy={mechanism}", f"privacy.accountant={accountant}", override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+        check_population(cfg, 2000)
+
+
+@pytest.mark.parametrize("argv", [["--delta", "0.9"], ["--delta", "0.5", "--accountant", "rdp"]])
+def test_fleet_privacy_answers_a_large_delta_without_crashing(argv, capsys):
+    from fleet.runtime.privacy_cli import main
+
+    main(["--mechanism", "dp_ftrl", "--rounds", "10", "--noise", "1", *argv])
+    main(["--population", "100", "--goal", "10", "--rounds", "10", "--noise", "1", *argv])
+    assert "epsilon = 0 at" in capsys.readouterr().out
+
+
 def test_zero_noise_only_on_request_and_then_epsilon_is_infinite():
     cfg = tiny_mean("privacy.noise_multiplier=0", "privacy.allow_zero_noise=true", "fleet.min_reports=1")
     validate(cfg)
