@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -145,6 +149,33 @@ class Neighbour(MeanTask):
                 yield np.zeros_like(params), 0.0
             else:
                 yield np.full_like(params, np.nan), 0.0
+
+    def evaluate(self, params) -> dict:
+        return {}
+
+
+NEIGHBOUR_FILE = Path(tempfile.gettempdir()) / f"fleet-neighbour-{os.getuid()}.json"
+
+
+class NeighbourOnRay(MeanTask):
+    """The neighbouring-runs task for Ray runs, whose workers cannot see a class attribute set in
+    the test: `NEIGHBOUR_FILE` names the target and its update ("push": its own mean-task update,
+    "zero", or "nan"), read when the task is built. Evaluations are empty: the released model is
+    the only output that may differ."""
+
+    def __init__(self, cfg, role: str):
+        super().__init__(cfg, role)
+        spec = json.loads(NEIGHBOUR_FILE.read_text()) if NEIGHBOUR_FILE.exists() else {}
+        self.target, self.update = int(spec.get("target", -1)), spec.get("update", "push")
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        updates = super().client_updates(params, device_ids, num_examples, round_idx)
+        for dev, (delta, loss) in zip(device_ids, updates, strict=True):
+            if int(dev) == self.target and self.update == "zero":
+                delta = np.zeros_like(delta)
+            elif int(dev) == self.target and self.update == "nan":
+                delta = np.full_like(delta, np.nan)
+            yield delta, loss
 
     def evaluate(self, params) -> dict:
         return {}

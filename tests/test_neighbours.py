@@ -126,3 +126,83 @@ def test_a_secure_resume_of_dp_ftrl_after_lost_rounds_accounts_what_ran(tmp_path
     assert exact > 3  # more than one tree of 7 steps gives (its 3 levels)
     assert a.accounted >= exact * (1 - 1e-6)  # continuing the checkpoint's tree: 7 for 13
     assert len(a.ledger) == 14 and [e["tree"] for e in a.ledger] == [0] * 7 + [1] * 7  # a fresh tree
+
+
+@pytest.mark.parametrize("mechanism", ["fedavg_poisson", "ftrl"])
+def test_neighbouring_runs_on_ray_write_nothing_different_but_the_model(
+    mechanism, ray_session, tmp_path, caplog
+):
+    """The whole run as a user gets it, on Ray, under private telemetry: metrics.jsonl, summary.json,
+    the W&B run (history, summary, config, the logged figures), the report and the console are the
+    same whether one device's update is there or invalid; the checkpointed model is not. Wall-clock
+    times and the run's own directory are the only things set aside."""
+    import json
+    import logging
+    import re
+
+    from test_tracking import wandb_records
+
+    from fleet.round import checkpoint
+    from fleet.runtime.cli import _summary_text
+    from fleet.runtime.driver import train
+    from fleet.runtime.report import load_run, write_report
+    from tests.doubles import NEIGHBOUR_FILE
+
+    extra = (
+        "task.name=tests.doubles:NeighbourOnRay",
+        "tracking.mode=offline",
+        "ray.shards=2",
+        "train.rounds=10",
+    )
+    cfg = config(mechanism, "plain", "private", *extra)
+    target = target_for(config(mechanism, "plain", "private"), tmp_path / "probe")
+    outputs = {}
+    for update in ("push", "nan"):
+        NEIGHBOUR_FILE.write_text(json.dumps({"target": target, "update": update}))
+        run_dir = tmp_path / update / "run"  # the same name: the report labels a run by it
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            summary = train(cfg, run_dir)
+        fleet_lines = [r.getMessage() for r in caplog.records if r.name.startswith("fleet")]
+        console = "\n".join([*fleet_lines, _summary_text(summary, str(run_dir))])
+        write_report([load_run(run_dir)], run_dir / "report")
+
+        def same(text: str, run_dir=run_dir) -> str:
+            text = re.sub(r"run-\d{8}_\d{6}-\w+", "run-ID", text.replace(str(run_dir), "RUN"))
+            return re.sub(r"(ready in|build_s\"?:?) ?[0-9.]+", r"\1 X", text)
+
+        records = wandb_records(run_dir)
+        history = [
+            {k: v for k, v in r["history"]["item"].items() if not k.startswith("_")}
+            for r in records
+            if r["type"] == "history"
+        ]
+        wandb_summary: dict = {}
+        for r in records:
+            if r["type"] == "summary":
+                wandb_summary.update(r["summary"].get("update", {}))
+        wandb_config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+        media = sorted((run_dir / "wandb").rglob("media/images/**/*.png"))
+        outputs[update] = {
+            "metrics": (run_dir / "metrics.jsonl").read_text(),
+            "summary": same(json.dumps({k: v for k, v in summary.items() if k != "build_s"}, sort_keys=True)),
+            "console": same(console),
+            "report": same((run_dir / "report" / "report.html").read_text()),
+            "wandb_history": history,
+            "wandb_summary": {
+                k: v
+                for k, v in wandb_summary.items()
+                if not k.startswith("_") and k not in ("run_dir", "build_s")
+            },
+            "wandb_config": {k: v for k, v in wandb_config.items() if k != "_wandb"},
+            "wandb_media": [p.read_bytes() for p in media],
+            "model": checkpoint.released_model(checkpoint.load_coordinator(run_dir / "state")),
+        }
+    NEIGHBOUR_FILE.unlink()
+    a, b = outputs["push"], outputs["nan"]
+    assert a["wandb_history"] and a["wandb_summary"] and "epsilon" in a["summary"]
+    assert "epsilon: " in a["console"] and "public: " in a["console"]
+    for key in a:
+        if key != "model":
+            assert a[key] == b[key], key
+    assert not np.array_equal(a["model"], b["model"])

@@ -60,11 +60,19 @@ class GaussianFedAvg(Mechanism):
 
     def _accounted_multiplier(self, dim: int) -> float:
         """The release's multiplier under the sampling's relation, with the sensitivities the noise
-        source says to account (secure mode's sampler adds its rounding slack)."""
+        source says to account (secure mode's sampler adds its rounding slack). The slack follows
+        the noise's scale to within a factor of 2 (its lattice is a power of 2 below std); with an
+        adaptive clip the scale moves every round, so the largest relative slack any clip norm can
+        give, twice the one at the first, is accounted."""
         s, plan = sampled.sampling(self.cfg.privacy.sampling), self.plan
         if plan.update <= 0:
             return 0.0
-        inv = (self.noise.accounted_sensitivity(s.sum_sensitivity, dim, plan.update) / plan.update) ** 2
+        clip = self.clip_norm
+        exact = s.sum_sensitivity * clip
+        slack = self.noise.accounted_sensitivity(exact, dim, plan.update * clip) - exact
+        if self.cfg.privacy.adaptive:
+            slack *= 2
+        inv = ((exact + slack) / (plan.update * clip)) ** 2
         if plan.count_std is not None:
             count = self.noise.accounted_sensitivity(s.count_sensitivity, 1, plan.count_std)
             inv += (count / plan.count_std) ** 2
