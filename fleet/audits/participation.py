@@ -324,7 +324,7 @@ def summary_text(audit: dict) -> str:
         )
     if "epsilon_every_device" in h:
         lines.append(
-            f"  DP-FTRL: epsilon {h['epsilon_every_device']:.4g} for every device (no sampling assumption: "
+            f"  epsilon {h['epsilon_every_device']:.4g} for every device (no sampling assumption: "
             "the participation limit alone)"
         )
     if "epsilon_nominal" in h:
@@ -332,7 +332,10 @@ def summary_text(audit: dict) -> str:
         text = "  epsilon by RDP (the audit's accountant"
         if run.get("epsilon") is not None:
             text += f"; the run's {run['accountant'].upper()} headline: {run['epsilon']:.4g}"
-        text += f"): textbook (q = goal / population) {h['epsilon_nominal']:.4g}"
+        text += (
+            f"): textbook (q = goal / population) {h['epsilon_nominal']:.4g}, with over-selection "
+            f"(q = ceil(goal x overselect) / population) {h['epsilon_nominal_overselected']:.4g}"
+        )
         if "epsilon_device_median" in h:
             text += (
                 f"; per device under the real schedule: median {h['epsilon_device_median']:.4g}, "
