@@ -223,15 +223,8 @@ def target_for(cfg, state_dir: Path) -> int:
     return int(ids[np.argmax(counts)])
 
 
-def true_sensitivity(r: Run, sigma: float) -> float:
-    """The squared L2 sensitivity (S = 1) of everything the run released, as one Gaussian
-    mechanism y = A L + B Z with Z ~ N(0, sigma^2): max over the device's participation patterns
-    (released rounds at least the limit apart, in release order, lost ones included) of
-    mu^T (B B^T)^-1 mu, mu the shift of all the releases. rho = that / (2 sigma^2).
-
-    The models give A (each release's coefficient on each leaf) and B (on each noise draw). The
-    device's updates may point anywhere within the clip: the bound used is sum |M_ij| over the
-    pattern with M = A^T (B B^T)^-1 A, which aligned updates attain when M >= 0."""
+def _mechanism_matrix(r: Run, sigma: float) -> tuple[list[int], np.ndarray]:
+    """The released leaves and M = A^T (B B^T)^-1 A (see `true_sensitivity`)."""
     y = np.array(r.models) - r.init
     # A release made twice with the same value (a reproducible re-run) tells nothing more: once.
     _, first = np.unique(y, axis=0, return_index=True)
@@ -242,6 +235,20 @@ def true_sensitivity(r: Run, sigma: float) -> float:
     draws = y[:, NOISE0:]
     b = draws[:, np.any(np.abs(draws) > 1e-9, axis=0)] / sigma
     m = a.T @ np.linalg.inv(b @ b.T) @ a
+    assert np.all(np.isfinite(m)), "the released models do not determine the mechanism"
+    return used, m
+
+
+def true_sensitivity(r: Run, sigma: float) -> float:
+    """The squared L2 sensitivity (S = 1) of everything the run released, as one Gaussian
+    mechanism y = A L + B Z with Z ~ N(0, sigma^2): max over the device's participation patterns
+    (released rounds at least the limit apart, in release order, lost ones included) of
+    mu^T (B B^T)^-1 mu, mu the shift of all the releases. rho = that / (2 sigma^2).
+
+    The models give A (each release's coefficient on each leaf) and B (on each noise draw). The
+    device's updates may point anywhere within the clip: the bound used is sum |M_ij| over the
+    pattern with M = A^T (B B^T)^-1 A, which aligned updates attain when M >= 0."""
+    used, m = _mechanism_matrix(r, sigma)
     best = 0.0
     for k in range(1, len(used) + 1):
         for pattern in itertools.combinations(range(len(used)), k):
@@ -250,3 +257,10 @@ def true_sensitivity(r: Run, sigma: float) -> float:
                 continue
             best = max(best, float(np.abs(m[np.ix_(pattern, pattern)]).sum()))
     return best
+
+
+def round_multipliers(r: Run, sigma: float) -> np.ndarray:
+    """Each released round's noise multiplier as the released models show it: sigma over the
+    sensitivity of everything released to one device's unit update in that round alone."""
+    _, m = _mechanism_matrix(r, sigma)
+    return sigma / np.sqrt(np.diag(m))

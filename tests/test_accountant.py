@@ -125,9 +125,6 @@ def test_look_ahead_does_not_record_and_a_snapshot_resumes_exactly(tmp_path):
     with open(tmp_path / "ledger.jsonl", "a") as f:
         f.write('{"round": 5, "sampl')  # a crash while writing
     assert read(tmp_path / "ledger.jsonl", parse) == releases[:5]
-    ledger = Ledger(tmp_path / "ledger.jsonl", parse)
-    ledger.truncate(3)
-    assert read(tmp_path / "ledger.jsonl", parse) == releases[:3]
 
 
 def test_zero_noise_is_infinite_and_stays_so():
@@ -136,3 +133,27 @@ def test_zero_noise_is_infinite_and_stays_so():
     acc.record(Release(1, "poisson", 0.01, 100, 1, 0.0))
     acc.record(Release(2, "poisson", 0.01, 100, 1, 1.0))
     assert acc.epsilon() == math.inf
+
+
+def test_a_torn_ledger_line_is_cut_before_the_next_release_and_damage_is_refused(tmp_path):
+    """A crash while a release is written leaves a torn last line: it is not a release, and it is cut
+    when the ledger is opened again, so the releases appended after it are read back too. A bad
+    line with releases after it is a damaged ledger, refused rather than silently shortened."""
+    from fleet.privacy.ledger import Ledger, read
+
+    parse = GaussianFedAvg.parse
+    path = tmp_path / "ledger.jsonl"
+    rel = [Release(r, "poisson", 0.01, 1000, 10, 1.0) for r in range(8)]
+    ledger = Ledger(path, parse)
+    for r in rel[:3]:
+        ledger.append(r)
+    with open(path, "a") as f:
+        f.write('{"available": 1000, "coh')  # the crash
+    ledger = Ledger(path, parse)  # the resume
+    for r in rel[3:]:
+        ledger.append(r)
+    assert read(path, parse) == rel == Ledger(path, parse).releases
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match="ledger .* line 3 is damaged and releases follow it"):
+        read(path, parse)

@@ -397,3 +397,78 @@ def test_a_killed_process_resumes_to_the_uninterrupted_run(tmp_path):
     fleet_train(f"resume={tmp_path / 'killed'}", "hydra.run.dir=resumed")
     np.testing.assert_array_equal(_weights(tmp_path / "killed"), _weights(tmp_path / "full"))
     assert _stable(_metrics(tmp_path / "killed")) == _stable(_metrics(tmp_path / "full"))
+
+
+def test_a_secure_resume_after_a_torn_checkpoint_forgets_nobody(tmp_path):
+    """The driver dies inside a checkpoint, after the shards saved round 5 and before the
+    coordinator committed it: the resume goes back to round 2, the shards' newest files are of
+    round 5, and the rounds re-run get round numbers below them. Two crashes later every device
+    that took part in any released round is still recorded, and the limit still holds."""
+    from conftest import in_process_fleet
+
+    cfg = tiny_mean(
+        "privacy=dp_ftrl", "rng=secure", "fleet.min_reports=1", "fleet.min_separation_rounds=50"
+    )
+    shards, coord = in_process_fleet(cfg, 2, tmp_path)
+    for _ in range(2):
+        coord.run_round()
+    coord.checkpoint()
+    for _ in range(3):
+        coord.run_round()
+    for s in shards:
+        s.save_state(coord.round)  # ... and the coordinator's file is never written
+    shards, coord = in_process_fleet(cfg, 2, tmp_path)
+    assert coord.resume() == 2
+    for _ in range(3):
+        coord.run_round()
+    before = np.concatenate([s.last_release for s in shards])
+    counted = int(np.concatenate([s.participations for s in shards]).sum())
+    assert coord.mechanism.releases == 8 and counted == 8 * cfg.fleet.goal
+    for _ in range(2):  # crashes before the next checkpoint: everything comes back from the files
+        shards, coord = in_process_fleet(cfg, 2, tmp_path)
+        coord.resume()
+        np.testing.assert_array_equal(np.concatenate([s.last_release for s in shards]), before)
+        assert int(np.concatenate([s.participations for s in shards]).sum()) == counted
+    n = sum(s.check_in(coord.round, coord.clock, coord.mechanism.releases) for s in shards)
+    eligible = sum(int(s.eligible.sum()) for s in shards)
+    assert n == eligible - counted  # nobody back before 50 released rounds
+
+
+def test_a_resume_refuses_a_ledger_shorter_than_its_checkpoint(tmp_path):
+    from conftest import in_process_fleet
+
+    cfg = tiny_mean("fleet.min_reports=1")
+    _, coord = in_process_fleet(cfg, 2, tmp_path)
+    for _ in range(3):
+        coord.run_round()
+    coord.checkpoint()
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:2]))
+    _, again = in_process_fleet(cfg, 2, tmp_path)
+    with pytest.raises(ConfigError, match="resume: the ledger holds 2 releases, fewer than the 3"):
+        again.resume()
+
+
+def test_a_reproducible_resume_that_stops_early_still_accounts_what_was_released(tmp_path):
+    """Rounds 5 and 6 were released, then lost to a crash; the resumed run re-runs round 5 (the
+    same release: accounted once) and stops. Round 6's release left before the crash: it stays in
+    the ledger and in the summary's epsilon."""
+    from conftest import in_process_fleet
+
+    from fleet.privacy.accountant import Accountant
+
+    cfg = tiny_mean("fleet.min_reports=1")
+    _, coord = in_process_fleet(cfg, 2, tmp_path)
+    for _ in range(5):
+        coord.run_round()
+    coord.checkpoint()
+    lost = [coord.run_round() for _ in range(2)]
+    _, again = in_process_fleet(cfg, 2, tmp_path)
+    assert again.resume() == 5 and again.mechanism.releases == 5
+    rerun = again.run_round()
+    assert _stable([rerun]) == _stable(lost[:1])  # the same release, the same line
+    ledger = _ledger(tmp_path)
+    mech = again.mechanism
+    assert len(ledger) == 7 and mech.releases == 6
+    everything = Accountant(cfg.privacy.accountant, mech.delta, mech.accountant.interval, ledger)
+    assert again.privacy_summary()["epsilon"] == pytest.approx(everything.epsilon()) == lost[-1]["epsilon"]

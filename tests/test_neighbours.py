@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-from neighbours import MECHANISMS, PATHS, config, patch, run, target_for, true_sensitivity
+from neighbours import MECHANISMS, PATHS, config, patch, round_multipliers, run, target_for, true_sensitivity
 
 from fleet.privacy.accountant import ORDERS
 
@@ -82,6 +82,11 @@ def test_the_accounting_is_blind_to_the_data_and_covers_what_ran(mechanism, path
     else:
         want = dp_accounting_epsilon(cfg, released, a.summary["delta"])
         assert want * (1 - 1e-6) <= a.summary["epsilon"] <= want * 1.02
+        if mechanism != "fedavg_adaptive":  # (its clip, and so its noise's scale, moves every round)
+            # The noise that ran, read off the released models: each round's release carries the
+            # z it is accounted with (z / 2 under replace-one is the same noise, twice the shift).
+            z = cfg.privacy.noise_multiplier
+            np.testing.assert_allclose(round_multipliers(a, z), z, rtol=1e-3)
 
 
 def dp_accounting_epsilon(cfg, released: list[dict], delta: float) -> float:

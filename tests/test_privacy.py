@@ -422,11 +422,15 @@ def test_every_mechanism_checks_all_its_settings(mechanism, accountant, override
 
 @pytest.mark.parametrize("argv", [["--delta", "0.9"], ["--delta", "0.5", "--accountant", "rdp"]])
 def test_fleet_privacy_answers_a_large_delta_without_crashing(argv, capsys):
+    """Without a population (DP-FTRL's figure needs none) a large delta gives a figure rather than
+    a traceback; with one, a delta not below 1 / population is refused as a run refuses it."""
     from fleet.runtime.privacy_cli import main
 
     main(["--mechanism", "dp_ftrl", "--rounds", "10", "--noise", "1", *argv])
-    main(["--population", "100", "--goal", "10", "--rounds", "10", "--noise", "1", *argv])
-    assert "epsilon = 0 at" in capsys.readouterr().out
+    assert f"at delta = {argv[1]}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--population", "100", "--goal", "10", "--rounds", "10", "--noise", "1", *argv])
+    assert e.value.code == 2 and "is not below 1 / population = 0.01" in capsys.readouterr().err
 
 
 def test_zero_noise_only_on_request_and_then_epsilon_is_infinite():

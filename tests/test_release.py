@@ -112,3 +112,14 @@ def test_reproducible_randomness_is_not_private():
     noise *= coord.mechanism.plan.update
     recovered = released - noise * cfg.privacy.clip_norm
     assert np.linalg.norm(recovered) == pytest.approx(line["clipped_sum_norm"], rel=1e-4)
+
+
+def test_private_evaluations_leave_out_the_baseline_computed_from_training_data():
+    """The unigram baseline is computed from the training devices' word counts (for a real corpus,
+    their data, un-noised): under private telemetry only evaluations of the released model leave."""
+    from conftest import SMALL_NWP, make_cfg
+
+    full = in_process_fleet(make_cfg(*SMALL_NWP, "fleet.min_reports=1"))[1].evaluate()
+    private = in_process_fleet(make_cfg(*SMALL_NWP, "fleet.min_reports=1", "privacy.telemetry=private"))[1]
+    assert "unigram_recall@1" in full and "recall@1" in full
+    assert set(private.evaluate()) == {k for k in full if not k.startswith("unigram_")}

@@ -105,7 +105,7 @@ def test_nothing_from_the_shards_private_state_reaches_the_outputs(ray_session, 
         saved = checkpoint.load_shard(state, start, stop, None)
         rows = np.flatnonzero(saved["participations"])
         journal = checkpoint.read_journal(state, start, stop)
-        rows = np.concatenate([rows, *(r for *_, r in journal)]) if journal else rows
+        rows = np.concatenate([rows, *(r for *_, r in journal)]) if journal else rows  # not yet committed
         participants.update(int(ids[start + r]) for r in rows)
     assert len(participants) >= 40  # four rounds of about 26
     outside = [p for p in run_dir.rglob("*") if p.is_file() and state not in p.parents]

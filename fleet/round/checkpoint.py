@@ -9,14 +9,20 @@ A checkpoint is two kinds of file under RUN_DIR/state/, written atomically (temp
   optimizer or tree, its accountant, the clip norm). It holds no device id.
 All randomness is keyed by (seed, round, device), so the round counter is the whole RNG state.
 
-Between checkpoints each shard appends the rows it counted in every round to a journal, so a shard
-that crashes comes back with its participation state exactly as it was.
+Each shard appends the rows it counted in every round to a journal (fsynced), each record with a
+sequence number; a shard checkpoint records the last sequence number it includes. A shard that
+comes back (a crash, a resume) loads its newest checkpoint and replays the records after it,
+whatever round they belong to: a checkpoint the coordinator never committed (a crash between the
+shards' files and its own), or rounds re-run after a secure resume with round numbers below the
+shards' newest file, lose nothing. Records are dropped from the journal only once a committed
+checkpoint includes them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from fleet.config import ConfigError
 STATE_DIR = "state"
 COORDINATOR_FILE = "coordinator.pt"
 CONFIG_FILE = "config.json"
-_HEADER = struct.Struct("<qqdq")  # round, release index, time, number of rows
+_HEADER = struct.Struct("<qqqdq")  # sequence number, round, release index, time, number of rows
 
 
 def journal_file(state_dir: Path, start: int, stop: int) -> Path:
@@ -57,6 +63,14 @@ def prune_shard(state_dir: Path, start: int, stop: int, keep_round: int) -> None
             p.unlink(missing_ok=True)
 
 
+def drop_shards_after(state_dir: Path, start: int, stop: int, round_idx: int) -> None:
+    """Delete a shard's checkpoints of rounds after `round_idx`: a future that was lost (a resume
+    goes back before it) or superseded (a newer save covers everything they held)."""
+    for r, p in _shard_files(state_dir, start, stop).items():
+        if r > round_idx:
+            p.unlink(missing_ok=True)
+
+
 def load_shard(
     state_dir: Path, start: int, stop: int, upto_round: int | None
 ) -> dict[str, np.ndarray] | None:
@@ -73,17 +87,18 @@ def load_shard(
         raise ConfigError(f"resume: cannot read the checkpoint {str(files[max(files)])!r}: {e}") from None
 
 
-JournalRecord = tuple[int, int, float, np.ndarray]  # round, release index, time, rows counted
+JournalRecord = tuple[int, int, int, float, np.ndarray]  # sequence, round, release index, time, rows
 
 
-def append_journal(
-    state_dir: Path, start: int, stop: int, round_idx: int, release: int, t: float, rows: np.ndarray
-) -> None:
-    """Record the rows counted in a round (appended and flushed: survives a crash of the shard)."""
+def append_journal(state_dir: Path, start: int, stop: int, record: JournalRecord) -> None:
+    """Record the rows counted in a round (appended and fsynced before the shard answers: the
+    ledger is fsynced too, so no released round can outlive the record of who took part in it)."""
+    seq, round_idx, release, t, rows = record
     rows = np.asarray(rows, dtype=np.int64)
     with open(journal_file(state_dir, start, stop), "ab") as f:
-        f.write(_HEADER.pack(round_idx, release, t, len(rows)) + rows.tobytes())
+        f.write(_HEADER.pack(seq, round_idx, release, t, len(rows)) + rows.tobytes())
         f.flush()
+        os.fsync(f.fileno())
 
 
 def read_journal(state_dir: Path, start: int, stop: int) -> list[JournalRecord]:
@@ -93,18 +108,22 @@ def read_journal(state_dir: Path, start: int, stop: int) -> list[JournalRecord]:
     data = path.read_bytes()
     out, pos = [], 0
     while pos + _HEADER.size <= len(data):
-        r, release, t, n = _HEADER.unpack_from(data, pos)
+        seq, r, release, t, n = _HEADER.unpack_from(data, pos)
         pos += _HEADER.size
         if pos + 8 * n > len(data):
             break  # a torn last record: the crash happened while writing it; that round was not released
-        out.append((r, release, t, np.frombuffer(data, dtype=np.int64, count=n, offset=pos).copy()))
+        out.append((seq, r, release, t, np.frombuffer(data, dtype=np.int64, count=n, offset=pos).copy()))
         pos += 8 * n
     return out
 
 
 def write_journal(state_dir: Path, start: int, stop: int, records: list[JournalRecord]) -> None:
-    """Replace the journal (after a checkpoint: empty; after a restore: the rounds replayed)."""
-    data = b"".join(_HEADER.pack(r, rel, t, len(rows)) + rows.tobytes() for r, rel, t, rows in records)
+    """Replace the journal (after a restore: without a torn tail; after a commit: without what the
+    committed checkpoint holds)."""
+    data = b"".join(
+        _HEADER.pack(seq, r, rel, t, len(rows)) + np.asarray(rows, dtype=np.int64).tobytes()
+        for seq, r, rel, t, rows in records
+    )
     atomic_write_bytes(journal_file(state_dir, start, stop), data)
 
 

@@ -86,7 +86,7 @@ class Coordinator:
             line = self._round(self.round, self.clock)
         except ShardCrash:
             self.incidents["shard_crash"] += 1
-            self._recover_shards(self.round + 1)  # the abandoned round's journal records stand
+            self._recover_shards()  # the abandoned round's journal records stand
             line = self._crash_line(self.round, self.clock)
             self.clock += self.cfg.fleet.deadline_s + self.cfg.fleet.round_interval_s
         if line.get("stop"):
@@ -123,10 +123,10 @@ class Coordinator:
             "clip_norm": self.mechanism.clip_norm,
         }
 
-    def _recover_shards(self, upto_round: int | None) -> None:
-        """Wait for Ray to restart dead shards, then restore their state as of `upto_round`
-        (None: everything recorded). A restarted shard has already restored itself from its
-        files; this brings it to the round asked for."""
+    def _recover_shards(self) -> None:
+        """Wait for Ray to restart dead shards. A restarted shard restores everything recorded in
+        its files (its newest checkpoint and every journal record after it) before it answers,
+        so nothing more is asked of it: restoring it again would give the same state."""
         if self.shards and isinstance(self.shards[0], ShardCore):
             return
         import ray
@@ -141,8 +141,6 @@ class Coordinator:
             else:
                 raise RuntimeError(f"shard {i} did not come back after a crash")
             if alive["pid"] != self._shard_pids[i]:
-                if self.state_dir is not None:
-                    ray.get(s.restore.remote(upto_round))
                 self._shard_pids[i] = alive["pid"]
                 self._incarnations[i] = alive["incarnation"]
 
@@ -311,7 +309,7 @@ class Coordinator:
                 break
             except ShardCrash:
                 self.incidents["shard_crash"] += 1
-                self._recover_shards(self.round)
+                self._recover_shards()
                 if attempt == 2:
                     raise
         checkpoint.save_coordinator(self.state_dir, self.state())
@@ -339,7 +337,13 @@ class Coordinator:
         return dict(self.incidents)
 
     def evaluate(self) -> dict:
-        return self.task.evaluate(self.mechanism.params)
+        """The released model's evaluation. Under private telemetry without the task's baseline
+        (the unigram's recall comes from the training users' word counts: their data, un-noised)."""
+        out = self.task.evaluate(self.mechanism.params)
+        baseline = getattr(self.task, "baseline", None)
+        if self.private and baseline is not None:
+            out = {k: v for k, v in out.items() if k not in baseline()}
+        return out
 
     def evaluate_devices(self, device_ids: np.ndarray, num_examples: np.ndarray) -> dict:
         """The model's metrics on given held-out devices (for metrics by group); {} if the task

@@ -8,7 +8,6 @@ counts, arrival times by rank, sums and aggregate statistics only (DESIGN.md inv
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import os
 import sys
@@ -86,6 +85,7 @@ class ShardCore:
         self.sep_rounds = limit_rounds(cfg)
         self.last_release = np.full(self.n, NEVER, dtype=np.int32) if self.sep_rounds > 0 else None
         self._release_idx = 0
+        self._seq = 0  # the last journal record written or replayed
         self._waiting = 0
         self.seed = cfg.seed
         self._round: int | None = None
@@ -215,9 +215,9 @@ class ShardCore:
         # exempt from the limit, a device's data would decide who could be sampled next.
         self._record_participation(idx, t, self._release_idx)
         if self.state_dir is not None:
-            checkpoint.append_journal(
-                self.state_dir, self.start, self.stop, round_idx, self._release_idx, t, idx
-            )
+            self._seq += 1
+            record = (self._seq, round_idx, self._release_idx, t, idx)
+            checkpoint.append_journal(self.state_dir, self.start, self.stop, record)
         return {
             "sum": total,
             "count": len(done),
@@ -232,36 +232,54 @@ class ShardCore:
         }
 
     def _record_participation(self, rows: np.ndarray, t: float, release: int) -> None:
-        self.last_participation[rows] = t
+        # Monotone: a record replayed out of order can never make a device look longer rested.
+        self.last_participation[rows] = np.maximum(self.last_participation[rows], t)
         if self.last_release is not None:
-            self.last_release[rows] = release
+            self.last_release[rows] = np.maximum(self.last_release[rows], release)
         self.participations[rows] = np.minimum(self.participations[rows].astype(np.int64) + 1, 65535)
 
     # ---- checkpoints and crash recovery --------------------------------------------------
     def save_state(self, round_idx: int) -> None:
-        """Checkpoint the per-device state as of the start of `round_idx` (into the run dir)."""
+        """Checkpoint the per-device state as of the start of `round_idx` (into the run dir), with the
+        last journal record it includes. Files of later rounds go: this one holds all they held."""
         arrays = {"last_participation": self.last_participation, "participations": self.participations}
         if self.last_release is not None:
             arrays["last_release"] = self.last_release
         arrays.update({f"avail_{k}": v for k, v in self.avail.state().items()})
+        arrays["journal_seq"] = np.int64(self._seq)
         checkpoint.save_shard(self.state_dir, self.start, self.stop, round_idx, arrays)
-        checkpoint.write_journal(self.state_dir, self.start, self.stop, [])
+        checkpoint.drop_shards_after(self.state_dir, self.start, self.stop, round_idx)
 
     def prune_state(self, committed_round: int) -> None:
+        """The coordinator committed `committed_round`: older files, and the journal records that
+        file includes, are no longer needed."""
+        saved = checkpoint.load_shard(self.state_dir, self.start, self.stop, committed_round)
         checkpoint.prune_shard(self.state_dir, self.start, self.stop, committed_round)
+        if saved is not None:
+            done = int(saved["journal_seq"])
+            journal = checkpoint.read_journal(self.state_dir, self.start, self.stop)
+            later = [rec for rec in journal if rec[0] > done]
+            checkpoint.write_journal(self.state_dir, self.start, self.stop, later)
 
     def restore(self, upto_round: int | None) -> None:
-        """State as of the start of `upto_round` (None: everything recorded): the last checkpoint,
-        then the journal replayed.
+        """State as of the start of `upto_round` (None: everything recorded): the newest checkpoint
+        at or before it (or the fresh state if there is none), then every journal record after it.
 
-        Used on resume (in reproducible mode the journal records of rounds being re-run are
-        discarded: the re-run counts the same devices again; in secure mode nothing is) and when
-        Ray restarts a crashed shard (which rebuilds its rows from the config, then calls this).
+        Used on resume (in reproducible mode the rounds from `upto_round` on are re-run and count
+        the same devices again, so their records and any later files go; in secure mode nothing
+        goes) and whenever a shard is built over existing files (Ray restarting it). Restoring
+        twice gives the same state: each time starts from a file, or from nothing.
         """
+        if upto_round is not None:
+            checkpoint.drop_shards_after(self.state_dir, self.start, self.stop, upto_round)
         saved = checkpoint.load_shard(self.state_dir, self.start, self.stop, upto_round)
-        first = 0
+        self.last_participation[:] = -np.inf
+        self.participations[:] = 0
+        if self.last_release is not None:
+            self.last_release[:] = NEVER
+        done = 0
         if saved is not None:
-            first = int(saved["round"])
+            done = int(saved["journal_seq"])
             self.last_participation = saved["last_participation"].astype(np.float64)
             self.participations = saved["participations"].copy()
             if self.last_release is not None and "last_release" in saved:
@@ -270,10 +288,12 @@ class ShardCore:
             if avail:
                 self.avail.load_state(avail)
         journal = checkpoint.read_journal(self.state_dir, self.start, self.stop)
-        kept = [rec for rec in journal if first <= rec[0] and (upto_round is None or rec[0] < upto_round)]
-        for _, release, t, rows in kept:
-            self._record_participation(rows, t, release)
-        checkpoint.write_journal(self.state_dir, self.start, self.stop, kept)
+        kept = [rec for rec in journal if upto_round is None or rec[1] < upto_round]
+        for seq, _, release, t, rows in kept:
+            if seq > done:
+                self._record_participation(rows, t, release)
+        checkpoint.write_journal(self.state_dir, self.start, self.stop, kept)  # no torn tail
+        self._seq = max([done, *(rec[0] for rec in kept)])
         self._round = None
 
     # ---- introspection (aggregates only) -------------------------------------------------
@@ -284,9 +304,9 @@ class ShardCore:
             "index": self.index,
             "devices": self.n,
             "state_bytes": self._state_bytes(),
-            "node_id": _node_id(),
+            "node_id": _ray_context("get_node_id", None),
             "pid": os.getpid(),
-            "resources": _assigned_resources(),
+            "resources": _ray_context("get_assigned_resources", {}),
             "engine": _engine_name(self.task),
             "incarnation": self.incarnation,
         }
@@ -298,14 +318,6 @@ class ShardCore:
         arrays += [self.last_release] if self.last_release is not None else []
         arrays += [v for v in vars(self.avail).values() if isinstance(v, np.ndarray)]
         return int(sum({id(a): a.nbytes for a in arrays}.values()))
-
-    def availability_counts(self, times: list[float]) -> list[int]:
-        """How many devices are available (eligible, ignoring participation) at each time.
-
-        Asked of a copy, so a stateful model (markov) is not advanced past the run's clock.
-        """
-        avail = copy.deepcopy(self.avail)
-        return [int(np.count_nonzero(avail.available(t) & self.eligible)) for t in sorted(times)]
 
     # ---- participation audit (aggregates only; fleet.audits.participation) ----------------------
     def participation_stats(self) -> dict:
@@ -366,13 +378,14 @@ def fleet_size(cfg: Any) -> int:
     return population.population_size(cfg.fleet)
 
 
-def _node_id() -> str | None:
+def _ray_context(ask: str, default: Any) -> Any:
+    """`ray.get_runtime_context().<ask>()` inside a Ray worker, `default` outside one."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return getattr(ray.get_runtime_context(), ask)() if ray.is_initialized() else default
     except Exception:  # outside a Ray worker
-        return None
+        return default
 
 
 def _release_freed_memory() -> None:
@@ -389,21 +402,11 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _assigned_resources() -> dict[str, float]:
-    """The Ray resources this process holds ({} outside a Ray actor)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
-    except Exception:  # outside a Ray worker
-        return {}
-
-
 def remote_shard_class(num_cpus: float, num_gpus: float) -> Any:
     import ray
 
-    # Ray restarts a crashed shard by re-running its constructor; the coordinator then calls
-    # `restore` so it comes back with its participation state.
+    # Ray restarts a crashed shard by re-running its constructor, which restores its participation
+    # state from its files before it answers anything.
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)(ShardCore)
 
 

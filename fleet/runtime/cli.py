@@ -213,6 +213,8 @@ def _summary_text(s: dict, run_dir: str) -> str:
         parts.append(f"  covers: {priv['covers']}")
         parts.append(f"  {priv['guarantee']}")
         parts.append(f"  public: {priv['public']}")
+        if priv.get("assumes"):
+            parts.append(f"  assumes: {priv['assumes']}")
         if priv.get("depends_on"):
             parts.append(f"  depends on: {priv['depends_on']}")
         t = priv["textbook"]

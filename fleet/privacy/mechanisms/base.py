@@ -170,6 +170,7 @@ class Mechanism(ABC):
         self.clip_norm: float | None = None
         self.accountant: Any = None
         self._pending: Any = None
+        self._replay: list = []  # entries released before a reproducible resume, not yet re-run
 
     # ---- settings (class level: checked before anything starts) ---------------------------
     @classmethod
@@ -211,8 +212,9 @@ class Mechanism(ABC):
     # ---- the round ------------------------------------------------------------------------
     @property
     def releases(self) -> int:
-        """Released rounds so far (the participation limit's clock)."""
-        return len(self.ledger.releases)
+        """Released rounds so far (the participation limit's clock); during a reproducible re-run,
+        the ones re-released so far."""
+        return len(self.ledger.releases) - len(self._replay)
 
     @abstractmethod
     def cohort(self, available: int) -> Cohort:
@@ -222,9 +224,19 @@ class Mechanism(ABC):
         """Prepare round r's release (before anyone is sampled); a stop reason if releasing it
         would pass privacy.target_epsilon."""
         self._pending = self._entry(r, available)
+        if self._replay and self._pending != self._replay[0]:
+            # The re-run went another way (a round abandoned this time, say): what was released
+            # before stays accounted, as after a secure resume; the re-run goes on as new releases.
+            # (The shards dropped those rounds' participants when they restored for the re-run:
+            # reproducible mode keeps no guarantee across such a divergence.)
+            for lost in self._replay if self.accountant is not None else []:
+                self.accountant.record(lost)
+            self._replay = []
+            self._after_lost(1)
+            self._pending = self._entry(r, available)
         target = self.cfg.privacy.target_epsilon
-        if self.accountant is None or target is None or available <= 0:
-            return None
+        if self._replay or self.accountant is None or target is None or available <= 0:
+            return None  # a release being made again was accounted when it was first made
         return "target_epsilon" if self.accountant.epsilon_with(self._pending) > target else None
 
     @abstractmethod
@@ -238,6 +250,11 @@ class Mechanism(ABC):
     def _commit(self) -> None:
         """The round's entry into the ledger (fsynced) and the accountant: before its line leaves."""
         entry, self._pending = self._pending, None
+        if self._replay:  # the same release again (reproducible re-run): it is accounted once
+            self._replay.pop(0)
+            if self.accountant is not None:
+                self.accountant.record(entry)
+            return
         self.ledger.append(entry)
         if self.accountant is not None:
             self.accountant.record(entry)
@@ -248,7 +265,16 @@ class Mechanism(ABC):
         """The released model."""
 
     def epsilon(self) -> float | None:
+        """The epsilon of the releases so far, as this run's lines show it."""
         return self.accountant.epsilon() if self.accountant is not None else None
+
+    def accountant_of_all(self) -> Any:
+        """The accountant over every release the ledger holds, including rounds released before a
+        reproducible resume and not (yet) re-run: what a summary must state."""
+        if not self._replay or self.accountant is None:
+            return self.accountant
+        acc = self.accountant
+        return type(acc)(acc.kind, acc.delta, acc.interval, list(self.ledger.releases))
 
     # ---- state ----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -271,17 +297,24 @@ class Mechanism(ABC):
 
     def resume(self, state: dict, secure: bool) -> None:
         """Continue from a checkpoint. Reproducible: the rounds released after it are re-run with
-        the same cohorts and noise, so their ledger entries go. Secure: they were fresh releases
-        and stay accounted (`_after_lost` says what else that means for the mechanism)."""
+        the same cohorts and noise; their entries stay in the ledger and each re-run release is
+        matched against one (`begin`, `_commit`), so a resumed run that stops before re-running
+        them all still accounts them. Secure: they were fresh releases and stay accounted
+        (`_after_lost` says what else that means for the mechanism)."""
         committed = int(state["releases"])
-        if not secure:
-            self.ledger.truncate(committed)
+        check(
+            self.releases >= committed,
+            "resume",
+            f"the ledger holds {self.releases} releases, fewer than the {committed} the checkpoint "
+            "counted: it was damaged or replaced, and the run's epsilon cannot be trusted",
+        )
+        self._replay = [] if secure else list(self.ledger.releases[committed:])
         self._load(state)
         self.clip_norm = state["clip_norm"]
         if self.accountant is not None:
             if state.get("pld_interval"):
                 self.accountant.interval = state["pld_interval"]
-            self.accountant.load(self.ledger.releases, state.get("accountant"))
+            self.accountant.load(self.ledger.releases[: self.releases], state.get("accountant"))
         if self.releases > committed:
             self._after_lost(self.releases - committed)
 

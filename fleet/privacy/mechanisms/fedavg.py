@@ -39,6 +39,14 @@ from fleet.privacy.mechanisms.base import (
 )
 from fleet.privacy.sampled import SampledRelease
 
+# What the amplification accounting takes for granted and the simulator does not always give
+# (README, "What it does not model"): measured there, not yet accounted.
+ASSUMES = (
+    "that no round is abandoned after its cohort is drawn (a run that abandons rounds for too few "
+    "reports can have a larger figure), and that q_r does not depend on earlier cohorts (under a "
+    "participation limit it does; the figure is that of the cohorts drawn)"
+)
+
 
 class GaussianFedAvg(Mechanism):
     """DP-FedAvg with Poisson or fixed-size sampling, fixed or adaptive clipping."""
@@ -175,6 +183,8 @@ class GaussianFedAvg(Mechanism):
         if args.overselect is not None and args.overselect < 1:
             raise ArgumentError("--overselect must be >= 1")
         delta = args.delta if args.delta is not None else default_delta(args.population)
+        if delta >= 1.0 / args.population:
+            raise ArgumentError(f"--delta: {delta:g} is not below 1 / population = {1 / args.population:.3g}")
         k = math.ceil(args.goal * args.overselect) if args.overselect else args.goal
         q = min(1.0, k / args.population)
         # Under replace-one (fixed_size) the sum's sensitivity is 2S: the accounted multiplier is z/2.
@@ -255,7 +265,7 @@ class GaussianFedAvg(Mechanism):
 
     # ---- what it says ---------------------------------------------------------------------
     def summary(self) -> dict:
-        cfg, acc = self.cfg, self.accountant
+        cfg, acc = self.cfg, self.accountant_of_all()
         p = cfg.privacy
         qs = np.array([r.q for r in acc.releases]) if acc.releases else np.zeros(0)
         s = sampled.sampling(p.sampling)
@@ -286,6 +296,7 @@ class GaussianFedAvg(Mechanism):
                 "real availability does not give it",
             },
             **self._covers(),
+            "assumes": ASSUMES,
         }
         if self.private:  # the per-round q_r and their span would describe the secret samples
             out["depends_on"] = (

@@ -195,7 +195,7 @@ class TreeFTRL(Mechanism):
 
     # ---- what it says ---------------------------------------------------------------------
     def summary(self) -> dict:
-        cfg, acc = self.cfg, self.accountant
+        cfg, acc = self.cfg, self.accountant_of_all()
         p = cfg.privacy
         trees = acc.trees
         once = all(tree_lib.participations(v.steps, v.separation) == 1 for v in trees)
