@@ -17,6 +17,8 @@ CONF = str(ROOT / "conf")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Optimized BLT strategies (privacy=dp_blt), shared by the test workers and kept between runs.
+os.environ.setdefault("FLEET_CACHE", str(ROOT / ".pytest_cache" / "fleet"))
 
 register_configs()
 

@@ -57,6 +57,7 @@ MECHANISMS = {
     "fedavg_fixed": ("privacy=dp_fedavg", "privacy.sampling=fixed_size", "privacy.accountant=rdp"),
     "fedavg_adaptive": ("privacy=dp_fedavg_adaptive", "privacy.initial_clip=1.0", "privacy.count_noise=2"),
     "ftrl": ("privacy=dp_ftrl", "train.server_optimizer=sgd", "privacy.restart_every=6"),
+    "blt": ("privacy=dp_blt", "train.server_optimizer=sgd"),
 }
 PATHS = ("plain", "restart", "resume", "resume_secure")
 ROUNDS, CHECKPOINT, LOST = 12, 5, 3
@@ -112,7 +113,7 @@ class Run:
     init: np.ndarray | None = None
     lost: list[int] = field(default_factory=list)  # positions in `lines` of the rounds lost to the crash
     target_counted: int = 0
-    accounted: float | None = None  # DP-FTRL: the squared sensitivity its accounting rests on
+    accounted: float | None = None  # DP-FTRL, BLT: the squared sensitivity their accounting rests on
     limit: int = 0
 
 
@@ -189,10 +190,8 @@ def run(
     out.target_counted = int(np.concatenate([s.participations for s in shards])[rows == target].sum())
     out.limit = coord.mechanism.limit_rounds(cfg)
     acc = coord.mechanism.accountant
-    if getattr(acc, "trees", None):
-        from fleet.privacy.tree import sensitivity_factor
-
-        out.accounted = float(sum(sensitivity_factor(v.steps, v.separation) for v in acc.trees))
+    if getattr(acc, "segments", None):  # a matrix mechanism (DP-FTRL, BLT): its squared sensitivity
+        out.accounted = acc.squared_sensitivity(acc.segments)
     return out
 
 

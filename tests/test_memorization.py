@@ -230,7 +230,7 @@ def test_config_errors_name_the_key():
         mz.make_plan(cfg, make_corpus(cfg))
 
 
-@pytest.mark.parametrize("privacy", ["none", "dp_fedavg", "dp_ftrl"])
+@pytest.mark.parametrize("privacy", ["none", "dp_fedavg", "dp_ftrl", "dp_blt"])
 def test_the_audit_scores_the_model_the_mechanism_released(privacy, tmp_path):
     """What the end-of-run audit and `fleet-audit` load is the released model, whatever the
     mechanism: DP-FTRL's server optimizer never steps, and its weights are the initial model."""

@@ -76,7 +76,7 @@ def test_the_accounting_is_blind_to_the_data_and_covers_what_ran(mechanism, path
     kept = [x for i, x in enumerate(a.full) if path != "resume" or i not in a.lost]
     released = [x for x in kept if x.get("released")]
     assert len(a.ledger) == len(released)  # every release accounted once, lost ones too in secure mode
-    if mechanism == "ftrl":
+    if mechanism in ("ftrl", "blt"):
         z = cfg.privacy.noise_multiplier
         assert a.accounted >= true_sensitivity(a, z) * (1 - 1e-6)
     else:

@@ -361,7 +361,7 @@ def test_target_epsilon_stops_before_a_round_would_pass_it():
     assert coord.round == 5 and len(coord.mechanism.accountant.releases) == 5
 
 
-@pytest.mark.parametrize("mechanism", ["privacy=dp_fedavg", "privacy=dp_ftrl"])
+@pytest.mark.parametrize("mechanism", ["privacy=dp_fedavg", "privacy=dp_ftrl", "privacy=dp_blt"])
 @pytest.mark.parametrize("delta", ["0.001", "0.9"])
 def test_a_delta_not_below_one_over_the_population_is_refused(mechanism, delta):
     """With delta >= 1/N, publishing one random device's data in the clear meets the guarantee:
@@ -398,7 +398,7 @@ def test_bad_numbers_never_become_privacy_claims(override, message):
 
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
-@pytest.mark.parametrize("mechanism", ["dp_fedavg", "dp_ftrl"])
+@pytest.mark.parametrize("mechanism", ["dp_fedavg", "dp_ftrl", "dp_blt"])
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -149,8 +149,11 @@ class PrivacyConfig:
 
     name: str = "dp_fedavg"
     enabled: bool = True
-    mechanism: str = "dp_fedavg"  # dp_fedavg | dp_ftrl (tree aggregation, no sampling assumption)
+    # dp_fedavg | dp_ftrl (tree aggregation) | dp_blt (BLT correlated noise): the last two assume
+    # no sampling, only the participation limit
+    mechanism: str = "dp_fedavg"
     restart_every: int = 0  # dp_ftrl: a new tree every this many released rounds (0: never)
+    blt_max_buffers: int = 8  # dp_blt: jax-privacy chooses up to this many buffers
     noise_multiplier: float = 1.0
     clip_norm: float = 0.5
     delta: float | None = None  # default: 1 / population^1.1

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fleet.config import ConfigError, config_from_dict
-from fleet.privacy.mechanisms import check_population, validate
+from fleet.privacy.mechanisms import check_population, prepare, validate
 from fleet.round import checkpoint
 from fleet.round.shard import fleet_size
 from fleet.runtime import hooks
@@ -106,6 +106,7 @@ def train(
     if cfg.fleet.goal > pop:
         raise ConfigError(f"fleet.goal: must be <= the population ({cfg.fleet.goal} > {pop})")
     check_population(cfg, pop)  # delta below 1 / population, a reachable target
+    prepare(cfg)  # e.g. the BLT's strategy, optimized once and cached
     run_dir = Path(run_dir)
     state_dir = run_dir / checkpoint.STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)

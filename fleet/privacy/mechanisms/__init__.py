@@ -5,6 +5,7 @@
 | (`privacy=none`) | `none.NoDP` | nothing: the non-private baseline |
 | `dp_fedavg` | `fedavg.GaussianFedAvg` | a secret uniform sample of the available devices (amplification) |
 | `dp_ftrl` | `ftrl.TreeFTRL` | the participation limit alone (tree aggregation) |
+| `dp_blt` | `blt.BLTFTRL` | the participation limit alone (BLT correlated noise, jax-privacy) |
 
 Adding a mechanism: a module here with a `Mechanism` subclass, and its line in `MECHANISMS`. Nothing
 outside `fleet/privacy/` compares mechanism names (a test keeps it so): it asks this registry.
@@ -30,6 +31,7 @@ from fleet.privacy.mechanisms.base import (
     default_delta,
     run_delta,
 )
+from fleet.privacy.mechanisms.blt import BLTFTRL
 from fleet.privacy.mechanisms.fedavg import GaussianFedAvg
 from fleet.privacy.mechanisms.ftrl import TreeFTRL
 from fleet.privacy.mechanisms.none import NoDP
@@ -39,6 +41,7 @@ MECHANISMS: dict[str, type[Mechanism]] = {
     "none": NoDP,
     "dp_fedavg": GaussianFedAvg,
     "dp_ftrl": TreeFTRL,
+    "dp_blt": BLTFTRL,
 }
 
 
@@ -70,6 +73,11 @@ def check_population(cfg: Any, population: int) -> float:
     return delta
 
 
+def prepare(cfg: Any) -> None:
+    """The mechanism's slow set-up, on the driver before start-up (BLT: its strategy, cached)."""
+    mechanism_class(cfg.privacy).prepare(cfg)
+
+
 def limit_rounds(cfg: Any) -> int:
     """The participation limit in released rounds that the shards enforce."""
     return mechanism_class(cfg.privacy).limit_rounds(cfg)
@@ -96,6 +104,7 @@ __all__ = [
     "default_delta",
     "limit_rounds",
     "mechanism_class",
+    "prepare",
     "run_delta",
     "validate",
 ]

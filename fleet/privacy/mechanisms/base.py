@@ -64,6 +64,21 @@ def cohort_size(fleet: Any) -> int:
     return math.ceil(fleet.goal * fleet.overselect)
 
 
+def enforced_separation(cfg: Any) -> int:
+    """The participation limit in released rounds a mechanism without sampling rests on:
+    `fleet.min_separation_rounds`, and `fleet.min_separation_hours` converted by the clock's worst
+    case: a round lasts at most deadline_s + round_interval_s of simulated time, so two
+    participations H hours apart are at least ceil(H x 3600 / (deadline_s + round_interval_s))
+    rounds apart; enforcing that many released rounds too makes it hold whatever rounds are
+    abandoned or however the clock jumps (dropout.active_hours)."""
+    f = cfg.fleet
+    rounds = f.min_separation_rounds
+    if f.min_separation_hours > 0:
+        hours = math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s))
+        rounds = max(rounds, hours)
+    return int(rounds)
+
+
 def check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -186,6 +201,12 @@ class Mechanism(ABC):
     @classmethod
     def check_budget(cls, cfg: Any, population: int) -> None:
         """Refuse, before start-up, settings no round can meet once the population is known."""
+        return None
+
+    @classmethod
+    def prepare(cls, cfg: Any) -> None:
+        """Slow set-up worth doing once on the driver, before start-up, with its progress on the
+        console (BLT optimizes its strategy and caches it): nothing by default."""
         return None
 
     @classmethod

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -38,9 +37,11 @@ from fleet.privacy.mechanisms.base import (
     check_gaussian,
     cohort_size,
     default_delta,
+    enforced_separation,
     run_delta,
 )
-from fleet.privacy.tree_accountant import TreeAccountant, TreeRelease, TreeVersion, tree_epsilon, tree_rho
+from fleet.privacy.segments import gaussian_epsilon
+from fleet.privacy.tree_accountant import TreeAccountant, TreeRelease, planned_trees
 
 NODE_STREAM = "ftrl_node_{tree}_{level}"
 
@@ -84,17 +85,7 @@ class TreeFTRL(Mechanism):
 
     @classmethod
     def limit_rounds(cls, cfg: Any) -> int:
-        """`fleet.min_separation_rounds`, and `fleet.min_separation_hours` converted by the clock's
-        worst case: a round lasts at most deadline_s + round_interval_s of simulated time, so two
-        participations H hours apart are at least ceil(H x 3600 / (deadline_s + round_interval_s))
-        rounds apart; enforcing that many released rounds too makes it hold whatever rounds are
-        abandoned or however the clock jumps (dropout.active_hours)."""
-        f = cfg.fleet
-        rounds = f.min_separation_rounds
-        if f.min_separation_hours > 0:
-            hours = math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s))
-            rounds = max(rounds, hours)
-        return int(rounds)
+        return enforced_separation(cfg)
 
     @classmethod
     def check_budget(cls, cfg: Any, population: int) -> None:
@@ -103,7 +94,7 @@ class TreeFTRL(Mechanism):
         if p.target_epsilon is None or p.noise_multiplier <= 0:
             return
         delta = run_delta(p, population)
-        one = tree_epsilon([TreeVersion(0, 1, 1)], p.noise_multiplier, p.accountant, delta, 1e-4)
+        one = gaussian_epsilon(p.noise_multiplier, p.accountant, delta)
         check(
             one <= p.target_epsilon,
             "privacy.target_epsilon",
@@ -139,10 +130,7 @@ class TreeFTRL(Mechanism):
             raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
         delta = args.delta if args.delta is not None else default_delta(args.population)
         size = args.restart_every or args.rounds
-        trees = [
-            TreeVersion(i, min(size, args.rounds - i * size), args.separation)
-            for i in range(-(-args.rounds // size))
-        ]
+        trees = planned_trees(args.rounds, args.restart_every, args.separation)
         k = tree_lib.participations(min(size, args.rounds), args.separation)
         out = [
             f"{len(trees)} tree(s) of up to {size} rounds; each device at most once in any "
@@ -150,10 +138,10 @@ class TreeFTRL(Mechanism):
         ]
         if args.noise <= 0:
             return out + ["epsilon = inf (no noise)"]
-        out.append(f"rho = {tree_rho(trees, args.noise):.4g} (zCDP)")
+        out.append(f"rho = {TreeAccountant.rho(trees, args.noise):.4g} (zCDP)")
         kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
         for kind in kinds:
-            eps = tree_epsilon(trees, args.noise, kind, delta, 1e-4)
+            eps = TreeAccountant.epsilon_of(trees, args.noise, kind, delta, 1e-4)
             out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {args.noise:g})")
         return out
 
@@ -203,7 +191,7 @@ class TreeFTRL(Mechanism):
             "dp": True,
             "epsilon": acc.epsilon(),
             "delta": acc.delta,
-            "rho_zcdp": tree_rho(trees, self.accounted) if trees and self.accounted > 0 else None,
+            "rho_zcdp": acc.rho(trees, self.accounted) if trees and self.accounted > 0 else None,
             "accountant": acc.kind,
             "pld_interval": acc.interval if acc.kind == "pld" else None,
             "mechanism": "DP-FTRL (tree aggregation"
@@ -221,7 +209,7 @@ class TreeFTRL(Mechanism):
             "released rounds (enforced in the shards, kept across crashes)",
             "participation_limit_rounds": self.limit,
             "restart_every": p.restart_every,
-            "trees": [{"tree": v.tree, "steps": v.steps, "separation": v.separation} for v in trees],
+            "trees": [{"tree": v.index, "steps": v.steps, "separation": v.separation} for v in trees],
             "noise_multiplier": p.noise_multiplier,
             "accounted_noise_multiplier": self.accounted,
             "released_rounds": len(acc.releases),

@@ -1,0 +1,186 @@
+"""Epsilon of the linear (correlated-noise) mechanisms, by dp-accounting: each segment one Gaussian
+mechanism, segments composed.
+
+DP-FTRL's trees (`fleet.privacy.tree`) and BLT's runs (`fleet.privacy.blt`) are matrix mechanisms:
+every release of a segment is a post-processing of one Gaussian release of a linear map of the
+segment's clipped sums, so the segment is one Gaussian mechanism whose squared L2 sensitivity is a
+factor of S^2 that depends on how many steps the segment has released and on the participation
+limit the shards enforced (each device at most once in any `separation` consecutive released
+rounds): the mechanism's `factor(segment)`. Segments use independent noise and compose. Nothing here
+depends on who was available or sampled: the figure is every device's.
+
+A segment is accounted whole, step after step. One that is re-entered (a step that does not continue
+the last one) would be two mechanisms sharing their inputs, which this accounting does not cover,
+so it is refused: a mechanism starts a fresh segment instead (a secure resume after lost rounds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fleet.privacy.accountant import ACCOUNTANTS, ORDERS
+
+
+class SegmentEntry(Protocol):
+    """What a ledger entry of a segmented mechanism carries."""
+
+    round: int
+    step: int
+    separation: int
+    noise_multiplier: float
+
+    @property
+    def segment(self) -> int: ...
+
+    def to_json(self) -> dict: ...
+
+
+@dataclass
+class Segment:
+    """Releases of one segment: `steps` so far, under a participation limit of `separation`, and its
+    first entry (where a mechanism keeps what the segment's factor reads, e.g. BLT's parameters)."""
+
+    index: int
+    steps: int
+    separation: int
+    first: Any = None
+
+
+def extend(segments: list[Segment], r: SegmentEntry) -> list[Segment]:
+    """The segments after release r (a new list): the next step of the last one, or a new one."""
+    out = [Segment(s.index, s.steps, s.separation, s.first) for s in segments]
+    last = out[-1] if out else None
+    if last is not None and last.index == r.segment:
+        if r.step != last.steps + 1:
+            raise ValueError(
+                f"ledger: segment {r.segment} re-entered at step {r.step} after {last.steps} steps; "
+                "a segment is accounted whole, in order"
+            )
+        last.steps += 1
+        last.separation = min(last.separation, r.separation)
+    else:
+        if r.step != 1 or any(s.index == r.segment for s in out):
+            raise ValueError(
+                f"ledger: segment {r.segment} starts at step {r.step}; a segment starts at step 1, once"
+            )
+        out.append(Segment(r.segment, 1, r.separation, r))
+    return out
+
+
+def gaussian_epsilon(z: float, kind: str, delta: float, interval: float = 1e-4) -> float:
+    """Epsilon at delta of one Gaussian mechanism of noise multiplier z (noise std over the
+    sensitivity), by dp-accounting's PLD or RDP."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if z <= 0:
+        return math.inf
+    event = dp_accounting.GaussianDpEvent(z)
+    if kind == "rdp":
+        acc = rdp_privacy_accountant.RdpAccountant(
+            list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+        )
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+    acc.compose(event)
+    return max(0.0, float(acc.get_epsilon(delta)))
+
+
+@dataclass
+class SegmentAccountant:
+    """The segments' epsilon over the recorded releases, with the sampled accountant's interface.
+    A subclass says what one segment's squared sensitivity is (`factor`) and, where dp-accounting
+    has a tighter RDP event for a segment, which (`rdp_event`)."""
+
+    kind: str  # pld | rdp
+    delta: float
+    interval: float = 1e-4
+    releases: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant: unknown value {self.kind!r}")
+        self.segments: list[Segment] = []
+        self._eps = 0.0
+        releases, self.releases = self.releases, []
+        for r in releases:
+            self.record(r)
+
+    # ---- what a mechanism says ------------------------------------------------------------
+    @classmethod
+    def factor(cls, segment: Segment) -> float:
+        """The segment's squared L2 sensitivity over S^2."""
+        raise NotImplementedError
+
+    @classmethod
+    def rdp_event(cls, segment: Segment, z: float) -> Any:
+        """A dp-accounting event for the segment tighter than the Gaussian of its factor, or None."""
+        return None
+
+    # ---- the figures ----------------------------------------------------------------------
+    @classmethod
+    def squared_sensitivity(cls, segments: Iterable[Segment]) -> float:
+        """Sum of the segments' factors: the squared sensitivity of everything released, over S^2."""
+        return float(sum(cls.factor(s) for s in segments))
+
+    @classmethod
+    def rho(cls, segments: Iterable[Segment], z: float) -> float:
+        """zCDP of the segments: each is a Gaussian mechanism, rho = sensitivity^2 / (2 (zS)^2)."""
+        return cls.squared_sensitivity(segments) / (2 * z * z)
+
+    @classmethod
+    def epsilon_of(cls, segments: list[Segment], z: float, kind: str, delta: float, interval: float) -> float:
+        """Epsilon at delta of the segments, composed by dp-accounting."""
+        import dp_accounting
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        if not segments:
+            return 0.0
+        if z <= 0:
+            return math.inf
+        if kind == "rdp":
+            acc = rdp_privacy_accountant.RdpAccountant(
+                list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+            )
+            for s in segments:
+                event = cls.rdp_event(s, z)
+                acc.compose(
+                    event
+                    if event is not None
+                    else dp_accounting.GaussianDpEvent(z / math.sqrt(cls.factor(s)))
+                )
+            return float(acc.get_epsilon(delta))
+        # Gaussian mechanisms compose into one Gaussian: sensitivities add in quadrature.
+        total = math.sqrt(2 * cls.rho(segments, z))  # sensitivity over the noise, summed
+        return gaussian_epsilon(1.0 / total, kind, delta, interval)
+
+    def _with(self, r: SegmentEntry) -> tuple[list[Segment], float]:
+        segments = extend(self.segments, r)
+        if math.isinf(self._eps) or r.noise_multiplier <= 0:
+            return segments, math.inf
+        return segments, self.epsilon_of(segments, r.noise_multiplier, self.kind, self.delta, self.interval)
+
+    def epsilon(self) -> float:
+        return self._eps
+
+    def epsilon_with(self, r: SegmentEntry) -> float:
+        return self._with(r)[1]
+
+    def record(self, r: SegmentEntry) -> float:
+        self.segments, self._eps = self._with(r)
+        self.releases.append(r)
+        return self._eps
+
+    def snapshot(self) -> dict:
+        return {"releases": len(self.releases)}
+
+    def load(self, releases: Iterable[SegmentEntry], snapshot: dict | None = None) -> None:
+        """Continue from a ledger (a segment's epsilon is cheap to recompute from its steps)."""
+        self.releases, self.segments, self._eps = [], [], 0.0
+        for r in releases:
+            self.record(r)
