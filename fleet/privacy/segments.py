@@ -72,23 +72,31 @@ def extend(segments: list[Segment], r: SegmentEntry) -> list[Segment]:
 
 def gaussian_epsilon(z: float, kind: str, delta: float, interval: float = 1e-4) -> float:
     """Epsilon at delta of one Gaussian mechanism of noise multiplier z (noise std over the
-    sensitivity), by dp-accounting's PLD or RDP."""
+    sensitivity). `pld`: the exact curve (dp-accounting's `GaussianPrivacyLoss`, the privacy loss of
+    the Gaussian in closed form, whose delta(epsilon) is searched for the smallest epsilon, rounded
+    up): a discretized PLD would only add its own pessimism, and for a small z its grid grows without
+    bound. `rdp`: dp-accounting's RDP accountant. (`interval` is kept for the accountants' interface.)"""
     import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.pld import privacy_loss_mechanism
     from dp_accounting.rdp import rdp_privacy_accountant
 
     if z <= 0:
         return math.inf
-    event = dp_accounting.GaussianDpEvent(z)
     if kind == "rdp":
-        acc = rdp_privacy_accountant.RdpAccountant(
-            list(ORDERS), dp_accounting.NeighboringRelation.REPLACE_SPECIAL
-        )
-        acc.compose(event)
+        relation = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+        acc = rdp_privacy_accountant.RdpAccountant(list(ORDERS), relation)
+        acc.compose(dp_accounting.GaussianDpEvent(z))
         return float(acc.get_epsilon(delta))
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
-    acc.compose(event)
-    return max(0.0, float(acc.get_epsilon(delta)))
+    loss = privacy_loss_mechanism.GaussianPrivacyLoss(z, sensitivity=1.0)
+    if loss.get_delta_for_epsilon(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while loss.get_delta_for_epsilon(hi) > delta:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if loss.get_delta_for_epsilon(mid) > delta else (lo, mid)
+    return hi
 
 
 @dataclass
