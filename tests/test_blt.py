@@ -211,3 +211,56 @@ def test_fleet_privacy_gives_the_blt_figure_beside_the_trees(capsys):
     sens = blt.sensitivity_squared(s, 24, 4)
     assert f"squared sensitivity {sens:.4g}" in out and "one tree of 24 rounds" in out
     assert f"epsilon = {gaussian_epsilon(3 / np.sqrt(sens), 'pld', 1e-6):.4g}" in out and "(RDP;" in out
+
+
+def test_the_matched_arms_of_the_tree_and_blt_have_the_same_epsilon():
+    """experiment=blt_vs_tree_vs_fedavg compares the mechanisms at epsilon 8: the noise in
+    conf/matched/ gives it, for the experiment's 200 rounds and limit, to 0.1%."""
+    from fleet.privacy.mechanisms.ftrl import TreeFTRL
+    from fleet.privacy.segments import Segment
+    from fleet.privacy.tree_accountant import TreeAccountant, planned_trees
+
+    eps = {}
+    for arm in ("dp_ftrl", "dp_blt"):
+        cfg = tiny_mean("experiment=blt_vs_tree_vs_fedavg", f"matched={arm}", "fleet=small")
+        n, b, z = cfg.train.rounds, TreeFTRL.limit_rounds(cfg), cfg.privacy.noise_multiplier
+        delta = 100_000**-1.1
+        if arm == "dp_ftrl":
+            eps[arm] = TreeAccountant.epsilon_of(planned_trees(n, 0, b), z, "pld", delta, 1e-4)
+        else:
+            s = blt.strategy(n, b)
+            first = BLTRelease(0, 0, 1, b, z, 0.0, s.buf_decay, s.output_scale)
+            eps[arm] = BLTAccountant.epsilon_of([Segment(0, n, b, first)], z, "pld", delta, 1e-4)
+    assert eps["dp_ftrl"] == pytest.approx(8.0, rel=1e-3) and eps["dp_blt"] == pytest.approx(8.0, rel=1e-3)
+    assert eps["dp_ftrl"] <= 8.0 and eps["dp_blt"] <= 8.0
+
+
+@pytest.mark.parametrize("privacy", ["dp_fedavg", "dp_blt"])
+def test_the_noise_a_ledger_gives_for_a_target_meets_it_in_a_run(privacy, tmp_path, capsys):
+    """`fleet-privacy --run RUN --target-epsilon E`: the cohorts do not depend on the noise, so the
+    z it finds from one run's ledger, used in the same run, gives epsilon E (just under)."""
+    from dataclasses import asdict
+
+    from fleet.round import checkpoint
+    from fleet.runtime.privacy_cli import main
+
+    def run(z: str):
+        cfg = tiny_mean(
+            *BLT, f"privacy={privacy}", "fleet.min_separation_rounds=3", f"privacy.noise_multiplier={z}"
+        )
+        run_dir = tmp_path / z
+        (run_dir / "state").mkdir(parents=True)
+        checkpoint.save_config(run_dir, asdict(cfg))
+        coord, _ = _run(cfg, 8, run_dir / "state")
+        return run_dir, coord.mechanism.epsilon()
+
+    run_dir, eps = run("1.0")
+    target = eps / 2  # twice the privacy: more noise
+    with pytest.raises(SystemExit) as done:
+        main(["--run", str(run_dir), "--target-epsilon", f"{target}"])
+    assert done.value.code == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("z = ")]
+    z = float(line[0].split()[2])
+    assert z > 1.0
+    _, again = run(f"{z}")
+    assert target * 0.99 <= again <= target  # (PLD grids differ between the runs by a fraction)

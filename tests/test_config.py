@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fleet.config import CONF_DIR, Config, ConfigError, validate
 from fleet.runtime.cli import load_config, one_line, preflight, sweep_jobs
 
-GROUPS = ("fleet", "model", "data", "privacy", "dropout", "tracking", "ray", "experiment")
+GROUPS = ("fleet", "model", "data", "privacy", "dropout", "tracking", "ray", "experiment", "matched")
 PROFILES = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 

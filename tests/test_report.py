@@ -22,6 +22,7 @@ ALL_PLOTS = {
     "funnel",
     "dropout",
     "epsilon",
+    "model_noise",
     "metrics_vs_epsilon",
     "privacy_claims",
     "metrics_by_round",

@@ -24,6 +24,15 @@ from typing import Any, Protocol
 from fleet.privacy.accountant import ACCOUNTANTS, ORDERS
 
 
+def up4(x: float) -> str:
+    """x rounded UP to 4 significant digits, as printed for a noise multiplier that must meet a
+    target (rounding to nearest could print a z just below the one found)."""
+    if not (x > 0 and math.isfinite(x)):
+        return f"{x:.4g}"
+    scale = 10.0 ** (3 - math.floor(math.log10(x)))
+    return f"{math.ceil(x * scale - 1e-9) / scale:.4g}"
+
+
 class SegmentEntry(Protocol):
     """What a ledger entry of a segmented mechanism carries."""
 
@@ -166,6 +175,47 @@ class SegmentAccountant:
         # Gaussian mechanisms compose into one Gaussian: sensitivities add in quadrature.
         total = math.sqrt(2 * cls.rho(segments, z))  # sensitivity over the noise, summed
         return gaussian_epsilon(1.0 / total, kind, delta, interval)
+
+    @classmethod
+    def noise_for(cls, segments: list[Segment], target: float, kind: str, delta: float) -> float:
+        """The smallest noise multiplier whose segments have epsilon <= target at delta (epsilon
+        falls as z grows), to a relative 1e-6, rounded up."""
+        if not target > 0:
+            raise ValueError(f"target epsilon must be > 0 (got {target})")
+
+        def eps(z: float) -> float:
+            return cls.epsilon_of(segments, z, kind, delta, 1e-4)
+
+        lo, hi = 1e-3, 1.0
+        while eps(hi) > target:
+            lo, hi = hi, hi * 2
+            if hi > 1e6:
+                raise ValueError(
+                    f"no noise multiplier up to 1e6 reaches epsilon {target:g} at delta {delta:.3g}"
+                )
+        while hi - lo > 1e-6 * hi:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
+        return hi
+
+    @classmethod
+    def planned_lines(
+        cls, segments: list[Segment], noise: float | None, target: float | None, kinds: tuple, delta: float
+    ) -> list[str]:
+        """`fleet-privacy`'s lines for planned segments: rho and epsilon at z, or the z for a target."""
+        out = []
+        for kind in kinds:
+            if target is not None and noise is None:
+                z = cls.noise_for(segments, target, kind, delta)
+                out.append(f"z = {up4(z)} gives epsilon <= {target:g} at delta = {delta:.3g} ({kind.upper()})")
+            elif noise is not None and noise > 0:
+                eps = cls.epsilon_of(segments, noise, kind, delta, 1e-4)
+                out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {noise:g})")
+        if noise is not None and noise > 0:
+            out.insert(0, f"rho = {cls.rho(segments, noise):.4g} (zCDP)")
+        elif noise is not None:
+            out = ["epsilon = inf (no noise)"]
+        return out
 
     def _with(self, r: SegmentEntry) -> tuple[list[Segment], float]:
         segments = extend(self.segments, r)

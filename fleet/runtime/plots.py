@@ -144,6 +144,28 @@ def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
     return fig
 
 
+def prefix_noise_rms(r: Run) -> float | None:
+    """Root mean square over released rounds of the norm of the noise in the sum of the released
+    updates (`prefix_noise_norm`): the noise the model is made of, whatever the mechanism."""
+    _, v = r.series("prefix_noise_norm")
+    return float(np.sqrt(np.mean(v**2))) if len(v) else None
+
+
+def plot_model_noise(runs: Sequence[Run]) -> Figure | None:
+    """The noise in the sum of the released updates after each round: one noise vector a round for
+    DP-FedAvg, a prefix of tree nodes for DP-FTRL, BLT's correlated noise that cancels in it."""
+    have = [(i, r) for i, r in enumerate(runs) if len(r.series("prefix_noise_norm")[0])]
+    if not have:
+        return None
+    fig, (ax,) = _figure(width=6.0)
+    for i, r in have:
+        ax.plot(*r.series("prefix_noise_norm"), color=_color(i, len(runs)), lw=1.2)
+    _by_round(ax, "noise in the sum of released updates (norm)", "norm")
+    ax.set_ylim(bottom=0)
+    _legend(fig, runs)
+    return fig
+
+
 def _metric_points(r: Run, metric: str, x_key: str) -> tuple[list[float], list[float]]:
     """(x, metric) at every evaluation, plus the final evaluation if the last line lacks it."""
     xs, ys = [], []
@@ -291,6 +313,7 @@ PLOTS = {
     "funnel": plot_funnel,
     "dropout": plot_dropout,
     "epsilon": plot_epsilon,
+    "model_noise": plot_model_noise,
     "metrics_vs_epsilon": plot_metrics_vs_epsilon,
     "privacy_claims": plot_privacy_claims,
     "metrics_by_round": plot_metrics_by_round,

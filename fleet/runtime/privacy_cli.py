@@ -19,6 +19,7 @@ and the trees (`--restart-every`), and it prints rho (zCDP) beside epsilon.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,7 @@ from fleet.privacy.accountant import pld_interval
 from fleet.privacy.ledger import LEDGER_FILE, read
 from fleet.privacy.mechanisms import MECHANISMS, cohort_size, mechanism_class, run_delta
 from fleet.privacy.mechanisms.base import ArgumentError
+from fleet.privacy.segments import up4
 
 
 def _positive(kind: type, name: str, allow_zero: bool = False):
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--separation", type=_positive(int, "--separation", allow_zero=True), default=0)
     args = ap.parse_args(argv)
     if args.run:
-        sys.exit(run_epsilon(Path(args.run)))
+        sys.exit(run_epsilon(Path(args.run), args.target_epsilon))
     try:
         lines = MECHANISMS[args.mechanism].offline(args)
     except ArgumentError as e:
@@ -78,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
 
 
-def run_epsilon(run_dir: Path) -> int:
-    """Print a run's epsilon recomputed from its ledger, with its accountant and the other."""
+def run_epsilon(run_dir: Path, target: float | None = None) -> int:
+    """Print a run's epsilon recomputed from its ledger, with its accountant and the other; with a
+    target, the noise multiplier that would have met it on the same released rounds (each round's
+    own q_r for DP-FedAvg: the cohorts do not depend on the noise, so a run, or a dry run, is the
+    plan for every z)."""
     from fleet.config import config_from_dict
 
     config_file = run_dir / "config.json"
@@ -111,7 +116,37 @@ def run_epsilon(run_dir: Path) -> int:
         print(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}, {tag})")
     if priv.get("epsilon") is not None:
         print(f"the run printed {priv['epsilon']:.4g}")
+    if target is not None and releases:
+        z = noise_for_ledger(cls, cfg, releases, p.accountant, delta, interval, target)
+        print(
+            f"z = {up4(z)} gives epsilon <= {target:g} on these {len(releases)} released rounds "
+            f"({p.accountant.upper()})"
+        )
     return 0
+
+
+def noise_for_ledger(
+    cls, cfg, releases: list, kind: str, delta: float, interval: float, target: float
+) -> float:
+    """The smallest z (to 1e-4, rounded up) whose ledger, the same rounds with every entry's noise
+    multiplier scaled by z / the run's z, recomputes to at most `target`."""
+    z0 = cfg.privacy.noise_multiplier
+
+    def eps(z: float) -> float:
+        scaled = [dataclasses.replace(e, noise_multiplier=e.noise_multiplier * z / z0) for e in releases]
+        return cls.recompute(cfg, scaled, kind, delta, interval)
+
+    lo, hi = z0, z0
+    while eps(lo) <= target and lo > 1e-4:
+        lo /= 2
+    while eps(hi) > target:
+        hi *= 2
+        if hi > 1e5:
+            raise SystemExit(f"error: no noise multiplier up to 1e5 meets epsilon {target:g}")
+    while hi - lo > 1e-4 * hi:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
+    return hi
 
 
 def _population(cfg) -> int:

@@ -37,6 +37,7 @@ from fleet.runtime.plots import (  # noqa: F401 - the report's API: its figures 
     plot_metrics_vs_epsilon,
     plot_participation_by_hour,
     plot_privacy_claims,
+    prefix_noise_rms,
     privacy_claims,
 )
 from fleet.runtime.runs import HEADLINE, ReportError, Run, find_runs, load_run  # noqa: F401
@@ -67,7 +68,7 @@ def _table(runs: Sequence[Run]) -> str:
         "delta",
         "epsilon covers",
     ]
-    head += [*metrics, "wall s"]
+    head += [*metrics, "noise RMS", "wall s"]
     rows = []
     for r in runs:
         s, priv = r.summary, r.summary.get("privacy", {})
@@ -76,7 +77,7 @@ def _table(runs: Sequence[Run]) -> str:
         cells += [s.get("abandoned_rounds"), s.get("stop_reason", "(running)"), epsilon, priv.get("delta")]
         covers = " ".join(x for x in (priv.get("covers"), priv.get("guarantee")) if x)
         cells.append(covers)
-        cells += [*(s.get("final", {}).get(m) for m in metrics), s.get("wall_s")]
+        cells += [*(s.get("final", {}).get(m) for m in metrics), prefix_noise_rms(r), s.get("wall_s")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     return f"<table>{header}{''.join(rows)}</table>"

@@ -159,7 +159,7 @@ class BLTFTRL(Mechanism):
             f"BLT-DP-FTRL, z={p.noise_multiplier:g}, clip S={p.clip_norm:g}, each device at most once "
             f"in {b} released rounds",
             f"BLT of {s.buffers} buffers (jax-privacy, for {n} rounds): squared sensitivity {sens:.4g} "
-            f"(tree aggregation's bound: {tree_factor(n, b)})",
+            f"(one tree of {n} rounds: {tree_factor(n, b)})",
         ]
 
     @classmethod
@@ -176,29 +176,22 @@ class BLTFTRL(Mechanism):
     def offline(cls, args: Any) -> list[str]:
         """The BLT for --rounds and --separation (jax-privacy, cached), its sensitivity and epsilon
         beside tree aggregation's at the same z."""
-        if args.rounds is None or args.noise is None:
-            raise ArgumentError("dp_blt needs --rounds and --noise")
+        if args.rounds is None or (args.noise is None and args.target_epsilon is None):
+            raise ArgumentError("dp_blt needs --rounds and --noise (or --target-epsilon)")
         if args.delta is None and args.population is None:
             raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
         delta = args.delta if args.delta is not None else default_delta(args.population)
         n, b = args.rounds, max(args.separation, 1)
         s = blt.strategy(n, b)
-        sens = blt.sensitivity_squared(s, n, b)
-        tree = tree_factor(n, b)
+        first = BLTRelease(0, 0, 1, b, 1.0, 0.0, s.buf_decay, s.output_scale)
+        segments = [Segment(0, n, b, first)]
         out = [
             f"BLT of {s.buffers} buffers for {n} rounds, each device at most once in any {b} released "
-            f"rounds: squared sensitivity {sens:.4g} (one tree of {n} rounds: {tree})",
-            f"max prefix-sum noise per unit std: BLT {blt.max_error(s, n):.4g}" if n <= 4000 else "",
+            f"rounds: squared sensitivity {BLTAccountant.squared_sensitivity(segments):.4g} (one tree "
+            f"of {n} rounds: {tree_factor(n, b)})"
         ]
-        out = [x for x in out if x]
-        if args.noise <= 0:
-            return out + ["epsilon = inf (no noise)"]
-        out.append(f"rho = {sens / (2 * args.noise**2):.4g} (zCDP)")
         kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
-        for kind in kinds:
-            eps = gaussian_epsilon(args.noise / sens**0.5, kind, delta)
-            out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {args.noise:g})")
-        return out
+        return out + BLTAccountant.planned_lines(segments, args.noise, args.target_epsilon, kinds, delta)
 
     # ---- the round ------------------------------------------------------------------------
     def cohort(self, available: int) -> Cohort:

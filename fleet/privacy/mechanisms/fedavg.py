@@ -62,6 +62,7 @@ class GaussianFedAvg(Mechanism):
         self.clip_norm = p.initial_clip if p.adaptive else p.clip_norm
         self.accounted = self._accounted_multiplier(len(init_params))
         self.pure_noise_rounds = 0
+        self.noise_sum = np.zeros(len(init_params))  # telemetry: the noise in the sum of released updates
         q_floor = min(1.0, cohort_size(f) / population)  # every q_r is at least this
         interval = pld_interval(q_floor, self.accounted, cfg.train.rounds, self.delta)
         self.accountant = Accountant(p.accountant, self.delta, interval)
@@ -227,7 +228,11 @@ class GaussianFedAvg(Mechanism):
     def release(self, r: int, sums: ShardSums) -> dict:
         std = self.plan.update * self.clip_norm
         noised = self.noise.add(sums.total, std, r, "update_noise")
-        out: dict[str, Any] = {"noise_norm": float(np.linalg.norm(noised - sums.total))}
+        self.noise_sum += noised - sums.total
+        out: dict[str, Any] = {
+            "noise_norm": float(np.linalg.norm(noised - sums.total)),
+            "prefix_noise_norm": float(np.linalg.norm(self.noise_sum)),
+        }
         if sums.reported == 0:  # every update was invalid: this release is the noise alone
             out["pure_noise"] = True
             self.pure_noise_rounds += 1
@@ -257,11 +262,16 @@ class GaussianFedAvg(Mechanism):
 
     # ---- state ----------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"server": self.server.state(), "pure_noise_rounds": self.pure_noise_rounds}
+        return {
+            "server": self.server.state(),
+            "pure_noise_rounds": self.pure_noise_rounds,
+            "noise_sum": self.noise_sum.copy(),
+        }
 
     def _load(self, state: dict) -> None:
         self.server.load_state(state["server"])
         self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
+        self.noise_sum = state["noise_sum"].copy()
 
     # ---- what it says ---------------------------------------------------------------------
     def summary(self) -> dict:

@@ -124,8 +124,8 @@ class TreeFTRL(Mechanism):
     def offline(cls, args: Any) -> list[str]:
         """Rounds split into trees of --restart-every, each device at most once in any
         --separation released rounds: rho (zCDP) and epsilon by both accountants."""
-        if args.rounds is None or args.noise is None:
-            raise ArgumentError("dp_ftrl needs --rounds and --noise")
+        if args.rounds is None or (args.noise is None and args.target_epsilon is None):
+            raise ArgumentError("dp_ftrl needs --rounds and --noise (or --target-epsilon)")
         if args.delta is None and args.population is None:
             raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
         delta = args.delta if args.delta is not None else default_delta(args.population)
@@ -134,16 +134,11 @@ class TreeFTRL(Mechanism):
         k = tree_lib.participations(min(size, args.rounds), args.separation)
         out = [
             f"{len(trees)} tree(s) of up to {size} rounds; each device at most once in any "
-            f"{args.separation} released rounds: at most {k} participation(s) per tree"
+            f"{args.separation} released rounds: at most {k} participation(s) per tree, squared "
+            f"sensitivity {TreeAccountant.squared_sensitivity(trees):g} (exact)"
         ]
-        if args.noise <= 0:
-            return out + ["epsilon = inf (no noise)"]
-        out.append(f"rho = {TreeAccountant.rho(trees, args.noise):.4g} (zCDP)")
         kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
-        for kind in kinds:
-            eps = TreeAccountant.epsilon_of(trees, args.noise, kind, delta, 1e-4)
-            out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {args.noise:g})")
-        return out
+        return out + TreeAccountant.planned_lines(trees, args.noise, args.target_epsilon, kinds, delta)
 
     # ---- the round ------------------------------------------------------------------------
     def cohort(self, available: int) -> Cohort:
@@ -160,7 +155,8 @@ class TreeFTRL(Mechanism):
             out["pure_noise"] = True
             self.pure_noise_rounds += 1
         self.server.step(sums.total, self.cfg.fleet.goal)
-        out["noise_norm"] = self.server.last_noise_norm
+        out["noise_norm"] = self.server.last_noise_norm  # the noise in the released prefix sum
+        out["prefix_noise_norm"] = self.server.last_noise_norm
         out["signal_to_noise"] = float(np.linalg.norm(sums.total)) / max(out["noise_norm"], 1e-30)
         self._commit()
         return out
