@@ -207,7 +207,8 @@ class SegmentAccountant:
         for kind in kinds:
             if target is not None and noise is None:
                 z = cls.noise_for(segments, target, kind, delta)
-                out.append(f"z = {up4(z)} gives epsilon <= {target:g} at delta = {delta:.3g} ({kind.upper()})")
+                line = f"z = {up4(z)} gives epsilon <= {target:g} at delta = {delta:.3g} ({kind.upper()})"
+                out.append(line)
             elif noise is not None and noise > 0:
                 eps = cls.epsilon_of(segments, noise, kind, delta, 1e-4)
                 out.append(f"epsilon = {eps:.4g} at delta = {delta:.3g} ({kind.upper()}; z = {noise:g})")

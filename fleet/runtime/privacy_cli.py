@@ -25,9 +25,8 @@ import math
 import sys
 from pathlib import Path
 
-from fleet.privacy.accountant import pld_interval
 from fleet.privacy.ledger import LEDGER_FILE, read
-from fleet.privacy.mechanisms import MECHANISMS, cohort_size, mechanism_class, run_delta
+from fleet.privacy.mechanisms import MECHANISMS, mechanism_class, run_delta
 from fleet.privacy.mechanisms.base import ArgumentError
 from fleet.privacy.segments import up4
 
@@ -101,12 +100,10 @@ def run_epsilon(run_dir: Path, target: float | None = None) -> int:
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     priv = summary.get("privacy", {})
     population = summary.get("population") or _population(cfg)
-    p, f = cfg.privacy, cfg.fleet
+    p = cfg.privacy
     delta = run_delta(p, population)
     z_acc = releases[0].noise_multiplier if releases else p.noise_multiplier
-    interval = priv.get("pld_interval") or pld_interval(
-        min(1.0, cohort_size(f) / population), z_acc, cfg.train.rounds, delta
-    )
+    interval = priv.get("pld_interval") or cls.interval(cfg, population, z_acc, delta)
     print(f"{run_dir}: {len(releases)} released rounds in the ledger ({cls.name})")
     for kind in [p.accountant] + [k for k in ("pld", "rdp") if k != p.accountant]:
         eps = cls.recompute(cfg, releases, kind, delta, interval)
@@ -117,7 +114,7 @@ def run_epsilon(run_dir: Path, target: float | None = None) -> int:
     if priv.get("epsilon") is not None:
         print(f"the run printed {priv['epsilon']:.4g}")
     if target is not None and releases:
-        z = noise_for_ledger(cls, cfg, releases, p.accountant, delta, interval, target)
+        z = noise_for_ledger(cls, cfg, population, releases, p.accountant, delta, target)
         print(
             f"z = {up4(z)} gives epsilon <= {target:g} on these {len(releases)} released rounds "
             f"({p.accountant.upper()})"
@@ -126,14 +123,16 @@ def run_epsilon(run_dir: Path, target: float | None = None) -> int:
 
 
 def noise_for_ledger(
-    cls, cfg, releases: list, kind: str, delta: float, interval: float, target: float
+    cls, cfg, population: int, releases: list, kind: str, delta: float, target: float
 ) -> float:
     """The smallest z (to 1e-4, rounded up) whose ledger, the same rounds with every entry's noise
-    multiplier scaled by z / the run's z, recomputes to at most `target`."""
+    multiplier scaled by z / the run's z, recomputes to at most `target`, as a run with that z
+    would account it (its own PLD interval)."""
     z0 = cfg.privacy.noise_multiplier
 
     def eps(z: float) -> float:
         scaled = [dataclasses.replace(e, noise_multiplier=e.noise_multiplier * z / z0) for e in releases]
+        interval = cls.interval(cfg, population, scaled[0].noise_multiplier, delta)
         return cls.recompute(cfg, scaled, kind, delta, interval)
 
     lo, hi = z0, z0

@@ -225,6 +225,12 @@ class Mechanism(ABC):
         return math.inf
 
     @classmethod
+    def interval(cls, cfg: Any, population: int, accounted: float, delta: float) -> float:
+        """The PLD discretisation interval a run with this accounted noise multiplier uses (the
+        matrix mechanisms' PLD figure is exact and needs none)."""
+        return 1e-4
+
+    @classmethod
     def offline(cls, args: Any) -> list[str]:
         """`fleet-privacy --mechanism NAME ...`: the figure for planned settings, as lines to print
         (ArgumentError names a missing or bad argument)."""

@@ -63,9 +63,9 @@ class GaussianFedAvg(Mechanism):
         self.accounted = self._accounted_multiplier(len(init_params))
         self.pure_noise_rounds = 0
         self.noise_sum = np.zeros(len(init_params))  # telemetry: the noise in the sum of released updates
-        q_floor = min(1.0, cohort_size(f) / population)  # every q_r is at least this
-        interval = pld_interval(q_floor, self.accounted, cfg.train.rounds, self.delta)
-        self.accountant = Accountant(p.accountant, self.delta, interval)
+        self.accountant = Accountant(
+            p.accountant, self.delta, self.interval(cfg, population, self.accounted, self.delta)
+        )
 
     def _accounted_multiplier(self, dim: int) -> float:
         """The release's multiplier under the sampling's relation, with the sensitivities the noise
@@ -162,6 +162,12 @@ class GaussianFedAvg(Mechanism):
     def parse(cls, entry: dict) -> SampledRelease:
         fields = ("round", "sampling", "q", "available", "cohort", "noise_multiplier")
         return SampledRelease(**{k: entry[k] for k in fields})
+
+    @classmethod
+    def interval(cls, cfg: Any, population: int, accounted: float, delta: float) -> float:
+        """Forecast from the smallest q_r a round can have (every device available)."""
+        q_floor = min(1.0, cohort_size(cfg.fleet) / population)
+        return pld_interval(q_floor, accounted, cfg.train.rounds, delta)
 
     @classmethod
     def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
