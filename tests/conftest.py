@@ -73,7 +73,8 @@ def in_process_fleet(cfg: Config, shards: int = 2, state_dir: Path | str | None 
     contiguous ranges, the run's start time, the same state dir."""
     from fleet.phones.population import shard_ranges
     from fleet.round.coordinator import Coordinator
-    from fleet.round.shard import ShardCore, fleet_size
+    from fleet.round.devices import fleet_size
+    from fleet.round.shard import ShardCore
 
     pop = fleet_size(cfg)
     sd = str(state_dir) if state_dir else None

@@ -51,6 +51,18 @@ def test_the_sensitivity_is_the_brute_force_over_every_participation_pattern(n, 
     assert want > 1.0  # more than one participation counts: the limit allows several
 
 
+@pytest.mark.parametrize("n, b", [(14, 2), (24, 4), (200, 10)])
+def test_the_per_step_sensitivity_is_jax_privacys_for_every_length(n, b):
+    """The accountant's numpy transcription against jax-privacy's `minsep_sensitivity_squared`,
+    for every length up to the planned one and beyond it, and other separations."""
+    s = blt.strategy(n, b)
+    for steps in sorted({1, 2, b - 1, b, b + 1, n // 3, n - 1, n, n + 7, 2 * n}):
+        for sep in {1, b, 2 * b + 1}:
+            if steps >= 1:
+                want = blt.jax_sensitivity_squared(s, steps, sep)
+                assert blt.sensitivity_squared(s, steps, sep) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
 def test_the_coefficients_are_jax_privacys_own():
     from jax_privacy.matrix_factorization import buffered_toeplitz
 

@@ -9,7 +9,8 @@ from conftest import SMALL_NWP, in_process_fleet, make_cfg, write_users_jsonl
 
 from fleet.learning.tasks.nwp import evaluate_tokens
 from fleet.round.coordinator import Coordinator
-from fleet.round.shard import ShardCore, fleet_size
+from fleet.round.devices import fleet_size
+from fleet.round.shard import ShardCore
 
 
 class FixedLogits(torch.nn.Module):

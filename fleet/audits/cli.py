@@ -24,7 +24,8 @@ from typing import Any
 from fleet.audits import participation
 from fleet.config import ConfigError
 from fleet.round import checkpoint
-from fleet.round.shard import ShardCore, fleet_size
+from fleet.round.devices import fleet_size
+from fleet.round.shard import ShardCore
 
 log = logging.getLogger(__name__)
 

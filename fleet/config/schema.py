@@ -132,6 +132,9 @@ class TrainConfig:
     eval_every: int = 10
     checkpoint_every: int = 10  # rounds; also at the end and on Ctrl-C
     participation_audit: bool = True  # audit who trained and per-device epsilon at the end (DP runs)
+    # fleet-plan: every round as it would run (check-in, sampling, timing, dropout, the limit, the
+    # mechanism and its ledger) with no local training and no model: each update is zero
+    dry_run: bool = False
     max_wall_seconds: float | None = None
     # guards (fleet.runtime.guards): stop, checkpointed, with exit code 3 when training diverges
     stop_on_divergence: bool = True
@@ -264,6 +267,14 @@ class MemorizationConfig:
 
 
 @dataclass
+class PlanConfig:
+    """fleet-plan's calibration (fleet.audits.plan): the z that meets a target epsilon."""
+
+    target_epsilon: float | None = None
+    target_for: str = "headline"  # headline | median | p90 | p99 | worst
+
+
+@dataclass
 class Config:
     fleet: FleetConfig = MISSING
     model: ModelConfig = MISSING
@@ -275,6 +286,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
     rng: str = "reproducible"  # reproducible | secure
     resume: str | None = None  # RUN_DIR of a run to continue from its last checkpoint

@@ -16,7 +16,9 @@ What is hand-written here and what is not:
   and cached on disk (`strategy`): a BLT is 2 x buffers numbers.
 - Its sensitivity is jax-privacy's `toeplitz.minsep_sensitivity_squared` (for Toeplitz
   coefficients that are non-negative and non-increasing, which jax-privacy's optimizer ensures for
-  min-separation BLTs and which it checks again here): computed for the steps actually released.
+  min-separation BLTs and which is checked again here), for the steps actually released: a numpy
+  transcription of it, since jax recompiles for each length and the accountant asks every round
+  (tests hold the two equal).
 - The stream (`Stream`) is the BLT recurrence of jax-privacy's `StreamingMatrixBuilder`, in numpy
   on the model's flat vector: buffers b_i <- theta_i b_i + x, read out as sum_i omega_i b_i.
   jax-privacy's streaming matrix works on jax arrays; the model's sums live in numpy and the noise
@@ -143,18 +145,38 @@ def strategy(rounds: int, separation: int, max_buffers: int = 8) -> Strategy:
     return out
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def sensitivity_squared(s: Strategy, steps: int, separation: int) -> float:
     """max_u |C u|^2 over the 0/1 participation vectors u of `steps` rounds whose 1s are at least
-    `separation` apart: jax-privacy's min-separation sensitivity (exact for Toeplitz coefficients
-    that are non-negative and non-increasing; jax-privacy refuses others)."""
+    `separation` apart (exact for Toeplitz coefficients that are non-negative and non-increasing:
+    the worst pattern is then up to k participations exactly `separation` apart from the first
+    step; refused otherwise).
+
+    This is jax-privacy's `toeplitz.minsep_sensitivity_squared`, transcribed to numpy: jax compiles
+    its operations anew for every length (0.27 s a call here), and the accountant asks for every
+    released step count. Tests hold the two equal (`jax_sensitivity_squared`) for many lengths."""
     if steps <= 0:
         return 0.0
+    b = max(int(separation), 1)
+    c = s.coefs(int(steps))
+    if np.any(c < 0) or np.any(np.diff(c) > 0):
+        raise ValueError("a BLT's sensitivity needs non-negative, non-increasing Toeplitz coefficients")
+    k = -(-int(steps) // b)  # ceil(steps / b): the participations the separation allows
+    padded = np.pad(c, (0, (-len(c)) % b))
+    v = padded.reshape(-1, b).cumsum(axis=0).ravel()  # row i: the sum of c over i, i - b, ...
+    v[b * k :] -= v[: len(v) - b * k]  # at most k of them
+    v = v[: int(steps)]
+    return float(v @ v)
+
+
+def jax_sensitivity_squared(s: Strategy, steps: int, separation: int) -> float:
+    """jax-privacy's own min-separation sensitivity (what `sensitivity_squared` transcribes)."""
     _jax()
     from jax_privacy.matrix_factorization import toeplitz
 
-    c = s.coefs(steps)
-    return float(toeplitz.minsep_sensitivity_squared(c, min_sep=max(int(separation), 1), n=int(steps)))
+    return float(
+        toeplitz.minsep_sensitivity_squared(s.coefs(steps), min_sep=max(int(separation), 1), n=int(steps))
+    )
 
 
 def max_error(s: Strategy, n: int) -> float:

@@ -125,8 +125,7 @@ class SegmentAccountant:
         self.segments: list[Segment] = []
         self._eps = 0.0
         releases, self.releases = self.releases, []
-        for r in releases:
-            self.record(r)
+        self.load(releases)
 
     # ---- what a mechanism says ------------------------------------------------------------
     @classmethod
@@ -239,7 +238,14 @@ class SegmentAccountant:
         return {"releases": len(self.releases)}
 
     def load(self, releases: Iterable[SegmentEntry], snapshot: dict | None = None) -> None:
-        """Continue from a ledger (a segment's epsilon is cheap to recompute from its steps)."""
-        self.releases, self.segments, self._eps = [], [], 0.0
-        for r in releases:
-            self.record(r)
+        """Continue from a ledger: its segments, and their epsilon computed once (it depends only
+        on each segment's steps and separation)."""
+        self.releases, self.segments, self._eps = list(releases), [], 0.0
+        for r in self.releases:
+            self.segments = extend(self.segments, r)
+        if self.releases:
+            z = self.releases[-1].noise_multiplier
+            if any(r.noise_multiplier <= 0 for r in self.releases):
+                self._eps = math.inf
+            else:
+                self._eps = self.epsilon_of(self.segments, z, self.kind, self.delta, self.interval)

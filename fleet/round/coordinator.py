@@ -60,14 +60,16 @@ class Coordinator:
         self._shard_pids = [info["pid"] for info in infos]
         self._incarnations = [info["incarnation"] for info in infos]
         self.population = population
-        self.task = make_task(cfg, role="server")
         t = cfg.train
+        # A dry run (fleet-plan) has no model: a one-coordinate stand-in carries the mechanism.
+        self.task = None if t.dry_run else make_task(cfg, role="server")
 
         def server(params: np.ndarray) -> ServerOptimizer:
             return ServerOptimizer(params, t.server_optimizer, t.server_lr, t.server_momentum)
 
         # The mechanism holds the released model, the noise, the ledger and the accountant.
-        self.mechanism = mechanisms.build(cfg, population, self.task.init_params(), server, self.state_dir)
+        init = np.zeros(1, dtype=np.float32) if self.task is None else self.task.init_params()
+        self.mechanism = mechanisms.build(cfg, population, init, server, self.state_dir)
         self.sampler = Sampler(cfg.rng, cfg.seed)
         self.clock = cfg.fleet.start_hour * 3600.0
         self.round = 0
@@ -339,6 +341,8 @@ class Coordinator:
     def evaluate(self) -> dict:
         """The released model's evaluation. Under private telemetry without the task's baseline
         (the unigram's recall comes from the training users' word counts: their data, un-noised)."""
+        if self.task is None:
+            return {}
         out = self.task.evaluate(self.mechanism.params)
         baseline = getattr(self.task, "baseline", None)
         if self.private and baseline is not None:
@@ -348,7 +352,7 @@ class Coordinator:
     def evaluate_devices(self, device_ids: np.ndarray, num_examples: np.ndarray) -> dict:
         """The model's metrics on given held-out devices (for metrics by group); {} if the task
         cannot evaluate arbitrary devices."""
-        evaluate = getattr(self.task, "evaluate_devices", None)
+        evaluate = getattr(self.task, "evaluate_devices", None) if self.task is not None else None
         return evaluate(self.mechanism.params, device_ids, num_examples) if evaluate else {}
 
     def get_params(self) -> np.ndarray:

@@ -25,6 +25,7 @@ from fleet.phones.timing import Reason, job_seconds, plan
 from fleet.privacy.clipping import clip
 from fleet.privacy.mechanisms import limit_rounds
 from fleet.round import checkpoint
+from fleet.round.devices import corpus_defines_devices
 
 NEVER = np.iinfo(np.int32).min // 2  # the release index of a device never counted
 
@@ -190,6 +191,9 @@ class ShardCore:
             if not np.array_equal(np.sort(perm), np.arange(len(idx))):
                 raise RuntimeError(f"shard {self.index}: task.cohort_order did not return a permutation")
             idx = idx[perm]
+        if self.cfg.train.dry_run:
+            self._took_part(round_idx, t, idx)
+            return self._dry(idx, len(params))
         total = np.zeros(len(params), dtype=np.float64)
         counted: list[int] = []
         loss_sum, norm_sum, unclipped = 0.0, 0.0, 0
@@ -211,13 +215,7 @@ class ShardCore:
         ok = np.zeros(len(idx), dtype=bool)
         ok[np.asarray(counted, dtype=np.int64)] = True
         done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never in the sum
-        # Every device sent the model has taken part, whatever it returned: were an invalid update
-        # exempt from the limit, a device's data would decide who could be sampled next.
-        self._record_participation(idx, t, self._release_idx)
-        if self.state_dir is not None:
-            self._seq += 1
-            record = (self._seq, round_idx, self._release_idx, t, idx)
-            checkpoint.append_journal(self.state_dir, self.start, self.stop, record)
+        self._took_part(round_idx, t, idx)
         return {
             "sum": total,
             "count": len(done),
@@ -230,6 +228,35 @@ class ShardCore:
             "norm_hist": norm_hist,
             "incarnation": self.incarnation,
         }
+
+    def _dry(self, idx: np.ndarray, dim: int) -> dict:
+        """A dry run's training (fleet-plan): every device sent the model returns a zero update,
+        valid and within the clip, so the round's counts, participation and journal are a real
+        run's whose updates were all valid, at no cost per device."""
+        hist = np.zeros(len(NORM_BINS) - 1, dtype=np.int64)
+        hist[0] = len(idx)
+        return {
+            "sum": np.zeros(dim, dtype=np.float64),
+            "count": len(idx),
+            "invalid": 0,
+            "invalid_flops": 0.0,
+            "mix": self._mix(idx),
+            "loss_sum": 0.0,
+            "norm_sum": 0.0,
+            "unclipped": len(idx),
+            "norm_hist": hist,
+            "incarnation": self.incarnation,
+        }
+
+    def _took_part(self, round_idx: int, t: float, idx: np.ndarray) -> None:
+        """Every device sent the model has taken part, whatever it returned: were an invalid update
+        exempt from the limit, a device's data would decide who could be sampled next. Recorded,
+        and journaled (fsynced) so that a crash forgets nobody."""
+        self._record_participation(idx, t, self._release_idx)
+        if self.state_dir is not None:
+            self._seq += 1
+            record = (self._seq, round_idx, self._release_idx, t, idx)
+            checkpoint.append_journal(self.state_dir, self.start, self.stop, record)
 
     def _record_participation(self, rows: np.ndarray, t: float, release: int) -> None:
         # Monotone: a record replayed out of order can never make a device look longer rested.
@@ -353,29 +380,6 @@ def _engine_name(task: Any) -> str | None:
     if engine is None:
         return None
     return f"{type(engine).__name__} on {getattr(engine, 'device', 'cpu')}"
-
-
-def corpus_defines_devices(cfg: Any) -> bool:
-    """With an Arrow corpus (and no Parquet population) the corpus's devices are the fleet."""
-    return cfg.task.name == "nwp" and cfg.data.name == "arrow" and not cfg.fleet.path
-
-
-def fleet_size(cfg: Any) -> int:
-    """Number of devices: a Parquet population's rows, an Arrow corpus's devices, or the config's."""
-    if corpus_defines_devices(cfg):
-        from fleet.learning.data.corpus import make_corpus
-
-        corpus = make_corpus(cfg)
-        if corpus.num_devices == 0:
-            raise ConfigError(
-                f"data.path: {str(cfg.data.path)!r} holds no training devices (an empty corpus; "
-                "its ingest_summary.json says why)"
-            )
-        _, counts = corpus.device_table(0, corpus.num_devices)
-        if np.any(counts <= 0):  # checked here, before any actor starts, for a one-line error
-            raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
-        return int(corpus.num_devices)
-    return population.population_size(cfg.fleet)
 
 
 def _ray_context(ask: str, default: Any) -> Any:

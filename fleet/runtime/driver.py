@@ -19,7 +19,7 @@ import numpy as np
 from fleet.config import ConfigError, config_from_dict
 from fleet.privacy.mechanisms import check_population, prepare, validate
 from fleet.round import checkpoint
-from fleet.round.shard import fleet_size
+from fleet.round.devices import fleet_size
 from fleet.runtime import hooks
 from fleet.runtime.guards import Guard, abandonment, progress_text
 from fleet.runtime.header import header

@@ -22,6 +22,7 @@ DURING_TRAINING = ("fleet.audits.memorization:during_training",)
 AFTER_TRAINING = (
     "fleet.audits.memorization:after_training",
     "fleet.audits.participation:after_training",
+    "fleet.audits.plan:after_training",
 )
 
 

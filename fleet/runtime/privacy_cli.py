@@ -19,12 +19,12 @@ and the trees (`--restart-every`), and it prints rho (zCDP) beside epsilon.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
+from fleet.privacy.calibrate import noise_for_ledger
 from fleet.privacy.ledger import LEDGER_FILE, read
 from fleet.privacy.mechanisms import MECHANISMS, mechanism_class, run_delta
 from fleet.privacy.mechanisms.base import ArgumentError
@@ -114,7 +114,11 @@ def run_epsilon(run_dir: Path, target: float | None = None) -> int:
     if priv.get("epsilon") is not None:
         print(f"the run printed {priv['epsilon']:.4g}")
     if target is not None and releases:
-        z = noise_for_ledger(cls, cfg, population, releases, p.accountant, delta, target)
+        try:
+            z = noise_for_ledger(cls, cfg, population, releases, p.accountant, delta, target)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(
             f"z = {up4(z)} gives epsilon <= {target:g} on these {len(releases)} released rounds "
             f"({p.accountant.upper()})"
@@ -122,34 +126,8 @@ def run_epsilon(run_dir: Path, target: float | None = None) -> int:
     return 0
 
 
-def noise_for_ledger(
-    cls, cfg, population: int, releases: list, kind: str, delta: float, target: float
-) -> float:
-    """The smallest z (to 1e-4, rounded up) whose ledger, the same rounds with every entry's noise
-    multiplier scaled by z / the run's z, recomputes to at most `target`, as a run with that z
-    would account it (its own PLD interval)."""
-    z0 = cfg.privacy.noise_multiplier
-
-    def eps(z: float) -> float:
-        scaled = [dataclasses.replace(e, noise_multiplier=e.noise_multiplier * z / z0) for e in releases]
-        interval = cls.interval(cfg, population, scaled[0].noise_multiplier, delta)
-        return cls.recompute(cfg, scaled, kind, delta, interval)
-
-    lo, hi = z0, z0
-    while eps(lo) <= target and lo > 1e-4:
-        lo /= 2
-    while eps(hi) > target:
-        hi *= 2
-        if hi > 1e5:
-            raise SystemExit(f"error: no noise multiplier up to 1e5 meets epsilon {target:g}")
-    while hi - lo > 1e-4 * hi:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
-    return hi
-
-
 def _population(cfg) -> int:
-    from fleet.round.shard import fleet_size
+    from fleet.round.devices import fleet_size
 
     return fleet_size(cfg)
 

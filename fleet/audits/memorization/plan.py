@@ -105,7 +105,7 @@ def _choose_devices(
     device fleet costs a permutation and a block, not the whole table).
     Returns (rows, device ids, example counts), concatenated in demand order.
     """
-    from fleet.round.shard import fleet_size
+    from fleet.round.devices import fleet_size
 
     pop = fleet_size(cfg)
     total = sum(d for d, _ in demands)
@@ -149,7 +149,7 @@ def _row_info(cfg: Any, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, np.n
     Mirrors `ShardCore.__init__`: a Parquet population or the generated one, with an Arrow
     corpus's own ids and counts when the corpus defines the fleet.
     """
-    from fleet.round.shard import corpus_defines_devices
+    from fleet.round.devices import corpus_defines_devices
 
     f = cfg.fleet
     ids = np.zeros(len(rows), dtype=np.int64)

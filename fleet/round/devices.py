@@ -1,0 +1,34 @@
+"""Which devices a fleet has: a Parquet population's rows, an Arrow corpus's devices, or the config's
+population; known before any actor starts (the driver, the planner and the audits ask)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fleet.config import ConfigError
+from fleet.phones import population
+
+
+def corpus_defines_devices(cfg: Any) -> bool:
+    """With an Arrow corpus (and no Parquet population) the corpus's devices are the fleet."""
+    return cfg.task.name == "nwp" and cfg.data.name == "arrow" and not cfg.fleet.path
+
+
+def fleet_size(cfg: Any) -> int:
+    """Number of devices: a Parquet population's rows, an Arrow corpus's devices, or the config's."""
+    if corpus_defines_devices(cfg):
+        from fleet.learning.data.corpus import make_corpus
+
+        corpus = make_corpus(cfg)
+        if corpus.num_devices == 0:
+            raise ConfigError(
+                f"data.path: {str(cfg.data.path)!r} holds no training devices (an empty corpus; "
+                "its ingest_summary.json says why)"
+            )
+        _, counts = corpus.device_table(0, corpus.num_devices)
+        if np.any(counts <= 0):  # checked here, before any actor starts, for a one-line error
+            raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
+        return int(corpus.num_devices)
+    return population.population_size(cfg.fleet)
