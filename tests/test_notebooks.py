@@ -19,8 +19,8 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def test_the_three_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} == {"quickstart", "privacy_utility", "memorization"}
+def test_the_four_notebooks_exist():
+    assert {p.stem for p in NOTEBOOKS} == {"quickstart", "privacy_utility", "memorization", "plan"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -45,16 +45,21 @@ from fleet.privacy.segments import up4
 from fleet.round.calls import call_all
 
 OUT_DIR = "plan"
-TARGETS = ("headline", "median", "p90", "p99", "worst")
+TARGETS = ("headline", "p99", "worst")
+SHARES = {"p99": 0.99, "worst": 1.0}
 
 
 @dataclasses.dataclass
 class Devices:
-    """The fleet's availability patterns over the released rounds (a 0/1 row each, with how many
-    devices share it) and each round's q_r: per-device epsilon at any z, by RDP."""
+    """The fleet's availability patterns over the released rounds (packed bits, as the shards
+    return them), how many devices share each, each pattern's epsilon at the plan's z (computed in
+    the shards, exactly as the participation audit does), and each round's q_r: per-device
+    epsilon at another z for any subset of the patterns, by RDP."""
 
-    bits: np.ndarray  # patterns x released rounds, float64 0/1
+    patterns: np.ndarray  # patterns x words, uint64: bit r = available in released round r
     counts: np.ndarray  # devices per pattern
+    eps: np.ndarray  # each pattern's epsilon at the plan's z
+    times: np.ndarray  # each released round's time
     q: np.ndarray  # each released round's q_r
     sampling: str
     delta: float
@@ -62,13 +67,40 @@ class Devices:
     def curves(self, z_acc: float) -> np.ndarray:
         return rounds_rdp(self.sampling, self.q, z_acc)[0]
 
-    def epsilons(self, z_acc: float) -> np.ndarray:
-        return epsilons(self.bits @ self.curves(z_acc), np.asarray(ORDERS), self.delta)
+    def bits(self, rows: np.ndarray) -> np.ndarray:
+        packed = np.ascontiguousarray(self.patterns[rows]).astype("<u8").view(np.uint8)
+        return np.unpackbits(packed, axis=1, bitorder="little")[:, : len(self.q)].astype(np.float64)
 
-    def by_round(self, pattern: int, z_acc: float) -> np.ndarray:
-        """One pattern's epsilon after each released round."""
-        cum = np.cumsum(self.bits[pattern][:, None] * self.curves(z_acc), axis=0)
-        return epsilons(cum, np.asarray(ORDERS), self.delta)
+    def epsilons(self, z_acc: float, rows: np.ndarray, block: int = 8192) -> np.ndarray:
+        """Epsilon at `z_acc` of the patterns `rows`, a block at a time (memory: block x rounds)."""
+        curves = self.curves(z_acc)
+        out = [
+            epsilons(_product(self.bits(rows[i : i + block]), curves), np.asarray(ORDERS), self.delta)
+            for i in range(0, len(rows), block)
+        ]
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def by_round(self, pattern: int | None, z_acc: float) -> np.ndarray:
+        """One pattern's epsilon after each released round (None: available in every round, the
+        device the headline is about)."""
+        bits = np.ones(len(self.q)) if pattern is None else self.bits(np.array([pattern]))[0]
+        prefixes = np.tril(np.ones((len(self.q), len(self.q)))) * bits[None, :]
+        return epsilons(_product(prefixes, self.curves(z_acc)), np.asarray(ORDERS), self.delta)
+
+
+def _product(bits: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Each 0/1 row's sum of the rounds' RDP curves. An order at which some round's RDP is infinite
+    is infinite for a row holding that round, kept out of the product (where 0 x inf is nan)."""
+    infinite = np.isinf(curves)
+    out = bits @ np.where(infinite, 0.0, curves)
+    return np.where(bits @ infinite.astype(np.float64) > 0, np.inf, out)
+
+
+def quantile(eps: np.ndarray, counts: np.ndarray, share: float) -> float:
+    """The epsilon of the device at `share` of the fleet (devices sorted by epsilon)."""
+    order = np.argsort(eps, kind="stable")
+    cum = np.cumsum(counts[order])
+    return float(eps[order][min(np.searchsorted(cum, share * cum[-1], side="left"), len(cum) - 1)])
 
 
 def after_training(run: Any) -> None:
@@ -105,12 +137,16 @@ def make_plan(cfg: Any, shards: list, lines: list[dict], summary: dict, run_dir:
         "noise_on_average_update": p.noise_multiplier * p.clip_norm / f.goal,
         "clip_norm": p.clip_norm,
     }
-    devices = _devices(cfg, shards, released, delta) if cls.amplified_by_sampling and released else None
     z_acc = _accounted(p, f.goal)
+    devices = None
+    if cls.amplified_by_sampling and released:
+        times = np.array([x["sim_time"] for x in released], dtype=np.float64)
+        q = np.array([x["q"] for x in released], dtype=np.float64)
+        devices = _devices(cfg, shards, times, q, delta, z_acc(p.noise_multiplier))
     if devices is not None:
         z0 = z_acc(p.noise_multiplier)
         nominal = float(_textbook_rdp(cfg, devices, z0)[-1])
-        d = distribution(devices.epsilons(z0), devices.counts, nominal)
+        d = distribution(devices.eps, devices.counts, nominal)
         out["per_device"] = {
             "accountant": "rdp (per device, the participation audit's)",
             "textbook_rdp": nominal,
@@ -126,7 +162,7 @@ def make_plan(cfg: Any, shards: list, lines: list[dict], summary: dict, run_dir:
     target = cfg.plan.target_epsilon
     if target is not None:
         plan["calibration"] = calibrate(
-            cfg, cls, pop, delta, devices, z_acc, run_dir, target, cfg.plan.target_for
+            cfg, cls, shards, pop, delta, devices, z_acc, run_dir, target, cfg.plan.target_for
         )
     _write(plan, run_dir, _curves(cfg, lines, released, devices, z_acc, textbook))
     return plan
@@ -142,26 +178,54 @@ def _accounted(p: Any, goal: int) -> Any:
     return z_acc
 
 
-def _devices(cfg: Any, shards: list, released: list[dict], delta: float) -> Devices:
-    """The availability patterns over the released rounds, from the shards (aggregated there)."""
-    times = np.array([x["sim_time"] for x in released], dtype=np.float64)
-    q = np.array([x["q"] for x in released], dtype=np.float64)
-    z0 = _accounted(cfg.privacy, cfg.fleet.goal)(cfg.privacy.noise_multiplier)
-    curves = rounds_rdp(cfg.privacy.sampling, q, z0)[0]
+def _devices(cfg: Any, shards: list, times: np.ndarray, q: np.ndarray, delta: float, z_acc: float) -> Devices:
+    """Each availability pattern over the released rounds and its epsilon at `z_acc`, computed in
+    the shards (the participation audit's `schedule_privacy`) and merged across them."""
+    curves = rounds_rdp(cfg.privacy.sampling, q, z_acc)[0]
     args = (times, curves, np.asarray(ORDERS), delta, 1.0)
     res = call_all(shards, "schedule_privacy", [args] * len(shards))
     patterns = np.concatenate([r["patterns"] for r in res])
     counts = np.concatenate([r["counts"] for r in res]).astype(np.float64)
-    bits = np.unpackbits(patterns.astype("<u8").view(np.uint8), axis=1, bitorder="little")[:, : len(times)]
-    # Patterns repeat across shards: one row each.
-    uniq, inverse = np.unique(bits, axis=0, return_inverse=True)
-    merged = np.bincount(inverse.ravel(), weights=counts, minlength=len(uniq))
-    return Devices(uniq.astype(np.float64), merged, q, cfg.privacy.sampling, delta)
+    eps = np.concatenate([r["eps"] for r in res])
+    keys = np.ascontiguousarray(patterns).view(np.dtype((np.void, 8 * patterns.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)  # shards share patterns
+    merged = np.bincount(inverse.ravel(), weights=counts, minlength=len(first))
+    return Devices(patterns[first], merged, eps[first], times, q, cfg.privacy.sampling, delta)
+
+
+def _device_z(
+    cfg: Any, shards: list, devices: Devices, z_acc: Any, target: float, share: float
+) -> tuple[float, float]:
+    """The smallest z whose device at `share` of the fleet has epsilon <= target.
+
+    Searched on the tail of the fleet only: the patterns whose epsilon at the plan's z is at least
+    half the `share` device's, with every other device taken to be below them (at the fleet's
+    scale there are millions of patterns; the tail is a few percent). That ordering is not exact
+    across z, so the z found is checked by one more exact pass in the shards, and the search is
+    widened (the tail doubled) until the check holds."""
+    total = devices.counts.sum()
+    base = quantile(devices.eps, devices.counts, share)
+    cut = 0.5
+    while True:
+        rows = np.flatnonzero(devices.eps >= cut * base)
+        below = total - devices.counts[rows].sum()
+
+        def eps(z: float, rows=rows, below=below) -> float:
+            tail = devices.epsilons(z_acc(z), rows)
+            return quantile(np.append(tail, 0.0), np.append(devices.counts[rows], below), share)
+
+        z = smallest_z(eps, target, cfg.privacy.noise_multiplier)
+        check = _devices(cfg, shards, devices.times, devices.q, devices.delta, z_acc(z))
+        verified = quantile(check.eps, check.counts, share)
+        if verified <= target * (1 + 1e-9) or cut <= 1e-6:
+            return z, verified
+        cut /= 4
 
 
 def calibrate(
     cfg: Any,
     cls: Any,
+    shards: list,
     pop: int,
     delta: float,
     devices: Devices | None,
@@ -179,16 +243,8 @@ def calibrate(
         if devices is None and target_for != "headline":
             how += ": every device has it (no sampling assumed)"
     else:
-        key = target_for
-
-        def eps(z: float) -> float:
-            d = distribution(devices.epsilons(z_acc(z)), devices.counts, 1.0)
-            return {"median": d["median"], "p90": d["quantiles"]["0.9"], "p99": d["p99"], "worst": d["max"]}[
-                key
-            ]
-
-        z = smallest_z(eps, target, p.noise_multiplier)
-        how = f"the {key} device under the real schedule (RDP, per device)"
+        z, verified = _device_z(cfg, shards, devices, z_acc, target, SHARES[target_for])
+        how = f"the {target_for} device under the real schedule (RDP, per device; verified: {verified:.4g})"
     return {
         "target_epsilon": target,
         "for": target_for,
@@ -241,10 +297,10 @@ def _curves(
     if devices is None or not released:
         return out
     z = z_acc(cfg.privacy.noise_multiplier)
-    eps = devices.epsilons(z)
-    order = np.argsort(eps, kind="stable")
+    order = np.argsort(devices.eps, kind="stable")
     cum = np.cumsum(devices.counts[order])
     median = int(order[np.searchsorted(cum, 0.5 * cum[-1])])
+    out["every_round_device"] = devices.by_round(None, z).tolist()
     out["median_device"] = devices.by_round(median, z).tolist()
     out["worst_device"] = devices.by_round(int(order[-1]), z).tolist()
     out["textbook"] = _textbook_rdp(cfg, devices, z).tolist()

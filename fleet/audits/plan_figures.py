@@ -22,24 +22,22 @@ def figures(plan: dict) -> dict[str, Figure]:
         return out
     fig, ax = _figure()
     x = curves["round"]
-    ax.plot(
-        x, curves["headline"], color="C0", lw=2, label=f"headline ({priv['headline']['accountant'].upper()})"
-    )
-    for key, style, label in (
-        ("textbook", ":", "textbook, q = cohort / population (RDP)"),
-        ("median_device", "-", "median device, real schedule (RDP)"),
-        ("worst_device", "--", "worst device, real schedule (RDP)"),
+    h = priv["headline"]
+    if "every_round_device" in curves:  # the headline's device, by the per-device accountant
+        ax.plot(
+            x, curves["every_round_device"], color="C0", lw=2, label="a device available every round (RDP)"
+        )
+    else:
+        ax.plot(x, curves["headline"], color="C0", lw=2, label=f"headline ({h['accountant'].upper()})")
+    for key, style, color, label in (
+        ("textbook", ":", "k", "textbook, q = cohort / population (RDP)"),
+        ("median_device", "-", "C2", "median device, real schedule (RDP)"),
+        ("worst_device", "--", "C3", "worst device, real schedule (RDP)"),
     ):
         if key in curves:
-            ax.plot(
-                x,
-                curves[key],
-                ls=style,
-                color="C3" if "worst" in key else "C2" if "median" in key else "k",
-                lw=1.3,
-                label=label,
-            )
-    ax.set(xlabel="round", ylabel="epsilon", title=f"epsilon by round, {plan['mechanism']}")
+            ax.plot(x, curves[key], ls=style, color=color, lw=1.3, label=label)
+    title = f"{plan['mechanism']}: epsilon by round (headline {h['epsilon']:.3g}, {h['accountant'].upper()})"
+    ax.set(xlabel="round", ylabel="epsilon", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
     out["plan_epsilon_by_round"] = fig

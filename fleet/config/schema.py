@@ -271,7 +271,7 @@ class PlanConfig:
     """fleet-plan's calibration (fleet.audits.plan): the z that meets a target epsilon."""
 
     target_epsilon: float | None = None
-    target_for: str = "headline"  # headline | median | p90 | p99 | worst
+    target_for: str = "headline"  # headline | p99 | worst
 
 
 @dataclass

@@ -208,7 +208,7 @@ def validate(cfg: Any) -> None:
     (`fleet.privacy.mechanisms.validate` runs both)."""
     check_finite(cfg)
     validate_fleet(cfg.fleet)
-    _choice(cfg.plan.target_for, "plan.target_for", ("headline", "median", "p90", "p99", "worst"))
+    _choice(cfg.plan.target_for, "plan.target_for", ("headline", "p99", "worst"))
     if cfg.plan.target_epsilon is not None:
         _check(
             cfg.plan.target_epsilon > 0, "plan.target_epsilon", f"must be > 0 (got {cfg.plan.target_epsilon})"

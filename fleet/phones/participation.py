@@ -206,12 +206,16 @@ def _pattern_privacy(
     """Epsilon and number of available rounds of each bitmap, `_BLOCK` bitmaps at a time (bounds
     the bitmaps x rounds and bitmaps x orders arrays)."""
     r_count = len(finite)
-    col = np.arange(r_count) // 64
-    shift = (np.arange(r_count) % 64).astype(np.uint64)
     eps = np.zeros(len(patterns))
     rounds = np.zeros(len(patterns), dtype=np.int64)
+    some_infinite = bool(infinite.any())
     for s in range(0, len(patterns), _BLOCK):
-        bits = ((patterns[s : s + _BLOCK, col] >> shift) & np.uint64(1)).astype(np.float64)
-        eps[s : s + _BLOCK] = epsilons(np.where(bits @ infinite > 0, np.inf, bits @ finite), orders, delta)
+        # bit r of a bitmap is bit r % 64 of word r // 64: bit r of its little-endian bytes
+        packed = np.ascontiguousarray(patterns[s : s + _BLOCK]).astype("<u8").view(np.uint8)
+        bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :r_count].astype(np.float64)
+        rdp = bits @ finite
+        if some_infinite:
+            rdp = np.where(bits @ infinite > 0, np.inf, rdp)
+        eps[s : s + _BLOCK] = epsilons(rdp, orders, delta)
         rounds[s : s + _BLOCK] = bits.sum(axis=1)
     return eps, rounds
