@@ -198,28 +198,29 @@ def _device_z(
 ) -> tuple[float, float]:
     """The smallest z whose device at `share` of the fleet has epsilon <= target.
 
-    Searched on the tail of the fleet only: the patterns whose epsilon at the plan's z is at least
-    half the `share` device's, with every other device taken to be below them (at the fleet's
-    scale there are millions of patterns; the tail is a few percent). That ordering is not exact
-    across z, so the z found is checked by one more exact pass in the shards, and the search is
-    widened (the tail doubled) until the check holds."""
-    total = devices.counts.sum()
-    base = quantile(devices.eps, devices.counts, share)
-    cut = 0.5
+    Searched on the fleet's tail only: the patterns of the devices with the largest epsilon at the
+    plan's z, twice as many devices as lie above `share` (at least 0.1% of the fleet), every other
+    device taken to be below them (at the fleet's scale there are millions of patterns). That
+    ordering need not hold at another z, so the z found is checked by one more exact pass in the
+    shards, and the tail is widened fourfold until the check holds."""
+    order = np.argsort(devices.eps, kind="stable")[::-1]  # largest first
+    cum = np.cumsum(devices.counts[order])
+    total = cum[-1]
+    tail = max(2 * (1 - share), 1e-3)
     while True:
-        rows = np.flatnonzero(devices.eps >= cut * base)
+        rows = order[: int(np.searchsorted(cum, tail * total)) + 1]
         below = total - devices.counts[rows].sum()
 
         def eps(z: float, rows=rows, below=below) -> float:
-            tail = devices.epsilons(z_acc(z), rows)
-            return quantile(np.append(tail, 0.0), np.append(devices.counts[rows], below), share)
+            top = devices.epsilons(z_acc(z), rows)
+            return quantile(np.append(top, 0.0), np.append(devices.counts[rows], below), share)
 
-        z = smallest_z(eps, target, cfg.privacy.noise_multiplier)
+        z = smallest_z(eps, target, cfg.privacy.noise_multiplier, rtol=1e-3)
         check = _devices(cfg, shards, devices.times, devices.q, devices.delta, z_acc(z))
         verified = quantile(check.eps, check.counts, share)
-        if verified <= target * (1 + 1e-9) or cut <= 1e-6:
+        if verified <= target * (1 + 1e-9) or tail >= 1:
             return z, verified
-        cut /= 4
+        tail = min(1.0, tail * 4)
 
 
 def calibrate(

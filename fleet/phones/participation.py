@@ -123,8 +123,17 @@ def epsilons(rdp: np.ndarray, orders: np.ndarray, delta: float) -> np.ndarray:
     return np.maximum(eps.min(axis=-1), 0.0)
 
 
+def availability_bitmaps(reachable: Callable[[float], np.ndarray], n: int, times: np.ndarray) -> np.ndarray:
+    """Each device's bitmap of the rounds at `times` it was reachable in: bit r of word r // 64."""
+    rows = np.zeros((n, max(1, -(-len(times) // 64))), dtype=np.uint64)  # a block of devices is contiguous
+    for r, t in enumerate(times):
+        word = rows[:, r // 64]
+        word[reachable(float(t))] |= np.uint64(1) << np.uint64(r % 64)
+    return rows
+
+
 def schedule_privacy(
-    reachable: Callable[[float], np.ndarray],
+    reachable: Callable[[float], np.ndarray] | np.ndarray,
     cols: dict[str, np.ndarray],
     f: FleetConfig,
     times: np.ndarray,
@@ -149,12 +158,10 @@ def schedule_privacy(
     the whole shard; everything else is done `block` devices at a time, so a shard of millions of
     devices audits in little more than its bitmaps.
     """
-    n, r_count = len(cols["device_id"]), len(times)
-    nb = max(1, -(-r_count // 64))
-    rows = np.zeros((n, nb), dtype=np.uint64)  # row-major: a block of devices is contiguous
-    for r, t in enumerate(times):
-        word = rows[:, r // 64]
-        word[reachable(float(t))] |= np.uint64(1) << np.uint64(r % 64)
+    n = len(cols["device_id"])
+    # `reachable` may be the bitmaps already built (`availability_bitmaps`) for these times.
+    rows = reachable if isinstance(reachable, np.ndarray) else availability_bitmaps(reachable, n, times)
+    nb = rows.shape[1]
     # An order at which some round's RDP is infinite is infinite for every pattern holding that
     # round; kept out of the product, where 0 * inf would be nan.
     infinite = np.isinf(rdp)

@@ -87,6 +87,7 @@ class ShardCore:
         self.last_release = np.full(self.n, NEVER, dtype=np.int32) if self.sep_rounds > 0 else None
         self._release_idx = 0
         self._seq = 0  # the last journal record written or replayed
+        self._bitmaps: tuple[int, np.ndarray] | None = None  # schedule_privacy's, by the times asked
         self._waiting = 0
         self.seed = cfg.seed
         self._round: int | None = None
@@ -356,22 +357,22 @@ class ShardCore:
     def schedule_privacy(
         self, times: np.ndarray, rdp: np.ndarray, orders: np.ndarray, delta: float, nominal: float
     ) -> dict:
-        """Per-device epsilon under the real availability schedule, released as aggregates.
-
-        Asked of a fresh availability model from the run's start, so a stateful one (markov)
-        replays the states the run saw instead of answering from where the run left it.
-        """
+        """Per-device epsilon under the real availability schedule, released as aggregates. Asked of
+        a fresh availability model from the run's start, so a stateful one (markov) replays the
+        states the run saw; the bitmaps are kept for a second ask at other noise (a plan's)."""
         f = self.cfg.fleet
-        avail = availability.make(f.availability, self.cols, self.seed, f.start_hour * 3600.0)
+        key = hash(np.asarray(times, dtype=np.float64).tobytes())
+        if self._bitmaps is None or self._bitmaps[0] != key:
+            avail = availability.make(f.availability, self.cols, self.seed, f.start_hour * 3600.0)
 
-        def reachable(t: float) -> np.ndarray:  # as check_in sees the fleet, but the participation limit
-            ok = avail.available(t) & self.eligible
-            out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
-            return ok if out is None else ok & ~out
+            def reachable(t: float) -> np.ndarray:  # as check_in sees the fleet, but the limit
+                ok = avail.available(t) & self.eligible
+                out = dropout.offline(self.cfg.dropout, t, self.cols["tz_offset_hours"])
+                return ok if out is None else ok & ~out
 
-        return participation_shard.schedule_privacy(
-            reachable, self.cols, f, times, rdp, orders, delta, nominal
-        )
+            self._bitmaps = (key, participation_shard.availability_bitmaps(reachable, self.n, times))
+        args = (self.cols, f, times, rdp, orders, delta, nominal)
+        return participation_shard.schedule_privacy(self._bitmaps[1], *args)
 
 
 def _engine_name(task: Any) -> str | None:
