@@ -156,15 +156,17 @@ def make_plan(cfg: Any, shards: list, lines: list[dict], summary: dict, run_dir:
             "worst": d["max"],
             "share_above_textbook": d["share_above_nominal"],
         }
-    else:
+    elif not cls.amplified_by_sampling:
         out["per_device"] = {"every_device": True, "epsilon": priv.get("epsilon")}
+    else:
+        out["per_device"] = {"released_rounds": 0}
     plan["privacy"] = out
     target = cfg.plan.target_epsilon
-    if target is not None:
+    if target is not None and released:  # (nothing released: nothing to calibrate)
         plan["calibration"] = calibrate(
             cfg, cls, shards, pop, delta, devices, z_acc, run_dir, target, cfg.plan.target_for
         )
-    _write(plan, run_dir, _curves(cfg, lines, released, devices, z_acc, textbook))
+    _write(plan, run_dir, _curves(cfg, released, devices, z_acc))
     return plan
 
 
@@ -283,14 +285,7 @@ def shape(cfg: Any, lines: list[dict], released: list[dict], st: dict) -> dict:
     }
 
 
-def _curves(
-    cfg: Any,
-    lines: list[dict],
-    released: list[dict],
-    devices: Devices | None,
-    z_acc: Any,
-    textbook: float | None,
-) -> dict:
+def _curves(cfg: Any, released: list[dict], devices: Devices | None, z_acc: Any) -> dict:
     """Epsilon after each released round: the headline, and the median and worst devices' with the
     textbook's (q = cohort / population every round) for a mechanism resting on sampling."""
     out: dict[str, Any] = {"round": [x["round"] for x in released]}
@@ -366,6 +361,8 @@ def summary_text(plan: dict) -> str:
         d = priv["per_device"]
         if d.get("every_device"):
             lines.append("  every device: the headline (no sampling assumed)")
+        elif "worst" not in d:
+            lines.append("  no released round: no device has taken part")
         else:
             lines.append(
                 f"  per device under the real schedule (RDP): median {_g(d['median'])}, p90 {_g(d['p90'])}, "
