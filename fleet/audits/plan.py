@@ -351,7 +351,9 @@ def summary_text(plan: dict) -> str:
         f"{_g(rep['median'])} (goal {rep['goal']}); never trains: {_pct(s['never_trained_share'])} of "
         f"{plan['population']:,} devices"
     ]
-    if priv.get("dp"):
+    if not priv.get("dp"):
+        lines.append("  no DP in this config (privacy=none): epsilon is infinite, no noise to calibrate")
+    else:
         h = priv["headline"]
         lines.append(
             f"  headline epsilon {_g(h['epsilon'])} at delta {h['delta']:.3g} ({h['accountant'].upper()}, "
