@@ -17,8 +17,15 @@ CONF = str(ROOT / "conf")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Optimized BLT strategies (privacy=dp_blt), shared by the test workers and kept between runs.
+# Optimized BLT strategies (privacy=dp_blt), shared by the test workers and kept between runs,
+# seeded with the ones the suite uses (jax-privacy's output for its inputs, keyed by its version:
+# a new version optimizes them again; test_blt optimizes one afresh in a cache of its own).
 os.environ.setdefault("FLEET_CACHE", str(ROOT / ".pytest_cache" / "fleet"))
+_seeded = Path(os.environ["FLEET_CACHE"]) / "blt"
+_seeded.mkdir(parents=True, exist_ok=True)
+for _f in (ROOT / "tests" / "blt_strategies").glob("*.json"):
+    if not (_seeded / _f.name).exists():
+        (_seeded / _f.name).write_text(_f.read_text())
 
 register_configs()
 
