@@ -154,7 +154,12 @@ class Neighbour(MeanTask):
         return {}
 
 
-NEIGHBOUR_FILE = Path(tempfile.gettempdir()) / f"fleet-neighbour-{os.getuid()}.json"
+# One file per test worker (pytest-xdist runs two Ray sessions side by side; the Ray workers inherit
+# the worker's environment, so they read the same name).
+NEIGHBOUR_FILE = (
+    Path(tempfile.gettempdir())
+    / f"fleet-neighbour-{os.getuid()}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json"
+)
 
 
 class NeighbourOnRay(MeanTask):

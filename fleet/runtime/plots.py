@@ -128,20 +128,26 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
     return fig
 
 
-def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
-    """The accountant's epsilon after each round (runs without DP have none)."""
-    dp = [(i, r) for i, r in enumerate(runs) if len(r.series("epsilon")[0])]
-    if not dp:
+def _by_round_plot(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Figure | None:
+    """Each run's `key` after each round, one line a run (None when no run has it)."""
+    have = [(i, r) for i, r in enumerate(runs) if len(r.series(key)[0])]
+    if not have:
         return None
     fig, (ax,) = _figure(width=6.0)
-    for i, r in dp:
-        ax.plot(*r.series("epsilon"), color=_color(i, len(runs)), lw=1.5)
-    delta = next((r.summary["privacy"].get("delta") for _, r in dp if r.summary.get("privacy")), None)
-    title = "epsilon" + (f" at delta = {delta:.2g}" if delta else "")
-    _by_round(ax, title, "epsilon")
+    for i, r in have:
+        ax.plot(*r.series(key), color=_color(i, len(runs)), lw=1.5)
+    _by_round(ax, title, ylabel)
     ax.set_ylim(bottom=0)
     _legend(fig, runs)
     return fig
+
+
+def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
+    """The accountant's epsilon after each round (runs without DP have none)."""
+    dp = [r for r in runs if len(r.series("epsilon")[0]) and r.summary.get("privacy")]
+    delta = next((r.summary["privacy"].get("delta") for r in dp), None)
+    title = "epsilon" + (f" at delta = {delta:.2g}" if delta else "")
+    return _by_round_plot(runs, "epsilon", title, "epsilon")
 
 
 def prefix_noise_rms(r: Run) -> float | None:
@@ -154,16 +160,7 @@ def prefix_noise_rms(r: Run) -> float | None:
 def plot_model_noise(runs: Sequence[Run]) -> Figure | None:
     """The noise in the sum of the released updates after each round: one noise vector a round for
     DP-FedAvg, a prefix of tree nodes for DP-FTRL, BLT's correlated noise that cancels in it."""
-    have = [(i, r) for i, r in enumerate(runs) if len(r.series("prefix_noise_norm")[0])]
-    if not have:
-        return None
-    fig, (ax,) = _figure(width=6.0)
-    for i, r in have:
-        ax.plot(*r.series("prefix_noise_norm"), color=_color(i, len(runs)), lw=1.2)
-    _by_round(ax, "noise in the sum of released updates (norm)", "norm")
-    ax.set_ylim(bottom=0)
-    _legend(fig, runs)
-    return fig
+    return _by_round_plot(runs, "prefix_noise_norm", "noise in the sum of released updates (norm)", "norm")
 
 
 def _metric_points(r: Run, metric: str, x_key: str) -> tuple[list[float], list[float]]:
@@ -264,9 +261,9 @@ def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = N
 
 def privacy_claims(r: Run) -> tuple[float | None, float | None]:
     """(what the mechanism's textbook analysis claims, what holds for every device under the
-XX
-    ledger's (each round's real q_r, a device available in every round). DP-FTRL rests on no
-    sampling, only on the participation limit the shards enforce: both are its figure."""
+    XX
+        ledger's (each round's real q_r, a device available in every round). DP-FTRL rests on no
+        sampling, only on the participation limit the shards enforce: both are its figure."""
     priv = r.summary.get("privacy") or {}
     if not priv.get("dp"):
         return None, None

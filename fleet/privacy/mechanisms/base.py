@@ -64,21 +64,6 @@ def cohort_size(fleet: Any) -> int:
     return math.ceil(fleet.goal * fleet.overselect)
 
 
-def enforced_separation(cfg: Any) -> int:
-    """The participation limit in released rounds a mechanism without sampling rests on:
-    `fleet.min_separation_rounds`, and `fleet.min_separation_hours` converted by the clock's worst
-    case: a round lasts at most deadline_s + round_interval_s of simulated time, so two
-    participations H hours apart are at least ceil(H x 3600 / (deadline_s + round_interval_s))
-    rounds apart; enforcing that many released rounds too makes it hold whatever rounds are
-    abandoned or however the clock jumps (dropout.active_hours)."""
-    f = cfg.fleet
-    rounds = f.min_separation_rounds
-    if f.min_separation_hours > 0:
-        hours = math.ceil(f.min_separation_hours * 3600.0 / (f.deadline_s + f.round_interval_s))
-        rounds = max(rounds, hours)
-    return int(rounds)
-
-
 def check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -186,6 +171,8 @@ class Mechanism(ABC):
         self.accountant: Any = None
         self._pending: Any = None
         self._replay: list = []  # entries released before a reproducible resume, not yet re-run
+        self.pure_noise_rounds = 0  # released rounds whose every update was invalid
+        self.noise_sum: np.ndarray | None = None  # telemetry: the noise in the sum of released updates
 
     # ---- settings (class level: checked before anything starts) ---------------------------
     @classmethod
@@ -274,6 +261,27 @@ class Mechanism(ABC):
     def release(self, r: int, sums: ShardSums) -> dict:
         """Noise, release and account round r (begun with `begin`); the release's metrics."""
 
+    def _telemetry(self, sums: ShardSums, noise: np.ndarray | None = None, prefix_norm: float = 0.0) -> dict:
+        """What a release says of itself (research telemetry; under private telemetry only the
+        release leaves the coordinator): whether it was the noise alone (every update invalid), its
+        noise's norm, the noise in the sum of the released updates so far (`noise`, this round's
+        noise vector, is added up here; a mechanism whose release is already a prefix, the tree,
+        gives that prefix's noise norm instead), and the signal over the noise."""
+        out: dict[str, Any] = {}
+        if sums.reported == 0:
+            out["pure_noise"] = True
+            self.pure_noise_rounds += 1
+        if noise is not None:
+            if self.noise_sum is None:
+                self.noise_sum = np.zeros(noise.shape, dtype=np.float64)
+            self.noise_sum += noise
+            out["noise_norm"] = float(np.linalg.norm(noise))
+            out["prefix_noise_norm"] = float(np.linalg.norm(self.noise_sum))
+        else:
+            out["noise_norm"] = out["prefix_noise_norm"] = prefix_norm
+        out["signal_to_noise"] = float(np.linalg.norm(sums.total)) / max(out["noise_norm"], 1e-30)
+        return out
+
     def _commit(self) -> None:
         """The round's entry into the ledger (fsynced) and the accountant: before its line leaves."""
         entry, self._pending = self._pending, None
@@ -313,6 +321,8 @@ class Mechanism(ABC):
             "clip_norm": self.clip_norm,
             "accountant": self.accountant.snapshot() if self.accountant is not None else None,
             "pld_interval": getattr(self.accountant, "interval", None),
+            "pure_noise_rounds": self.pure_noise_rounds,
+            "noise_sum": None if self.noise_sum is None else self.noise_sum.copy(),
             **self._state(),
         }
 
@@ -338,6 +348,9 @@ class Mechanism(ABC):
         self._replay = [] if secure else list(self.ledger.releases[committed:])
         self._load(state)
         self.clip_norm = state["clip_norm"]
+        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
+        saved = state.get("noise_sum")
+        self.noise_sum = None if saved is None else np.array(saved, dtype=np.float64)
         if self.accountant is not None:
             if state.get("pld_interval"):
                 self.accountant.interval = state["pld_interval"]

@@ -34,18 +34,12 @@ import numpy as np
 from fleet.privacy import blt
 from fleet.privacy.accountant import pld_interval
 from fleet.privacy.mechanisms.base import (
-    ArgumentError,
-    Cohort,
-    Mechanism,
     ShardSums,
     check,
     check_gaussian,
-    cohort_size,
-    default_delta,
-    enforced_separation,
-    run_delta,
 )
-from fleet.privacy.segments import Segment, SegmentAccountant, gaussian_epsilon
+from fleet.privacy.mechanisms.limited import LimitedMechanism
+from fleet.privacy.segments import Segment, SegmentAccountant
 from fleet.privacy.tree import sensitivity_factor as tree_factor
 
 NOISE_STREAM = "blt_{segment}"
@@ -87,7 +81,7 @@ class BLTAccountant(SegmentAccountant):
         return (exact + segment.steps**0.5 * first.slack) ** 2
 
 
-class BLTFTRL(Mechanism):
+class BLTFTRL(LimitedMechanism):
     """DP-FTRL with BLT correlated noise and the run's server optimizer on the de-correlated sums."""
 
     name = "dp_blt"
@@ -105,8 +99,6 @@ class BLTFTRL(Mechanism):
         exact = p.clip_norm
         slack = noise.accounted_sensitivity(exact, self.dim, self.std) - exact if self.std > 0 else 0.0
         self.slack = slack / exact
-        self.noise_sum = np.zeros(self.dim)  # telemetry: the noise in the sum of released updates
-        self.pure_noise_rounds = 0
         sens2 = blt.sensitivity_squared(self.stream.s, t.rounds, self.limit)
         interval = pld_interval(1.0, p.noise_multiplier / sens2**0.5, 1, self.delta) if self.std > 0 else 1e-3
         self.accountant = BLTAccountant(p.accountant, self.delta, interval)
@@ -129,26 +121,8 @@ class BLTFTRL(Mechanism):
         )
 
     @classmethod
-    def limit_rounds(cls, cfg: Any) -> int:
-        return enforced_separation(cfg)
-
-    @classmethod
     def prepare(cls, cfg: Any) -> None:
         cls.planned(cfg)
-
-    @classmethod
-    def check_budget(cls, cfg: Any, population: int) -> None:
-        """A target below what the first release costs (one Gaussian of multiplier z) is refused."""
-        p = cfg.privacy
-        if p.target_epsilon is None or p.noise_multiplier <= 0:
-            return
-        one = gaussian_epsilon(p.noise_multiplier, p.accountant, run_delta(p, population))
-        check(
-            one <= p.target_epsilon,
-            "privacy.target_epsilon",
-            f"{p.target_epsilon:g} is unreachable: the first release alone costs {one:.4g} "
-            f"(z = {p.noise_multiplier:g}, no sampling assumed); raise privacy.noise_multiplier",
-        )
 
     @classmethod
     def header(cls, cfg: Any, population: int) -> list[str]:
@@ -176,11 +150,7 @@ class BLTFTRL(Mechanism):
     def offline(cls, args: Any) -> list[str]:
         """The BLT for --rounds and --separation (jax-privacy, cached), its sensitivity and epsilon
         beside tree aggregation's at the same z."""
-        if args.rounds is None or (args.noise is None and args.target_epsilon is None):
-            raise ArgumentError("dp_blt needs --rounds and --noise (or --target-epsilon)")
-        if args.delta is None and args.population is None:
-            raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
-        delta = args.delta if args.delta is not None else default_delta(args.population)
+        delta, kinds = cls.planned_question(args)
         n, b = args.rounds, max(args.separation, 1)
         s = blt.strategy(n, b)
         first = BLTRelease(0, 0, 1, b, 1.0, 0.0, s.buf_decay, s.output_scale)
@@ -190,14 +160,9 @@ class BLTFTRL(Mechanism):
             f"rounds: squared sensitivity {BLTAccountant.squared_sensitivity(segments):.4g} (one tree "
             f"of {n} rounds: {tree_factor(n, b)})"
         ]
-        kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
         return out + BLTAccountant.planned_lines(segments, args.noise, args.target_epsilon, kinds, delta)
 
     # ---- the round ------------------------------------------------------------------------
-    def cohort(self, available: int) -> Cohort:
-        k = min(cohort_size(self.cfg.fleet), available)
-        return Cohort(k / available if available else 0.0, k, poisson=False, closes_on_goal=True)
-
     def _entry(self, r: int, available: int) -> BLTRelease:
         s = self.stream.s
         return BLTRelease(
@@ -212,21 +177,13 @@ class BLTFTRL(Mechanism):
         )
 
     def release(self, r: int, sums: ShardSums) -> dict:
-        out: dict[str, Any] = {}
-        if sums.reported == 0:  # every update was invalid: the round's sum is zero
-            out["pure_noise"] = True
-            self.pure_noise_rounds += 1
         g = np.asarray(sums.total, dtype=np.float64)
         step = self.stream.steps + 1
         y = self.noise.add(
             self.stream.correlated(g), self.std, step, NOISE_STREAM.format(segment=self.segment)
         )
         g_hat = self.stream.advance(g, y)
-        noise = g_hat - g
-        self.noise_sum += noise
-        out["noise_norm"] = float(np.linalg.norm(noise))
-        out["prefix_noise_norm"] = float(np.linalg.norm(self.noise_sum))
-        out["signal_to_noise"] = float(np.linalg.norm(g)) / max(out["noise_norm"], 1e-30)
+        out = self._telemetry(sums, g_hat - g)
         self.server.step((g_hat / self.cfg.fleet.goal).astype(np.float32))
         self._commit()
         return out
@@ -241,16 +198,12 @@ class BLTFTRL(Mechanism):
             "server": self.server.state(),
             "stream": self.stream.state(),
             "segment": self.segment,
-            "noise_sum": self.noise_sum.copy(),
-            "pure_noise_rounds": self.pure_noise_rounds,
         }
 
     def _load(self, state: dict) -> None:
         self.server.load_state(state["server"])
         self.stream = blt.Stream.from_state(state["stream"])
         self.segment = int(state["segment"])
-        self.noise_sum = state["noise_sum"].copy()
-        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
 
     def _after_lost(self, lost: int) -> None:
         """Secure resume after released rounds were lost: a fresh segment (module docstring)."""
@@ -271,13 +224,7 @@ class BLTFTRL(Mechanism):
             "accountant": acc.kind,
             "pld_interval": acc.interval if acc.kind == "pld" else None,
             "mechanism": "BLT-DP-FTRL (buffered linear Toeplitz correlated noise, jax-privacy)",
-            "sampling": "none assumed (cohorts drawn without replacement; the guarantee does not rest on it)",
             "event": "GaussianDpEvent(z / sqrt(BLT min-separation sensitivity)) per segment, composed",
-            "neighbours": "one device's contribution replaced by nothing (zero-out), in every round it "
-            "took part in",
-            "device": f"every device: each takes part at most once in any {self.limit} consecutive "
-            "released rounds (enforced in the shards, kept across crashes)",
-            "participation_limit_rounds": self.limit,
             "blt": {**self.stream.s.to_json(), "buffers": self.stream.s.buffers},
             "segments": [
                 {
@@ -290,7 +237,7 @@ class BLTFTRL(Mechanism):
             ],
             "noise_multiplier": z,
             "released_rounds": len(acc.releases),
-            "textbook": None,
+            **self._whose(),
             **self._covers(),
         }
         if not self.private:

@@ -61,8 +61,6 @@ class GaussianFedAvg(Mechanism):
         self.plan = sampled.noise_plan(p, f.goal)
         self.clip_norm = p.initial_clip if p.adaptive else p.clip_norm
         self.accounted = self._accounted_multiplier(len(init_params))
-        self.pure_noise_rounds = 0
-        self.noise_sum = np.zeros(len(init_params))  # telemetry: the noise in the sum of released updates
         self.accountant = Accountant(
             p.accountant, self.delta, self.interval(cfg, population, self.accounted, self.delta)
         )
@@ -234,19 +232,11 @@ class GaussianFedAvg(Mechanism):
     def release(self, r: int, sums: ShardSums) -> dict:
         std = self.plan.update * self.clip_norm
         noised = self.noise.add(sums.total, std, r, "update_noise")
-        self.noise_sum += noised - sums.total
-        out: dict[str, Any] = {
-            "noise_norm": float(np.linalg.norm(noised - sums.total)),
-            "prefix_noise_norm": float(np.linalg.norm(self.noise_sum)),
-        }
-        if sums.reported == 0:  # every update was invalid: this release is the noise alone
-            out["pure_noise"] = True
-            self.pure_noise_rounds += 1
+        out = self._telemetry(sums, noised - sums.total)
         update = noised / self.cfg.fleet.goal  # fixed denominator, whatever the dropout
         if self.cfg.privacy.adaptive:
             self._adapt_clip(r, sums)
         self.server.step(update.astype(np.float32))
-        out["signal_to_noise"] = float(np.linalg.norm(sums.total)) / max(out["noise_norm"], 1e-30)
         self._commit()
         return out
 
@@ -268,16 +258,10 @@ class GaussianFedAvg(Mechanism):
 
     # ---- state ----------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {
-            "server": self.server.state(),
-            "pure_noise_rounds": self.pure_noise_rounds,
-            "noise_sum": self.noise_sum.copy(),
-        }
+        return {"server": self.server.state()}
 
     def _load(self, state: dict) -> None:
         self.server.load_state(state["server"])
-        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
-        self.noise_sum = state["noise_sum"].copy()
 
     # ---- what it says ---------------------------------------------------------------------
     def summary(self) -> dict:

@@ -29,24 +29,17 @@ from fleet.privacy import tree as tree_lib
 from fleet.privacy.accountant import pld_interval
 from fleet.privacy.ftrl_server import FTRLServer
 from fleet.privacy.mechanisms.base import (
-    ArgumentError,
-    Cohort,
-    Mechanism,
     ShardSums,
     check,
     check_gaussian,
-    cohort_size,
-    default_delta,
-    enforced_separation,
-    run_delta,
 )
-from fleet.privacy.segments import gaussian_epsilon
+from fleet.privacy.mechanisms.limited import LimitedMechanism
 from fleet.privacy.tree_accountant import TreeAccountant, TreeRelease, planned_trees
 
 NODE_STREAM = "ftrl_node_{tree}_{level}"
 
 
-class TreeFTRL(Mechanism):
+class TreeFTRL(LimitedMechanism):
     """DP-FTRL(M) with tree aggregation and optional restarts."""
 
     name = "dp_ftrl"
@@ -62,7 +55,6 @@ class TreeFTRL(Mechanism):
         self.accounted = self.std / sens
         momentum = t.server_momentum if t.server_optimizer != "sgd" else 0.0
         self.server = FTRLServer(init_params, t.server_lr, momentum, p.restart_every, self._noised_node)
-        self.pure_noise_rounds = 0
         interval = pld_interval(1.0, self.accounted, t.rounds, self.delta)  # no amplification
         self.accountant = TreeAccountant(p.accountant, self.delta, interval)
 
@@ -81,25 +73,6 @@ class TreeFTRL(Mechanism):
             "train.server_optimizer",
             "dp_ftrl's server is FTRL: sgd (plain), or sgdm / momentum (DP-FTRLM: heavy-ball "
             "momentum on the prefix sums; Nesterov has no FTRL form)",
-        )
-
-    @classmethod
-    def limit_rounds(cls, cfg: Any) -> int:
-        return enforced_separation(cfg)
-
-    @classmethod
-    def check_budget(cls, cfg: Any, population: int) -> None:
-        """A target below what the first release costs (a tree of one step) is refused."""
-        p = cfg.privacy
-        if p.target_epsilon is None or p.noise_multiplier <= 0:
-            return
-        delta = run_delta(p, population)
-        one = gaussian_epsilon(p.noise_multiplier, p.accountant, delta)
-        check(
-            one <= p.target_epsilon,
-            "privacy.target_epsilon",
-            f"{p.target_epsilon:g} is unreachable: the first release alone costs {one:.4g} "
-            f"(z = {p.noise_multiplier:g}, no sampling assumed); raise privacy.noise_multiplier",
         )
 
     @classmethod
@@ -124,11 +97,7 @@ class TreeFTRL(Mechanism):
     def offline(cls, args: Any) -> list[str]:
         """Rounds split into trees of --restart-every, each device at most once in any
         --separation released rounds: rho (zCDP) and epsilon by both accountants."""
-        if args.rounds is None or (args.noise is None and args.target_epsilon is None):
-            raise ArgumentError("dp_ftrl needs --rounds and --noise (or --target-epsilon)")
-        if args.delta is None and args.population is None:
-            raise ArgumentError("give --delta (or --population for delta = 1 / population^1.1)")
-        delta = args.delta if args.delta is not None else default_delta(args.population)
+        delta, kinds = cls.planned_question(args)
         size = args.restart_every or args.rounds
         trees = planned_trees(args.rounds, args.restart_every, args.separation)
         k = tree_lib.participations(min(size, args.rounds), args.separation)
@@ -137,27 +106,16 @@ class TreeFTRL(Mechanism):
             f"{args.separation} released rounds: at most {k} participation(s) per tree, squared "
             f"sensitivity {TreeAccountant.squared_sensitivity(trees):g} (exact)"
         ]
-        kinds = ("pld", "rdp") if args.accountant == "both" else (args.accountant,)
         return out + TreeAccountant.planned_lines(trees, args.noise, args.target_epsilon, kinds, delta)
 
     # ---- the round ------------------------------------------------------------------------
-    def cohort(self, available: int) -> Cohort:
-        k = min(cohort_size(self.cfg.fleet), available)
-        return Cohort(k / available if available else 0.0, k, poisson=False, closes_on_goal=True)
-
     def _entry(self, r: int, available: int) -> TreeRelease:
         tree, step = self.server.position()
         return TreeRelease(r, tree, step, self.limit, self.accounted)
 
     def release(self, r: int, sums: ShardSums) -> dict:
-        out: dict[str, Any] = {}
-        if sums.reported == 0:  # every update was invalid: the tree takes a zero leaf
-            out["pure_noise"] = True
-            self.pure_noise_rounds += 1
-        self.server.step(sums.total, self.cfg.fleet.goal)
-        out["noise_norm"] = self.server.last_noise_norm  # the noise in the released prefix sum
-        out["prefix_noise_norm"] = self.server.last_noise_norm
-        out["signal_to_noise"] = float(np.linalg.norm(sums.total)) / max(out["noise_norm"], 1e-30)
+        self.server.step(sums.total, self.cfg.fleet.goal)  # (every update invalid: a zero leaf)
+        out = self._telemetry(sums, prefix_norm=self.server.last_noise_norm)  # the release is a prefix
         self._commit()
         return out
 
@@ -167,11 +125,10 @@ class TreeFTRL(Mechanism):
 
     # ---- state ----------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"ftrl": self.server.state(), "pure_noise_rounds": self.pure_noise_rounds}
+        return {"ftrl": self.server.state()}
 
     def _load(self, state: dict) -> None:
         self.server.load_state(state["ftrl"])
-        self.pure_noise_rounds = state.get("pure_noise_rounds", 0)
 
     def _after_lost(self, lost: int) -> None:
         """Secure resume after released rounds were lost: a fresh tree (see the module docstring)."""
@@ -192,24 +149,18 @@ class TreeFTRL(Mechanism):
             "pld_interval": acc.interval if acc.kind == "pld" else None,
             "mechanism": "DP-FTRL (tree aggregation"
             + (", momentum)" if cfg.train.server_optimizer != "sgd" else ")"),
-            "sampling": "none assumed (cohorts drawn without replacement; the guarantee does not rest on it)",
             "event": (
                 "SingleEpochTreeAggregationDpEvent(z, steps) per tree"
                 if once and acc.kind == "rdp"
                 else "GaussianDpEvent(z / sqrt(tree sensitivity factor)) per tree"
             )
             + ", composed",
-            "neighbours": "one device's contribution replaced by nothing (zero-out), in every round it "
-            "took part in",
-            "device": f"every device: each takes part at most once in any {self.limit} consecutive "
-            "released rounds (enforced in the shards, kept across crashes)",
-            "participation_limit_rounds": self.limit,
             "restart_every": p.restart_every,
             "trees": [{"tree": v.index, "steps": v.steps, "separation": v.separation} for v in trees],
             "noise_multiplier": p.noise_multiplier,
             "accounted_noise_multiplier": self.accounted,
             "released_rounds": len(acc.releases),
-            "textbook": None,
+            **self._whose(),
             **self._covers(),
         }
         if not self.private:
