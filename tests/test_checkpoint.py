@@ -406,9 +406,7 @@ def test_a_secure_resume_after_a_torn_checkpoint_forgets_nobody(tmp_path):
     that took part in any released round is still recorded, and the limit still holds."""
     from conftest import in_process_fleet
 
-    cfg = tiny_mean(
-        "privacy=dp_ftrl", "rng=secure", "fleet.min_reports=1", "fleet.min_separation_rounds=50"
-    )
+    cfg = tiny_mean("privacy=dp_ftrl", "rng=secure", "fleet.min_reports=1", "fleet.min_separation_rounds=50")
     shards, coord = in_process_fleet(cfg, 2, tmp_path)
     for _ in range(2):
         coord.run_round()

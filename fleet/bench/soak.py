@@ -100,7 +100,7 @@ def check_lines(lines: list[dict], summary: dict) -> list[str]:
     eps_prev = 0.0
     for x in lines:
         r = x["round"]
-        if x["selected"] != x["reported"] + sum(x["dropped"].values()):
+        if not x.get("incident") and x["selected"] != x["reported"] + sum(x["dropped"].values()):
             problems.append(f"round {r}: funnel does not sum")
         if x["released"] == x["abandoned"]:
             problems.append(f"round {r}: released and abandoned must differ")

@@ -204,6 +204,9 @@ class RayConfig:
     cpus_per_shard: float = 1.0  # each shard's placement-group bundle (and its actor) reserves these
     gpus_per_shard: float = 0.0
     placement_timeout_s: float = 300.0  # a cluster may take this long to find (or add) the nodes
+    # A crashed shard must be running again within this long (Ray restarts it, on another node if
+    # its own is gone); past it the run checkpoints and stops with exit code 3 and a resume command.
+    recovery_timeout_s: float = 120.0
     join_foreign: bool = (
         False  # let `auto` join a Ray another process started with ray.init, or another user's
     )

@@ -269,6 +269,7 @@ def validate(cfg: Any) -> None:
         f"(got {cfg.ray.gpus_per_shard})",
     )
     _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
+    _check(cfg.ray.recovery_timeout_s > 0, "ray.recovery_timeout_s", "must be > 0")
     _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
     validate_dropout(cfg.dropout)
     if cfg.ray.num_cpus is not None:

@@ -45,7 +45,20 @@ from fleet.round.shard import NORM_BINS, ShardCore
 # evaluations of the released model on held-out devices. Not the epsilon: under a participation
 # limit each round's q_r depends on who was sampled before, so the figure is published once, in
 # the summary.
-PRIVATE_KEYS = {"round", "released", "abandoned", "clip_norm", "incident", "stop"}
+PRIVATE_KEYS = {
+    "round",
+    "released",
+    "abandoned",
+    "clip_norm",
+    "stop",
+    # Incidents are the simulator's machines, not devices: which shard died, and when it came back.
+    "incident",
+    "incident_detail",
+    "recovery_s",
+    "restarted_shards",
+    "lost_shards",
+    "shard_restarts",
+}
 
 
 class Coordinator:
@@ -56,6 +69,7 @@ class Coordinator:
         self.shards = shards
         self.state_dir = Path(state_dir) if state_dir else None
         self.incidents = {"shard_crash": 0, "shard_restart": 0}
+        self._lost: set[int] = set()  # shards not running again within ray.recovery_timeout_s
         infos = call_all(shards, "info", [()] * len(shards))
         self._shard_pids = [info["pid"] for info in infos]
         self._incarnations = [info["incarnation"] for info in infos]
@@ -86,10 +100,10 @@ class Coordinator:
         self.clock = dropout.next_active_time(self.cfg.dropout, self.clock)
         try:
             line = self._round(self.round, self.clock)
-        except ShardCrash:
+        except ShardCrash as e:
             self.incidents["shard_crash"] += 1
-            self._recover_shards()  # the abandoned round's journal records stand
-            line = self._crash_line(self.round, self.clock)
+            line = self._crash_line(self.round, self.clock, str(e))
+            line.update(self._recover_shards())  # the abandoned round's journal records stand
             self.clock += self.cfg.fleet.deadline_s + self.cfg.fleet.round_interval_s
         if line.get("stop"):
             return self._outgoing(line, {})
@@ -106,45 +120,66 @@ class Coordinator:
             return line
         return {k: v for k, v in line.items() if k in PRIVATE_KEYS or k in evaluation}
 
-    def _crash_line(self, r: int, t: float) -> dict:
-        """Metrics of a round abandoned because a shard died: it released nothing."""
+    def _crash_line(self, r: int, t: float, why: str) -> dict:
+        """Metrics of a round abandoned because a shard died: it released nothing, and what it
+        would have counted is unknown (None: a gap in every plot, not a drop to zero)."""
         return {
             "round": r,
             "sim_time": t,
             "hour_of_day": (t / 3600.0) % 24.0,
-            "available": 0,
-            "selected": 0,
-            "reported": 0,
-            "dropped": {reason_name(c): 0 for c in Reason if c != Reason.REPORTED},
+            "available": None,
+            "selected": None,
+            "reported": None,
+            "dropped": {},
             "abandoned": True,
             "released": False,
             "incident": "shard_crash",
+            "incident_detail": why,
             "round_duration_s": self.cfg.fleet.deadline_s,
-            "wasted_flops": 0.0,
+            "wasted_flops": None,
             "epsilon": self.mechanism.epsilon(),
             "clip_norm": self.mechanism.clip_norm,
         }
 
-    def _recover_shards(self) -> None:
-        """Wait for Ray to restart dead shards. A restarted shard restores everything recorded in
-        its files (its newest checkpoint and every journal record after it) before it answers,
-        so nothing more is asked of it: restoring it again would give the same state."""
+    def _recover_shards(self) -> dict:
+        """Wait, up to `ray.recovery_timeout_s` in all, for Ray to restart the dead shards (on
+        another node if theirs is gone). A restarted shard restores everything recorded in its
+        files (its newest checkpoint and every journal record after it) before it answers, so
+        nothing more is asked of it: restoring it again would give the same state.
+
+        Returns what the round's line says of the recovery: the shards restarted, how long it
+        took, and the shards still not running at the deadline (the run then stops; `checkpoint`
+        skips them: their files and journal already hold their state)."""
         if self.shards and isinstance(self.shards[0], ShardCore):
-            return
+            return {}
         import ray
 
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.ray.recovery_timeout_s
+        restarted, lost = [], []
         for i, s in enumerate(self.shards):
-            for attempt in range(600):
+            alive = None
+            while alive is None and time.monotonic() < deadline:
                 try:
-                    alive = ray.get(s.info.remote())
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    time.sleep(0.1 * min(attempt + 1, 10))
-            else:
-                raise RuntimeError(f"shard {i} did not come back after a crash")
-            if alive["pid"] != self._shard_pids[i]:
+                    alive = ray.get(s.info.remote(), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                except (
+                    ray.exceptions.RayActorError,
+                    ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError,
+                ):
+                    time.sleep(0.2)
+            if alive is None:
+                lost.append(i)
+            elif alive["incarnation"] != self._incarnations[i]:
+                restarted.append(i)
                 self._shard_pids[i] = alive["pid"]
                 self._incarnations[i] = alive["incarnation"]
+        out: dict[str, Any] = {"recovery_s": time.monotonic() - t0, "restarted_shards": restarted}
+        if lost:
+            self._lost = set(lost)
+            self.incidents["shard_lost"] = self.incidents.get("shard_lost", 0) + len(lost)
+            out.update({"incident": "shard_lost", "lost_shards": lost})
+        return out
 
     def _round(self, r: int, t: float) -> dict:
         f = self.cfg.fleet
@@ -172,7 +207,7 @@ class Coordinator:
         deadline = t + f.deadline_s
         t0 = time.perf_counter()
         plans = call_all(self.shards, "plan", [(r, t, deadline, lr) for lr in local])
-        self._check_incarnations([p["incarnation"] for p in plans])
+        restarts = self._check_incarnations([p["incarnation"] for p in plans])
         arrival = np.concatenate([p["arrival"] for p in plans]) if plans else np.zeros(0)
         reason = np.concatenate([p["reason"] for p in plans]) if plans else np.zeros(0, np.int8)
         flops = np.concatenate([p["flops"] for p in plans]) if plans else np.zeros(0)
@@ -211,7 +246,7 @@ class Coordinator:
                 "train",
                 [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], mech.clip_norm) for i in range(n)],
             )
-            self._check_incarnations([res["incarnation"] for res in results])
+            restarts += self._check_incarnations([res["incarnation"] for res in results])
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
             reported = int(sum(res["count"] for res in results))
@@ -255,16 +290,21 @@ class Coordinator:
             },
         }
         line.update(metrics)
+        if restarts:  # Ray restarted a shard between calls; it restored itself, the round went on
+            line["shard_restarts"] = restarts
         self.clock = close + f.round_interval_s
         return line
 
-    def _check_incarnations(self, seen: list[str]) -> None:
+    def _check_incarnations(self, seen: list[str]) -> int:
         """Count shards that Ray restarted since the last call (each restored itself from its
-        files when it came back, so its participation limit held)."""
+        files when it came back, so its participation limit held); returns how many."""
+        n = 0
         for i, inc in enumerate(seen):
             if inc != self._incarnations[i]:
-                self.incidents["shard_restart"] += 1
+                n += 1
                 self._incarnations[i] = inc
+        self.incidents["shard_restart"] += n
+        return n
 
     def _broadcast(self, params: np.ndarray) -> Any:
         """One copy of the weights per round: an object-store ref for Ray shards."""
@@ -302,20 +342,22 @@ class Coordinator:
     def checkpoint(self) -> int:
         """Shards write their state first; the coordinator's file then commits the checkpoint.
 
-        A shard that dies meanwhile is recovered and the checkpoint retried.
+        A shard that dies meanwhile is recovered and the checkpoint retried. A shard lost for good
+        (not running again within `ray.recovery_timeout_s`) writes nothing: its newest file and
+        the journal records after it already hold its state as of this round, and a resume
+        restores it from them.
         """
-        n = len(self.shards)
+        live = [s for i, s in enumerate(self.shards) if i not in self._lost]
         for attempt in range(3):
             try:
-                call_all(self.shards, "save_state", [(self.round,)] * n)
+                call_all(live, "save_state", [(self.round,)] * len(live))
                 break
             except ShardCrash:
                 self.incidents["shard_crash"] += 1
-                self._recover_shards()
-                if attempt == 2:
+                if self._recover_shards().get("lost_shards") or attempt == 2:
                     raise
         checkpoint.save_coordinator(self.state_dir, self.state())
-        call_all(self.shards, "prune_state", [(self.round,)] * n)
+        call_all(live, "prune_state", [(self.round,)] * len(live))
         return self.round
 
     def resume(self) -> int:

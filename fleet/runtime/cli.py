@@ -37,6 +37,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from fleet.config import CONF_DIR, Config, ConfigError, register_configs
 from fleet.privacy.mechanisms import validate
+from fleet.runtime.resume import ShardsLost
 
 CONFIG_NAME = "config"
 # Errors a user fixes by changing the command line or a profile: one line, exit code 2.
@@ -257,6 +258,15 @@ def main() -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except ShardsLost as e:
+        if verbose:
+            raise
+        print(
+            f"error: {e}; checkpoint saved after round {e.rounds}; once the cluster can host every shard "
+            f"again, resume with: fleet-train resume={e.run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(3)
     except KeyboardInterrupt as e:
         if verbose:
             raise

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,10 @@ from fleet.privacy.mechanisms import check_population, prepare, validate
 from fleet.round import checkpoint
 from fleet.round.devices import fleet_size
 from fleet.runtime import hooks
-from fleet.runtime.guards import Guard, abandonment, progress_text
+from fleet.runtime.guards import Guard, abandonment, incident_text, progress_text
 from fleet.runtime.header import header
 from fleet.runtime.placement import cluster_line, fleet_actors, init_ray
-from fleet.runtime.resume import Interrupted, metrics_before, resumed_config
+from fleet.runtime.resume import Interrupted, ShardsLost, metrics_before, resumed_config
 from fleet.runtime.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,34 @@ def _summary(
         out["sim_hours"] = (
             (current[-1]["sim_time"] + current[-1]["round_duration_s"]) / 3600.0 if current else 0.0
         )
-        out["mean_reported"] = float(np.mean([x["reported"] for x in current])) if current else math.nan
+        reported = [x["reported"] for x in current if x["reported"] is not None]  # None: a crash
+        out["mean_reported"] = float(np.mean(reported)) if reported else math.nan
         out["pure_noise_rounds"] = sum(1 for x in current if x.get("pure_noise"))
     return out
 
 
-# What may change when a run is resumed: how long it goes on, how it is watched and where it runs.
-# Anything else would make the resumed run a different run from the one checkpointed.
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what schedulers, `timeout` and `kill` send) stops the run as Ctrl-C does: the round
+    in flight finishes, a checkpoint is written, and the resume command is printed. Ray's driver
+    would otherwise dump a C++ stack and exit 15 with nothing saved. A second SIGTERM while
+    stopping is logged and ignored (the checkpoint is being written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: log.warning("SIGTERM again: still checkpointing"))
+        log.warning("SIGTERM: stopping after the round in flight, with a checkpoint")
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
 def train(
     cfg: Any,
     run_dir: str | Path,
@@ -119,6 +142,7 @@ def train(
     wall0 = time.perf_counter()
     actors = ExitStack()  # the shards, the coordinator and their placement group, released at the end
     shards, coordinator = actors.enter_context(fleet_actors(cfg, pop, state_dir))
+    actors.enter_context(terminate_as_interrupt())
     try:
         infos = ray.get([s.info.remote() for s in shards])
         first = ray.get(coordinator.resume.remote()) if cfg.resume else 0
@@ -130,7 +154,7 @@ def train(
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
         tracker.bar.update(first)
         stop_reason = "rounds"
-        diverged = None
+        diverged = lost = None
         guard = Guard(cfg.train)
         pending = None
         live = hooks.Run(
@@ -146,6 +170,11 @@ def train(
                     break
                 tracker.log(line)
                 lines.append(line)
+                if incident := incident_text(line):
+                    tracker.warn(incident)
+                if line.get("lost_shards"):  # not running again within ray.recovery_timeout_s
+                    stop_reason, lost = "shard_lost", incident
+                    break
                 live.round = r + 1
                 hooks.call(hooks.DURING_TRAINING, live)  # e.g. the canaries' exposure every k rounds
                 verdict = guard.check(line)
@@ -184,7 +213,7 @@ def train(
         if why:
             summary["abandonment"] = why
             log.warning("%s", why)
-        if stop_reason != "interrupted":
+        if stop_reason not in ("interrupted", "shard_lost"):  # the audits ask every shard
 
             def evaluate(ids: np.ndarray, n: np.ndarray) -> dict:
                 return ray.get(coordinator.evaluate_devices.remote(ids, n))
@@ -194,6 +223,8 @@ def train(
         tracker.finish(summary)
         if stop_reason == "interrupted":
             raise Interrupted(run_dir, len(lines))
+        if lost:
+            raise ShardsLost(run_dir, len(lines), lost)
         return summary
     finally:
         actors.close()

@@ -127,14 +127,46 @@ def progress_text(lines: list[dict]) -> str:
     return text
 
 
+def incident_text(line: dict) -> str | None:
+    """One console line for a round in which the simulator's machinery failed (None: it did not):
+    a shard that died and what became of it, or one that Ray restarted between calls."""
+    r = line["round"]
+    if line.get("incident") == "shard_lost":
+        lost = ", ".join(map(str, line["lost_shards"]))
+        return (
+            f"round {r}: shard(s) {lost} died ({line.get('incident_detail', 'a shard died')}) and were not "
+            f"running again after {line['recovery_s']:.0f} s (ray.recovery_timeout_s): no node could host "
+            "them; the round released nothing and the run stops here"
+        )
+    if line.get("incident") == "shard_crash":
+        back = ", ".join(map(str, line.get("restarted_shards", [])))
+        again = f"; shard(s) {back} restarted in {line['recovery_s']:.1f} s" if back else ""
+        return (
+            f"round {r}: {line.get('incident_detail', 'a shard died')}{again}; the round was abandoned "
+            "and released nothing (restarted shards restore their participation state from their files)"
+        )
+    if line.get("shard_restarts"):
+        return (
+            f"round {r}: Ray had restarted {line['shard_restarts']} shard(s) since the last round; each "
+            "restored its participation state from its files and the round went on"
+        )
+    return None
+
+
 def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
     """Why a run abandoned more than half its rounds, and what to change; None otherwise."""
     rounds = [x for x in lines if "abandoned" in x]
-    abandoned = [x for x in rounds if x["abandoned"]]
-    if not rounds or 2 * len(abandoned) <= len(rounds):
+    crashed = [x for x in rounds if x["abandoned"] and x.get("incident")]
+    abandoned = [x for x in rounds if x["abandoned"] and not x.get("incident")]
+    if not rounds or 2 * (len(abandoned) + len(crashed)) <= len(rounds):
         return None
     f = cfg.fleet
-    head = f"abandoned {len(abandoned)} of {len(rounds)} rounds (fewer than min_reports reports)"
+    head = f"abandoned {len(abandoned) + len(crashed)} of {len(rounds)} rounds"
+    if crashed:
+        head += f" ({len(crashed)} to shard crashes: see the incidents above)"
+        if not abandoned:
+            return head
+    head += f" ({len(abandoned)} with fewer than min_reports reports)"
     if "available" not in abandoned[0]:
         return head  # private telemetry: the counts that would say why were not released
     waiting = sum(x.get("waiting_for_limit", 0) for x in abandoned) / len(abandoned)

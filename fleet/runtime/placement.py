@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,15 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
                     "to run there anyway"
                 )
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
+        # The local Ray's processes (GCS, raylet, and the workers the raylet starts) inherit a
+        # blocked SIGTERM: a scheduler or `timeout` signalling the whole process group then stops
+        # the driver alone, which checkpoints and shuts them down itself (`ray.shutdown` kills them
+        # with SIGKILL). Ray blocks SIGINT in them for the same reason.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _started_locally = True
     return True
 

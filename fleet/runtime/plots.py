@@ -76,9 +76,12 @@ def plot_participation_by_hour(runs: Sequence[Run]) -> Figure | None:
         hours = np.floor([x["hour_of_day"] for x in r.lines]).astype(int) % 24
         rounds = np.bincount(hours, minlength=24)
         seen = rounds > 0
+        counted = np.array([x["available"] is not None for x in r.lines])  # not a crashed round
+        n = np.bincount(hours[counted], minlength=24)
         for ax, key in zip(axes[:2], ("available", "reported"), strict=True):
-            total = np.bincount(hours, weights=[x[key] for x in r.lines], minlength=24)
-            ax.plot(np.flatnonzero(seen), total[seen] / rounds[seen], "o-", color=_color(i, len(runs)), ms=3)
+            values = [x[key] for x, c in zip(r.lines, counted, strict=True) if c]
+            total = np.bincount(hours[counted], weights=values, minlength=24)
+            ax.plot(np.flatnonzero(n), total[n > 0] / n[n > 0], "o-", color=_color(i, len(runs)), ms=3)
         axes[2].plot(np.flatnonzero(seen), rounds[seen], "o-", color=_color(i, len(runs)), ms=3)
     for ax, title in zip(axes, titles, strict=True):
         ax.set(title=title, xlabel="hour of day (UTC)", xlim=(-0.5, 23.5), xticks=range(0, 24, 3))
@@ -97,13 +100,19 @@ def plot_funnel(runs: Sequence[Run]) -> Figure | None:
             continue
         for key, style in FUNNEL:
             ax.plot(*r.series(key), style, color=_color(i, len(runs)), lw=1.2)
-        lost = [(x["round"], max(x["reported"], 1)) for x in r.lines if x["abandoned"]]
+        counted = [x for x in r.lines if x["abandoned"] and x["reported"] is not None]  # not a crash
+        lost = [(x["round"], max(x["reported"], 1)) for x in counted]
         if lost:
             ax.plot(*zip(*lost, strict=True), "x", color=_color(i, len(runs)), ms=7)
+        for x in r.lines:  # a shard died: a gap in every line, and a mark where it happened
+            if x.get("incident"):
+                ax.axvline(x["round"], color=_color(i, len(runs)), ls="-.", lw=0.8, alpha=0.7)
     _by_round(ax, "cohort funnel", "devices")
     ax.set_yscale("log")
     stages = [Line2D([], [], color="k", ls=s, label=k) for k, s in FUNNEL]
     stages.append(Line2D([], [], color="k", ls="", marker="x", label="abandoned"))
+    if any(x.get("incident") for r in runs for x in r.lines):
+        stages.append(Line2D([], [], color="k", ls="-.", lw=0.8, label="shard crash (no counts)"))
     ax.legend(handles=stages, fontsize="small")
     _legend(fig, runs)
     return fig
@@ -118,7 +127,11 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
     fig, axes = _grid(len(reasons), width=4.0, height=3.0)
     for ax, reason in zip(axes, reasons, strict=True):
         for i, r in enumerate(runs):
-            pts = [(x["round"], x["dropped"].get(reason, 0)) for x in r.lines if "dropped" in x]
+            pts = [  # a crashed round's drops are unknown: a gap, not a zero
+                (x["round"], np.nan if x.get("incident") else x["dropped"].get(reason, 0))
+                for x in r.lines
+                if "dropped" in x
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=_color(i, len(runs)), lw=1.2)
         _by_round(ax, f"dropped: {reason}", "devices")
@@ -130,7 +143,7 @@ def plot_dropout(runs: Sequence[Run]) -> Figure | None:
 
 def _by_round_plot(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Figure | None:
     """Each run's `key` after each round, one line a run (None when no run has it)."""
-    have = [(i, r) for i, r in enumerate(runs) if len(r.series(key)[0])]
+    have = [(i, r) for i, r in enumerate(runs) if r.has(key)]
     if not have:
         return None
     fig, (ax,) = _figure(width=6.0)
@@ -144,7 +157,7 @@ def _by_round_plot(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fi
 
 def plot_epsilon(runs: Sequence[Run]) -> Figure | None:
     """The accountant's epsilon after each round (runs without DP have none)."""
-    dp = [r for r in runs if len(r.series("epsilon")[0]) and r.summary.get("privacy")]
+    dp = [r for r in runs if r.has("epsilon") and r.summary.get("privacy")]
     delta = next((r.summary["privacy"].get("delta") for r in dp), None)
     title = "epsilon" + (f" at delta = {delta:.2g}" if delta else "")
     return _by_round_plot(runs, "epsilon", title, "epsilon")
@@ -154,6 +167,7 @@ def prefix_noise_rms(r: Run) -> float | None:
     """Root mean square over released rounds of the norm of the noise in the sum of the released
     updates (`prefix_noise_norm`): the noise the model is made of, whatever the mechanism."""
     _, v = r.series("prefix_noise_norm")
+    v = v[np.isfinite(v)]
     return float(np.sqrt(np.mean(v**2))) if len(v) else None
 
 
@@ -241,7 +255,7 @@ def plot_metrics_vs_epsilon(runs: Sequence[Run], metrics: Sequence[str] | None =
 def plot_metrics_by_round(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> Figure | None:
     """Training loss and the evaluation metrics over rounds."""
     panels = _panels(runs, metrics)
-    if metrics is None and any(len(r.series("train_loss")[0]) for r in runs):
+    if metrics is None and any(r.has("train_loss") for r in runs):
         panels = {"train_loss": [], **panels}
     if not panels:
         return None

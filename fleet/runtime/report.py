@@ -26,6 +26,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fleet.atomic import JSON_INF
+from fleet.runtime.guards import incident_text
 from fleet.runtime.plots import (  # noqa: F401 - the report's API: its figures by name
     PLOTS,
     eval_metric_names,
@@ -83,6 +84,20 @@ def _table(runs: Sequence[Run]) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _incidents(runs: Sequence[Run]) -> str:
+    """What went wrong with the simulator's machines (a shard that died, was restarted or was lost),
+    round by round, as the console said it: the rounds they cost are gaps in the plots."""
+    items = [
+        f"<li>{html.escape(r.label if len(runs) > 1 else '')} {html.escape(text)}</li>"
+        for r in runs
+        for x in r.lines
+        if (text := incident_text(x))
+    ]
+    if not items:
+        return ""
+    return "<h2>incidents</h2><ul>" + "".join(items) + "</ul>"
+
+
 STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1400px}"
     "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
@@ -107,6 +122,7 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Path:
         f"<style>{STYLE}</style></head><body><h1>fleet report: {len(runs)} run(s)</h1>"
         + (f"<p>common overrides: <code>{html.escape(' '.join(common))}</code></p>" if common else "")
         + _table(runs)
+        + _incidents(runs)
         + "".join(sections)
         + "</body></html>"
     )

@@ -38,6 +38,7 @@ RESUMABLE = (
     "ray.dashboard",
     "ray.log_to_driver",
     "ray.placement_timeout_s",
+    "ray.recovery_timeout_s",
 )
 
 
@@ -46,6 +47,15 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, run_dir: Path, rounds: int):
         super().__init__(f"interrupted after round {rounds}")
+        self.run_dir, self.rounds = run_dir, rounds
+
+
+class ShardsLost(RuntimeError):
+    """Shards that died and were not running again within `ray.recovery_timeout_s`: the run
+    checkpointed what it had and stopped (exit code 3); it resumes once the cluster has room."""
+
+    def __init__(self, run_dir: Path, rounds: int, why: str):
+        super().__init__(why)
         self.run_dir, self.rounds = run_dir, rounds
 
 

@@ -45,12 +45,21 @@ class Run:
     label: str
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(round, value) over the rounds where `key` holds a number."""
-        pts = [(x["round"], x[key]) for x in self.lines if is_number(x.get(key))]
+        """(round, value) over the rounds where `key` holds a number, NaN where it is null (a round a
+        shard crash left uncounted: a gap in a line, not a zero)."""
+        pts = [
+            (x["round"], x[key] if x[key] is not None else math.nan)
+            for x in self.lines
+            if key in x and (x[key] is None or is_number(x[key]))
+        ]
         if not pts:
             return np.zeros(0), np.zeros(0)
         r, v = zip(*pts, strict=True)
         return np.asarray(r, dtype=float), np.asarray(v, dtype=float)
+
+    def has(self, key: str) -> bool:
+        """Whether `key` holds a number in some round."""
+        return bool(np.isfinite(self.series(key)[1]).any())
 
     def eval_metrics(self) -> list[str]:
         final = self.summary.get("final")

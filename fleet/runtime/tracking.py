@@ -103,6 +103,8 @@ class Tracker:
         # available > selected > reported (not under private telemetry); an abandoned round
         # released nothing
         funnel = f"{line['available']}>{line['selected']}>{line['reported']}" if "available" in line else ""
+        if line.get("incident"):  # a shard died: what the round would have counted is unknown
+            funnel = line["incident"].replace("_", " ")
         funnel = (funnel + (" abandoned" if line["abandoned"] else "")).strip()
         if funnel:
             post["funnel"] = funnel
