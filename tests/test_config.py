@@ -61,6 +61,7 @@ def test_experiment_sweeps_expand_and_validate():
     assert set(jobs[0]) == {"experiment=privacy_sweep", "privacy.noise_multiplier=0.5", "fleet.goal=10"}
     assert {tuple(j) for j in sweep_jobs(["experiment=dp_vs_nondp"])} == {
         ("privacy=none", "experiment=dp_vs_nondp"),
+        ("privacy=clip_only", "experiment=dp_vs_nondp"),
         ("privacy=dp_fedavg", "experiment=dp_vs_nondp"),
     }
 

@@ -505,3 +505,25 @@ def test_adaptive_clipping_tracks_the_median_norm():
     clips = np.array([x["clip_norm"] for x in lines[-20:]])
     assert np.all((lower * 0.9 < clips) & (clips < upper * 1.1)), (lower, upper, clips)
     assert clips.max() / clips.min() < 1.15
+
+
+def test_the_no_dp_baselines_run_dp_fedavgs_protocol_and_differ_only_in_clip_and_noise():
+    """privacy=none is DP-FedAvg with the clip and noise off: the same Poisson cohorts, every arrival
+    counted, the sum over the goal. With a clip that never binds, clip_only (z = 0) releases the same
+    models bit for bit; DP-FedAvg with noise draws the same cohorts and differs in the model alone."""
+    base = ("fleet.min_reports=1", "fleet.failure_prob_mean=0.2", "train.server_optimizer=sgd", "seed=3")
+    runs = {}
+    for arm in ("privacy=none", "privacy=clip_only privacy.clip_norm=1e9", "privacy=dp_fedavg"):
+        _, coord = in_process_fleet(tiny_mean(*base, *arm.split()))
+        lines = [coord.run_round() for _ in range(4)]
+        runs[arm.split()[0]] = (lines, coord.get_params().copy(), coord.mechanism.cohort(1000))
+    counts = ("available", "selected", "reported", "dropped", "q", "waiting_for_limit")
+    none_lines, none_params, none_cohort = runs["privacy=none"]
+    assert none_cohort.poisson and not none_cohort.closes_on_goal
+    # Poisson: a round's cohort is not the goal, and every arrival counts (none dropped after it).
+    assert any(x["reported"] != tiny_mean(*base).fleet.goal for x in none_lines)
+    assert all(x["dropped"]["after_goal"] == 0 for x in none_lines)
+    for arm, (lines, params, _) in runs.items():
+        assert [{k: x[k] for k in counts} for x in lines] == [{k: x[k] for k in counts} for x in none_lines], arm
+    np.testing.assert_array_equal(runs["privacy=clip_only"][1], none_params)
+    assert not np.array_equal(runs["privacy=dp_fedavg"][1], none_params)

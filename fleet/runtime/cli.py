@@ -154,6 +154,15 @@ def _train(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         return _run_job(cfg, hc, run_dir)
+    except ShardsLost as e:  # exit here: Hydra would log it as a failed job, and a sweep stops
+        if _verbose:
+            raise
+        print(
+            f"error: {e}; checkpoint saved after round {e.rounds}; once the cluster can host every shard "
+            f"again, resume with: fleet-train resume={e.run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(3)
     except USER_ERRORS as e:
         if _verbose:
             raise
@@ -258,15 +267,6 @@ def main() -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except ShardsLost as e:
-        if verbose:
-            raise
-        print(
-            f"error: {e}; checkpoint saved after round {e.rounds}; once the cluster can host every shard "
-            f"again, resume with: fleet-train resume={e.run_dir}",
-            file=sys.stderr,
-        )
-        sys.exit(3)
     except KeyboardInterrupt as e:
         if verbose:
             raise

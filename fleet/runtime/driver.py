@@ -153,6 +153,9 @@ def train(
         log.info("%s", cluster_line(cfg, started))
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
         tracker.bar.update(first)
+        current = [x for x in lines if not x.get("superseded")]  # the resumed run's rounds so far
+        tracker.released = sum(bool(x["released"]) for x in current)
+        tracker.abandoned = sum(bool(x["abandoned"]) for x in current)
         stop_reason = "rounds"
         diverged = lost = None
         guard = Guard(cfg.train)

@@ -134,9 +134,9 @@ def incident_text(line: dict) -> str | None:
     if line.get("incident") == "shard_lost":
         lost = ", ".join(map(str, line["lost_shards"]))
         return (
-            f"round {r}: shard(s) {lost} died ({line.get('incident_detail', 'a shard died')}) and were not "
-            f"running again after {line['recovery_s']:.0f} s (ray.recovery_timeout_s): no node could host "
-            "them; the round released nothing and the run stops here"
+            f"round {r}: {line.get('incident_detail', 'a shard died')} and shard(s) {lost} were not running "
+            f"again after {line['recovery_s']:.0f} s (ray.recovery_timeout_s): no node could host them; the "
+            "round released nothing and the run stops here"
         )
     if line.get("incident") == "shard_crash":
         back = ", ".join(map(str, line.get("restarted_shards", [])))

@@ -121,6 +121,17 @@ class Cohort:
     closes_on_goal: bool
 
 
+def sampled_cohort(cfg: Any, available: int) -> Cohort:
+    """DP-FedAvg's cohort rule, which its no-DP and clip-only baselines share so that they differ
+    from it in the noise alone: `poisson`, each available device with q_r = min(1, K / available_r)
+    and every arrival before the deadline counted; `fixed_size`, exactly K and the first `goal`
+    arrivals."""
+    k = cohort_size(cfg.fleet)
+    q = min(1.0, k / available) if available else 0.0
+    poisson = cfg.privacy.sampling == "poisson"
+    return Cohort(q, min(k, available), poisson=poisson, closes_on_goal=not poisson)
+
+
 @dataclass(frozen=True)
 class ShardSums:
     """What the shards return for the mechanism: the sum of the clipped valid updates, how many

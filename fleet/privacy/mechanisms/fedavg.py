@@ -36,6 +36,7 @@ from fleet.privacy.mechanisms.base import (
     cohort_size,
     default_delta,
     run_delta,
+    sampled_cohort,
 )
 from fleet.privacy.sampled import SampledRelease
 
@@ -220,10 +221,7 @@ class GaussianFedAvg(Mechanism):
 
     # ---- the round ------------------------------------------------------------------------
     def cohort(self, available: int) -> Cohort:
-        k = cohort_size(self.cfg.fleet)
-        q = min(1.0, k / available) if available else 0.0
-        poisson = self.cfg.privacy.sampling == "poisson"
-        return Cohort(q, min(k, available), poisson=poisson, closes_on_goal=not poisson)
+        return sampled_cohort(self.cfg, available)
 
     def _entry(self, r: int, available: int) -> SampledRelease:
         c = self.cohort(available)

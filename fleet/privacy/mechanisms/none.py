@@ -1,8 +1,11 @@
-"""No DP (`privacy=none`): plain FedAvg, the non-private baseline.
+"""No DP (`privacy=none`): the non-private baseline, DP-FedAvg with its clip and noise off.
 
-A fixed-size cohort of K = ceil(goal x overselect) available devices, the first `goal` arrivals
-counted, no clipping, no noise, the average over the devices that reported. Nothing is accounted;
-the ledger still records which rounds were released, so a resume counts them like any mechanism.
+It runs DP-FedAvg's protocol so that a comparison measures the noise and the clip, not a change
+of protocol: the same sampling (`privacy.sampling`, Poisson by default: each available device with
+q_r = min(1, K / available_r), every arrival counted) and the same aggregation (the sum of the
+updates over the goal, a fixed denominator), with no clip and no noise. `privacy=clip_only` is
+the arm between: DP-FedAvg's clip, no noise. Nothing is accounted; the ledger still records which
+rounds were released, so a resume counts them like any mechanism.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fleet.privacy.mechanisms.base import Cohort, Mechanism, ShardSums, cohort_size
+from fleet.privacy.mechanisms.base import Cohort, Mechanism, ShardSums, choice, sampled_cohort
+from fleet.privacy.sampled import SAMPLINGS
 
 
 @dataclass(frozen=True)
@@ -35,26 +39,28 @@ class NoDP(Mechanism):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        """Nothing to check: no privacy setting is read."""
+        """The sampling is the only privacy setting read."""
+        choice(cfg.privacy.sampling, "privacy.sampling", tuple(SAMPLINGS))
 
     @classmethod
     def header(cls, cfg: Any, population: int) -> list[str]:
-        return ["no DP (privacy=none)"]
+        return [
+            f"no DP (privacy=none): DP-FedAvg's {cfg.privacy.sampling} sampling and sum over the goal, "
+            "no clip, no noise"
+        ]
 
     @classmethod
     def parse(cls, entry: dict) -> PlainRelease:
         return PlainRelease(int(entry["round"]))
 
     def cohort(self, available: int) -> Cohort:
-        k = min(cohort_size(self.cfg.fleet), available)
-        return Cohort(k / available if available else 0.0, k, poisson=False, closes_on_goal=True)
+        return sampled_cohort(self.cfg, available)
 
     def _entry(self, r: int, available: int) -> PlainRelease:
         return PlainRelease(r)
 
     def release(self, r: int, sums: ShardSums) -> dict:
-        if sums.reported > 0:
-            self.server.step((sums.total / sums.reported).astype(np.float32))
+        self.server.step((sums.total / self.cfg.fleet.goal).astype(np.float32))  # as DP-FedAvg, z = 0
         self._commit()
         return {}
 
