@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, SMALL_NWP, in_process_fleet, make_cfg, tiny_mean
 
 from fleet.config import ConfigError, TrainConfig
-from fleet.runtime.guards import Guard, abandonment, progress_text
+from fleet.runtime.guards import Guard, abandonment, incident_text, progress_text
 from fleet.runtime.resume import resumed_config
 
 
@@ -109,6 +109,55 @@ def test_abandoned_rounds_are_counted_and_explained():
     assert abandonment(lines[:1], cfg, 2700) is None
 
 
+def test_the_advice_follows_the_drop_reason_and_crashed_rounds_are_named_apart():
+    """A longer deadline is advised only for deadline drops; rounds lost to a shard crash (counts
+    unknown: None) are named as such, not explained by counts they do not have."""
+    cfg = SimpleNamespace(fleet=SimpleNamespace(goal=100, overselect=1.3, min_reports=None))
+
+    def run(reason: str) -> list[dict]:
+        return [
+            {"round": r, "released": False, "abandoned": True, "available": 5000, "reported": 60,
+             "waiting_for_limit": 0, "dropped": {reason: 70}}
+            for r in range(4)
+        ]  # fmt: skip
+
+    assert "raise fleet.deadline_s" in abandonment(run("deadline"), cfg, 10**5)
+    for reason in ("failure", "outage", "battery", "window_closed"):
+        why = abandonment(run(reason), cfg, 10**5)
+        assert f"{reason}: 70 of a round's" in why and "deadline_s" not in why, why
+    crash = {"round": 9, "released": False, "abandoned": True, "available": None, "reported": None,
+             "dropped": {}, "incident": "shard_crash"}  # fmt: skip
+    why = abandonment([*run("failure"), crash], cfg, 10**5)
+    assert why.startswith("abandoned 5 of 5 rounds (1 to shard crashes") and "4 with fewer" in why
+    assert abandonment([crash, crash], cfg, 10**5).endswith("see the incidents above)")
+
+
+def test_a_participation_limit_that_exhausts_the_fleet_warns_once():
+    g = Guard(TrainConfig())
+    plenty = _line(0, q=0.01, available=5000, waiting_for_limit=300)
+    assert not g.check(plenty).warnings
+    exhausted = _line(1, q=1.0, available=90, waiting_for_limit=2600)
+    (w,) = g.check(exhausted).warnings
+    assert "round 1: the participation limit is exhausting the fleet" in w and "2,600 more" in w
+    assert not g.check({**exhausted, "round": 2}).warnings  # once
+    assert not Guard(TrainConfig()).check(_line(0, q=1.0, available=90, waiting_for_limit=0)).warnings
+
+
+def test_incidents_are_told_in_one_line_each():
+    crash = {"round": 3, "incident": "shard_crash", "incident_detail": "a shard died during train",
+             "recovery_s": 12.34, "restarted_shards": [1]}  # fmt: skip
+    assert incident_text(crash) == (
+        "round 3: a shard died during train; shard(s) 1 restarted in 12.3 s; the round was abandoned and "
+        "released nothing (restarted shards restore their participation state from their files)"
+    )
+    lost = {**crash, "incident": "shard_lost", "lost_shards": [0, 2], "recovery_s": 120.2}
+    assert incident_text(lost).startswith(
+        "round 3: a shard died during train and shard(s) 0, 2 were not running again after 120 s"
+    )
+    assert "2 shard(s)" in incident_text({"round": 4, "shard_restarts": 2})
+    assert incident_text(_line(5)) is None
+
+
 def test_resume_may_extend_a_run_but_not_change_it():
     saved = {
         "train": {"rounds": 10, "eval_every": 5},
@@ -144,6 +193,7 @@ def _fleet_train(*args: str, cwd) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a scheduler's job
     )
 
 
@@ -158,23 +208,32 @@ def test_divergence_exits_with_code_3_and_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT to the driver", "SIGTERM to the process group"])
+def test_ctrl_c_and_sigterm_checkpoint_print_one_line_and_exit_130(tmp_path, how):
+    """Ctrl-C, and SIGTERM sent to every process of the job as schedulers and `timeout` send it
+    (the local Ray's processes included): the round in flight finishes, a checkpoint is written,
+    one line says how to resume, and the resume goes on from it."""
     p = _fleet_train(
         "fleet=tiny", "task.name=tests.doubles:SlowMean", "train.rounds=500",
-        "train.participation_audit=false", "fleet.min_reports=1", cwd=tmp_path,
+        "train.participation_audit=false", "fleet.min_reports=1", "hydra.run.dir=run", cwd=tmp_path,
     )  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline and not list(tmp_path.rglob("metrics.jsonl")):
-        time.sleep(0.5)
-    metrics = list(tmp_path.rglob("metrics.jsonl"))
-    assert metrics, "the run did not start"
-    while time.time() < deadline and not metrics[0].read_text().strip():
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    assert metrics.exists(), "the run did not start"
+    if how.startswith("SIGINT"):
+        p.send_signal(signal.SIGINT)
+    else:
+        os.killpg(p.pid, signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, err
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert (
         lines[-1].startswith("interrupted after round ") and "resume with: fleet-train resume=" in lines[-1]
     )
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "SIGTERM received" not in err
+    rounds = int(lines[-1].split()[3].rstrip(";"))
+    from fleet.round import checkpoint
+
+    assert checkpoint.load_coordinator(tmp_path / "run" / "state")["round"] == rounds

@@ -1,6 +1,6 @@
 """The dropout stress report: what each knob does to rounds, utility and privacy, knees marked.
 
-A `+experiment=dropout_stress` sweep varies the failure rate, the over-selection and the deadline.
+An `experiment=dropout_stress` sweep varies the failure rate, the over-selection and the deadline.
 For each knob this averages every run's outcome over the other knobs and draws the curve of
 round success rate, time to reach the goal, final recall@1 and epsilon against it. The knee of
 each curve (where the marginal effect turns: the point farthest from the chord joining the ends,

@@ -43,6 +43,7 @@ class Guard:
         self.low_snr = 0
         self.snr: list[float] = []
         self.pure_noise = 0
+        self.exhausted = False  # the participation limit left q_r = 1 (warned once)
         self.warned: set[str] = set()
 
     def check(self, line: dict) -> Verdict:
@@ -73,6 +74,16 @@ class Guard:
                         f"{key} is {value:.4g} after round {line['round']}, "
                         f"below the unigram baseline's {base:.4g}"
                     )
+        waiting, available = line.get("waiting_for_limit"), line.get("available")
+        if line.get("q") == 1.0 and waiting and available is not None and not self.exhausted:
+            self.exhausted = True
+            v.warnings.append(
+                f"round {line['round']}: the participation limit is exhausting the fleet: every available "
+                f"device was selected (q_r = 1, {available:,} devices) while {waiting:,} more wait out the "
+                "limit. A round now costs the privacy of an unsampled one (no amplification: epsilon grows "
+                "faster than planned) and may fall short of min_reports; raise the population, or lower "
+                "fleet.goal, fleet.overselect or the limit (fleet.min_separation_hours or _rounds)"
+            )
         snr = line.get("signal_to_noise")
         if snr is not None and line.get("released"):
             self.snr.append(snr)
@@ -153,6 +164,16 @@ def incident_text(line: dict) -> str | None:
     return None
 
 
+# What to change for the drop reason that cost a run most: a longer deadline helps only the devices
+# the deadline dropped; failures, outages and battery aborts strike whatever the deadline.
+DROP_ADVICE = {
+    "deadline": "raise fleet.deadline_s, or fleet.overselect",
+    "window_closed": "raise fleet.overselect: jobs outlived the devices' idle windows, whatever the deadline",
+    "invalid": "the updates were NaN or Inf: check train.client_lr and the task",
+    "failure": "raise fleet.overselect: these drops do not depend on the deadline",
+}
+
+
 def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
     """Why a run abandoned more than half its rounds, and what to change; None otherwise."""
     rounds = [x for x in lines if "abandoned" in x]
@@ -187,7 +208,7 @@ def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
         if n:
             causes.append(
                 f"{reason}: {n / len(abandoned):,.0f} of a round's selected devices on average "
-                "(raise fleet.overselect or fleet.deadline_s)"
+                f"({DROP_ADVICE.get(reason, DROP_ADVICE['failure'])})"
             )
     if available < math.ceil(f.goal * f.overselect):
         causes.append(
