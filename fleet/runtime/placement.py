@@ -34,7 +34,17 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
     }
     global _started_locally
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
+        target = announce(cfg.ray.address)
+        try:
+            ray.init(address=cfg.ray.address, **kwargs)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+            first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+            raise ConfigError(
+                f"ray.address={cfg.ray.address}: cannot join the Ray at {target}: {first}. Is it running "
+                f"(`ray status --address {target}`)? A cluster with Ray's token authentication on needs "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (the head's ~/.ray/auth_token) set here too "
+                "(README: Running on a Ray cluster)"
+            ) from None
         if cfg.ray.address == "auto" and not cfg.ray.join_foreign:
             session = ray._private.worker._global_node.get_session_dir_path()
             why = foreign_cluster(session)
@@ -61,6 +71,28 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
 
 
 _started_locally = False  # this process started a local Ray (the CLI does, once per sweep)
+
+
+def announce(address: str) -> str:
+    """Say which Ray a run is about to join before it joins, and return its address. `auto` is
+    resolved as Ray resolves it (RAY_ADDRESS, else the last `ray start` on this host), so a run
+    never lands on a cluster the user did not name without a line saying which one first."""
+    if address != "auto":
+        return address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        found = None
+    if found is None:
+        raise ConfigError(
+            "ray.address: auto found no running Ray on this host: start one with `ray start --head` "
+            "(README: Running on a Ray cluster), name one with ray.address=HOST:PORT, or use ray=local"
+        )
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the last `ray start` on this host"
+    log.info("ray.address=auto: joining the Ray at %s (from %s)", found, source)
+    return found
 
 
 def foreign_cluster(session_dir: str | Path) -> str | None:
