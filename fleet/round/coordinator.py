@@ -45,20 +45,7 @@ from fleet.round.shard import NORM_BINS, ShardCore
 # evaluations of the released model on held-out devices. Not the epsilon: under a participation
 # limit each round's q_r depends on who was sampled before, so the figure is published once, in
 # the summary.
-PRIVATE_KEYS = {
-    "round",
-    "released",
-    "abandoned",
-    "clip_norm",
-    "stop",
-    # Incidents are the simulator's machines, not devices: which shard died, and when it came back.
-    "incident",
-    "incident_detail",
-    "recovery_s",
-    "restarted_shards",
-    "lost_shards",
-    "shard_restarts",
-}
+PRIVATE_KEYS = {"round", "released", "abandoned", "clip_norm", "incident", "stop"}
 
 
 class Coordinator:
@@ -68,10 +55,9 @@ class Coordinator:
         self.cfg = cfg
         self.shards = shards
         self.state_dir = Path(state_dir) if state_dir else None
-        self.incidents = {"shard_crash": 0, "shard_restart": 0}
+        self.incidents = {"shard_crash": 0, "shard_restart": 0, "shard_lost": 0}
         self._lost: set[int] = set()  # shards not running again within ray.recovery_timeout_s
         infos = call_all(shards, "info", [()] * len(shards))
-        self._shard_pids = [info["pid"] for info in infos]
         self._incarnations = [info["incarnation"] for info in infos]
         self.population = population
         t = cfg.train
@@ -172,12 +158,11 @@ class Coordinator:
                 lost.append(i)
             elif alive["incarnation"] != self._incarnations[i]:
                 restarted.append(i)
-                self._shard_pids[i] = alive["pid"]
                 self._incarnations[i] = alive["incarnation"]
         out: dict[str, Any] = {"recovery_s": time.monotonic() - t0, "restarted_shards": restarted}
         if lost:
             self._lost = set(lost)
-            self.incidents["shard_lost"] = self.incidents.get("shard_lost", 0) + len(lost)
+            self.incidents["shard_lost"] += len(lost)
             out.update({"incident": "shard_lost", "lost_shards": lost})
         return out
 
@@ -347,14 +332,15 @@ class Coordinator:
         the journal records after it already hold its state as of this round, and a resume
         restores it from them.
         """
-        live = [s for i, s in enumerate(self.shards) if i not in self._lost]
         for attempt in range(3):
+            live = [s for i, s in enumerate(self.shards) if i not in self._lost]
             try:
                 call_all(live, "save_state", [(self.round,)] * len(live))
                 break
             except ShardCrash:
                 self.incidents["shard_crash"] += 1
-                if self._recover_shards().get("lost_shards") or attempt == 2:
+                self._recover_shards()
+                if attempt == 2:
                     raise
         checkpoint.save_coordinator(self.state_dir, self.state())
         call_all(live, "prune_state", [(self.round,)] * len(live))

@@ -175,7 +175,7 @@ def train(
                 lines.append(line)
                 if incident := incident_text(line):
                     tracker.warn(incident)
-                if line.get("lost_shards"):  # not running again within ray.recovery_timeout_s
+                if line.get("incident") == "shard_lost":  # not running again within ray.recovery_timeout_s
                     stop_reason, lost = "shard_lost", incident
                     break
                 live.round = r + 1

@@ -142,18 +142,22 @@ def incident_text(line: dict) -> str | None:
     """One console line for a round in which the simulator's machinery failed (None: it did not):
     a shard that died and what became of it, or one that Ray restarted between calls."""
     r = line["round"]
+    # Under private telemetry only `incident` is in the line: which shard died, and when, would say
+    # which id range a crash came from.
+    what = line.get("incident_detail", "a shard died")
     if line.get("incident") == "shard_lost":
-        lost = ", ".join(map(str, line["lost_shards"]))
+        lost = ", ".join(map(str, line.get("lost_shards", []))) or "?"
+        after = f" after {line['recovery_s']:.0f} s" if "recovery_s" in line else ""
         return (
-            f"round {r}: {line.get('incident_detail', 'a shard died')} and shard(s) {lost} were not running "
-            f"again after {line['recovery_s']:.0f} s (ray.recovery_timeout_s): no node could host them; the "
-            "round released nothing and the run stops here"
+            f"round {r}: {what} and shard(s) {lost} were not running again{after} "
+            "(ray.recovery_timeout_s): no node could host them; the round released nothing and the run "
+            "stops here"
         )
     if line.get("incident") == "shard_crash":
         back = ", ".join(map(str, line.get("restarted_shards", [])))
         again = f"; shard(s) {back} restarted in {line['recovery_s']:.1f} s" if back else ""
         return (
-            f"round {r}: {line.get('incident_detail', 'a shard died')}{again}; the round was abandoned "
+            f"round {r}: {what}{again}; the round was abandoned "
             "and released nothing (restarted shards restore their participation state from their files)"
         )
     if line.get("shard_restarts"):
