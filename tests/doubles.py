@@ -39,6 +39,18 @@ class SlowMean(MeanTask):
             yield out
 
 
+class SlowMeanSaysWhere(SlowMean):
+    """SlowMean that writes, into the directory $FLEET_TEST_WHERE, a file named for its process
+    holding the largest device id it trained (ids are row indices: which shard range it is), so
+    that a fault test can lose the node of a chosen shard."""
+
+    def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
+        where = os.environ.get("FLEET_TEST_WHERE")
+        if where and len(device_ids):
+            Path(where, str(os.getpid())).write_text(str(int(np.max(device_ids))))
+        yield from super().client_updates(params, device_ids, num_examples, round_idx)
+
+
 class NaNForOddDevices(MeanTask):
     """Odd device ids send NaN or Inf in their update."""
 
