@@ -251,3 +251,29 @@ def test_fleet_train_with_auto_will_not_join_a_test_sessions_ray(tmp_path):
         assert f"joined {address}" in joined.stdout
     finally:
         holder.kill()
+
+
+def test_a_named_ray_where_nothing_answers_is_one_line_not_minutes_of_retries(monkeypatch):
+    """ray.init at an address where nothing listens retries for minutes; fleet checks the port
+    first (for up to REACH_S, a head may still be starting) and says so in one line."""
+    import socket
+
+    import ray
+
+    from fleet.runtime import placement
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert placement.reachable(f"127.0.0.1:{port}", 1.0)
+        assert placement.reachable(f"ray://127.0.0.1:{port}", 1.0)
+    assert not placement.reachable(f"127.0.0.1:{port}", 1.0)  # closed now
+    assert placement.reachable("not-an-address", 1.0)  # left to Ray's own error
+    monkeypatch.setattr(placement, "REACH_S", 1.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    t0 = time.monotonic()
+    where = f"127.0.0.1:{port}"
+    with pytest.raises(ConfigError, match=rf"^ray.address={where}: nothing answers at {where} "):
+        placement.init_ray(tiny_mean(f"ray.address=127.0.0.1:{port}"))
+    assert time.monotonic() - t0 < 10

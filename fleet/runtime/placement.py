@@ -35,6 +35,12 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
     global _started_locally
     if cfg.ray.address:
         target = announce(cfg.ray.address)
+        if not reachable(target, REACH_S):
+            raise ConfigError(
+                f"ray.address={cfg.ray.address}: nothing answers at {target} (tried for {REACH_S:.0f} s). "
+                f"Is the head running (`ray status --address {target}`), and is the port open from here? "
+                "(README: Running on a Ray cluster)"
+            )
         try:
             ray.init(address=cfg.ray.address, **kwargs)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
@@ -71,6 +77,31 @@ def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
 
 
 _started_locally = False  # this process started a local Ray (the CLI does, once per sweep)
+
+REACH_S = 15.0  # how long a named Ray's port may take to answer (a head still starting)
+
+
+def reachable(target: str, within_s: float) -> bool:
+    """Whether anything accepts a TCP connection at a Ray address (`HOST:PORT` or `ray://HOST:PORT`)
+    within `within_s`. `ray.init` at an address where nothing listens retries for minutes, saying
+    only that the GCS timed out; this answers first. An address it cannot parse is left to Ray."""
+    import socket
+    import time
+
+    hostport = target.removeprefix("ray://").split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return True
+    end = time.monotonic() + within_s
+    while True:
+        try:
+            wait = max(0.5, end - time.monotonic())
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=wait):
+                return True
+        except OSError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.5)
 
 
 def announce(address: str) -> str:
