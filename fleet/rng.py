@@ -1,7 +1,7 @@
 """Counter-based randomness keyed by (seed, stream, counter, device id).
 
 Per-device randomness must not depend on which shard owns a device, nor on how many shards
-there are (DESIGN.md invariant 6). A stateful generator per shard would break that; a hash of
+there are (docs/ARCHITECTURE.md, invariant 6). A stateful generator per shard would break that; a hash of
 the key does not. SplitMix64's finaliser is a good 64-bit mixer, vectorises in numpy, and costs a
 few ns per device, so a 10-million-device fleet draws its per-round numbers in milliseconds.
 

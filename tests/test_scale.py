@@ -50,7 +50,7 @@ def test_a_million_devices_cost_well_under_the_budget(ray_session):
             ray.kill(s, no_restart=True)
     state = infos[1]["state_bytes"] / DEVICES
     resident = (pss[1] - pss[0]) / (DEVICES - 1000)
-    assert state <= 64, state  # tens of bytes a device (DESIGN.md): columns, schedule, participation
+    assert state <= 64, state  # tens of bytes a device: columns, schedule, participation
     assert resident < BUDGET / 2, (resident, state)  # the other half: fixed costs of processes
 
 

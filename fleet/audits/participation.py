@@ -19,7 +19,7 @@ none in the others. The fleet knows every schedule, so this audit measures the g
    the model's metrics on held-out devices split by the same groups.
 
 Everything per device is computed inside the shards (`fleet.phones.participation`) and leaves them as
-histograms over fixed bins and per-pattern summaries (DESIGN.md invariant 3); the outputs
+histograms over fixed bins and per-pattern summaries (docs/ARCHITECTURE.md, invariant 3); the outputs
 (participation/participation.json and PNGs in the run dir) hold no device id and no per-device row.
 
 This module runs the audit and holds parts 1 and 4; part 2 and 3 are `participation_privacy`,

@@ -1,14 +1,13 @@
 """`python -m fleet.bench engines`: which local-training engine pays, at which model size, on which device.
 
-DESIGN.md step 4 says: train devices one after another on CPU, and batch them in lockstep only where
-a benchmark shows it pays (tiny models, GPUs). This is that benchmark. For each model (the demo's
-`cifg_small`, a mid-size CIFG and W1's Gboard-size LSTM) it trains the same devices, with the same
-data and batch orders, on every engine in turn, outside the round, on one thread (what one shard
-has), and prints updates per second and each engine's ratio to the fused engine measured in the
-same run. Engines alternate in repeated passes so that all see the same load from other users;
-each figure is the best pass. With a CUDA device (or `--device cuda`), the batched engine also runs
-there, and its ratio is against the fused engine on one CPU thread.
-"""
+docs/ARCHITECTURE.md, step 4 says: train devices one after another on CPU, and batch them in
+lockstep only where a benchmark shows it pays (tiny models, GPUs). This is that benchmark. For each
+model (the demo's `cifg_small`, a mid-size CIFG and W1's Gboard-size LSTM) it trains the same
+devices, with the same data and batch orders, on every engine in turn, outside the round, on one
+thread (what one shard has), and prints updates per second and each engine's ratio to the fused
+engine measured in the same run. Engines alternate in repeated passes so that all see the same load
+from other users; each figure is the best pass. With a CUDA device (or `--device cuda`), the batched
+engine also runs there, and its ratio is against the fused engine on one CPU thread."""
 
 from __future__ import annotations
 

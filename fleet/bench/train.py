@@ -15,7 +15,7 @@ Four measurements, side by side in one run because the machine is shared and noi
 3. the baseline: a plain PyTorch loop (`nn.LSTM` with `proj_size`, autograd, `torch.optim.SGD`)
    training the same kind of devices one after another in one process on all cores, with the same
    clip / noise / server step per round; it runs in a child process so its memory is its own;
-4. the fleet: the real round (Coordinator + FleetShard Ray actors, one per core, one thread
+4. the fleet: the real round (Coordinator + ShardCore Ray actors, one per core, one thread
    each) with `W1Task`, whose devices train on the fused engine.
 
 The baseline and the fleet alternate round by round, so both see the same load from other users,
@@ -54,7 +54,7 @@ _plain: PlainLoop | None = None
 
 
 class Fleet:
-    """W1 through the real round on a local Ray: Coordinator + one FleetShard per core."""
+    """W1 through the real round on a local Ray: Coordinator + one ShardCore actor per core."""
 
     def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float, mechanism: str):
         import ray

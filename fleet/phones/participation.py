@@ -2,7 +2,7 @@
 
 Who trained, and how exposed each device was under the real availability schedule, is per-device
 information; it is computed here, next to the rows, and leaves only as histograms over fixed bins
-and per-pattern summaries that name no device (DESIGN.md invariant 3). The bins are fixed by the
+and per-pattern summaries that name no device (docs/ARCHITECTURE.md, invariant 3). The bins are fixed by the
 config alone, so every shard uses the same ones and the driver merges them exactly by adding.
 `fleet.audits.participation` is the driver-side half (merging, accounting, plots).
 """

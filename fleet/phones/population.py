@@ -213,11 +213,6 @@ def population_size(cfg: FleetConfig) -> int:
     return parquet_rows(cfg.path) if cfg.path else cfg.population
 
 
-def bytes_per_device() -> int:
-    """In-memory bytes of the population columns per device (shard state adds a few more)."""
-    return sum(dt.itemsize for dt in COLUMNS.values())
-
-
 def summary(cols: dict[str, np.ndarray], min_memory_gb: float) -> dict[str, float]:
     """Aggregate description of a population (no device ids)."""
     n = len(cols["device_id"])

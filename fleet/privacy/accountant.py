@@ -2,7 +2,7 @@
 
 The accountant is fed the ledger's releases (`fleet.privacy.sampled.SampledRelease`), one per
 released round, each with its own sampling probability q_r. Abandoned rounds release nothing and add
-nothing (DESIGN.md invariant 5). The figure is the epsilon of a device available in every
+nothing (docs/ARCHITECTURE.md, invariant 5). The figure is the epsilon of a device available in every
 released round, an upper bound for every device (a device not available in a round is sampled
 with probability 0 there).
 

@@ -3,7 +3,7 @@
 A checkpoint is two kinds of file under RUN_DIR/state/, written atomically (temporary + rename):
 - `shard_{start}_{stop}.npz`, written by each shard: its per-device participation state and the
   availability model's state, as arrays aligned to row index (no device ids). Per-device state
-  stays with the shards' files, apart from the coordinator's (DESIGN.md invariant 3);
+  stays with the shards' files, apart from the coordinator's (docs/ARCHITECTURE.md, invariant 3);
 - `coordinator.pt`, written last, which commits the checkpoint: round counter, simulated clock,
   incident counts, and the mechanism's state (the released model under `model`, its server
   optimizer or tree, its accountant, the clip norm). It holds no device id.

@@ -1,6 +1,6 @@
 """The Coordinator: the clock, the secret sampler and the round protocol over the shards.
 
-One round (DESIGN.md steps 1-3, 5-7):
+One round (docs/ARCHITECTURE.md, "One round"; the numbers are its steps):
 1. check-in: each shard returns how many of its devices are available now;
 2. the mechanism prepares the round's release (a target epsilon that it would pass stops here)
    and says how the cohort is drawn: K = ceil(goal * overselect) ranks without replacement, or

@@ -3,7 +3,7 @@
 The coordinator knows only how many devices each shard has available. It draws K distinct ranks
 uniformly from [0, total) and sends each shard the ranks that fall in its range; the shard maps
 rank j to its j-th available device. That is exact uniform sampling without replacement over the
-whole fleet (DESIGN.md invariant 4), it is the same sample whatever the number of shards, and no
+whole fleet (docs/ARCHITECTURE.md, invariant 4), it is the same sample whatever the number of shards, and no
 device id ever reaches the coordinator (invariant 3).
 
 Two samplings, each accounted as what it is (`fleet.privacy.sampled`): `draw` takes exactly k

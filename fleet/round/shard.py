@@ -1,9 +1,9 @@
-"""FleetShard: a Ray actor owning a contiguous range of devices as columnar state.
+"""The shard: a Ray actor (`ShardCore`) owning a contiguous range of devices as columnar state.
 
 The shard is where device identities live and stay. It answers check-in with a count, maps the
 coordinator's ranks to its own available devices, plans their jobs, trains the accepted ones one
 after another, clips each update and returns ONE sum. Nothing that leaves it names a device:
-counts, arrival times by rank, sums and aggregate statistics only (DESIGN.md invariant 3).
+counts, arrival times by rank, sums and aggregate statistics only (docs/ARCHITECTURE.md, invariant 3).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ShardStateLost(RuntimeError):
 
 
 class ShardCore:
-    """The shard's logic, usable in-process; `FleetShard` is the same class as a Ray actor.
+    """The shard's logic, usable in-process; `remote_shard_class` makes it a Ray actor.
 
     Constructed with a state dir that holds this range's checkpoint or journal (Ray restarting
     a crashed shard, or a resumed run), it restores everything recorded there before it answers

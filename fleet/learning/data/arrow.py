@@ -21,7 +21,7 @@ than silently wrong token ids.
 
 Errors the user can cause (a wrong path, a corrupt or truncated file, token ids outside
 [0, V+4), a corpus built for another vocabulary) raise ConfigError naming data.path. They never
-name a device: which devices train is secret (DESIGN.md invariant 3).
+name a device: which devices train is secret (docs/ARCHITECTURE.md, invariant 3).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Three engines with one contract (`Engine.train_device`, and `Engine.train_device
 
 - `ReferenceEngine`: the eager `NWPModel`, `loss.backward()` and a manual SGD step. Slow and
   obviously right; tests hold every other engine to its deltas.
-- `FusedEngine`: the fast CPU engine. On CPU, devices are trained one after another (DESIGN.md
+- `FusedEngine`: the fast CPU engine. On CPU, devices are trained one after another (docs/ARCHITECTURE.md,
   step 4: batching devices in lockstep halves throughput there), so the speed comes from making
   one device's steps cheap:
     * a hand-written backward through time (no autograd graph, no optimizer object): every
@@ -23,7 +23,7 @@ Three engines with one contract (`Engine.train_device`, and `Engine.train_device
   batched matmul over the devices, and plain autograd gives each row its own device's gradient
   (devices never mix: the loss is a sum of per-device losses). Devices whose step sequence is
   shorter (fewer examples) ride along on masked rows that carry exactly zero gradient. On CPU
-  it is slower than the fused engine at Gboard size (DESIGN.md step 4), so `auto` picks it only
+  it is slower than the fused engine at Gboard size (docs/ARCHITECTURE.md, step 4), so `auto` picks it only
   when the shard has a GPU.
 
 Semantics shared by both engines: `tokens` is (n, seq_len + 1) = [bos, w1..w_seq_len]; the input
