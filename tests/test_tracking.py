@@ -162,3 +162,31 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     # Every offline run directory is this one run's (W&B adds "-1" when two start in one second).
     names = [p.name for p in tmp_path.glob("wandb/offline-run-*")]
     assert names and all(f"-{first.wandb.id}" in n for n in names)
+
+
+def test_log_lines_go_above_the_bar_on_lines_of_their_own(tmp_path, capsys):
+    """A console log line while the bar is up (Hydra's handler on the root logger writes to the
+    terminal the bar draws on) is printed on its own line, not appended to the bar's."""
+    import logging
+    import sys
+
+    console = logging.StreamHandler(sys.stderr)  # as Hydra's: a StreamHandler on the console
+    logging.root.addHandler(console)
+    old_level = logging.root.level
+    logging.root.setLevel(logging.INFO)
+    try:
+        t = Tracker(tmp_path, _cfg(), {}, total_rounds=3)
+        t.log(_line(0))
+        logging.getLogger("fleet.runtime.driver").info("round 1: a line of progress")
+        t.log(_line(1))
+        t.finish({"rounds": 2})
+        assert console in logging.root.handlers  # handed back when the bar goes
+        logging.getLogger("fleet.runtime.driver").info("after the bar")
+    finally:
+        logging.root.removeHandler(console)
+        logging.root.setLevel(old_level)
+    err = capsys.readouterr().err
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what a terminal leaves visible
+    assert "round 1: a line of progress" in shown, err
+    assert "after the bar" in shown
+    assert any("2/3" in s for s in err.split("\r"))  # the bar was drawn on the same stream

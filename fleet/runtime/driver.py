@@ -152,6 +152,7 @@ def train(
         log.info("%s", header(cfg, pop, infos, num_params, build_s, run_dir))
         log.info("%s", cluster_line(cfg, started))
         tracker = Tracker(run_dir, cfg, config_dict, cfg.train.rounds)
+        actors.callback(tracker.close_console)  # also when the run fails: the console comes back
         tracker.bar.update(first)
         current = [x for x in lines if not x.get("superseded")]  # the resumed run's rounds so far
         tracker.released = sum(bool(x["released"]) for x in current)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fleet.atomic import jsonable as _jsonable
 from fleet.atomic import write_json
@@ -90,6 +92,16 @@ class Tracker:
         self.bar = tqdm(
             total=total_rounds, desc="rounds", unit="rd", disable=not cfg.progress, dynamic_ncols=True
         )
+        # While the bar is up, the console's log lines (Hydra's handler on the root logger, in a
+        # multirun too) go through tqdm: each on its own line above the bar, never into it.
+        self._console = ExitStack()
+        if cfg.progress:
+            self._console.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+
+    def close_console(self) -> None:
+        """Hand the console back to the logging handlers and take the bar down (idempotent)."""
+        self._console.close()
+        self.bar.close()
 
     def log(self, line: dict) -> None:
         self.metrics.write(json.dumps(_jsonable(line), sort_keys=True) + "\n")
@@ -128,7 +140,7 @@ class Tracker:
                 pass
 
     def finish(self, summary: dict) -> None:
-        self.bar.close()
+        self.close_console()
         write_json(self.run_dir / "summary.json", summary)
         self.metrics.close()
         if self.wandb is not None:
