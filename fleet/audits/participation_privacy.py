@@ -20,7 +20,7 @@ from fleet.audits.participation_groups import merge, safe_ratio, sum_over_groups
 from fleet.phones.availability import HOUR
 from fleet.phones.participation import ATTRIBUTES, RATIO_EDGES, bin_index, epsilons
 from fleet.privacy.accountant import ORDERS, rdp_epsilon, round_rdp
-from fleet.privacy.mechanisms import mechanism_class, run_delta
+from fleet.privacy.mechanisms import cohort_size, mechanism_class, run_delta
 from fleet.privacy.sampled import SampledRelease, neighbouring, noise_plan
 from fleet.round.calls import call_all
 
@@ -81,7 +81,7 @@ def privacy_section(
         return rdp_epsilon(r_count * round_rdp(SampledRelease(0, p.sampling, min(1.0, q), 0, 0, z)), delta)
 
     nominal = textbook(f.goal / pop)
-    k = min(math.ceil(f.goal * f.overselect), pop)
+    k = min(cohort_size(f), pop)
     out: dict[str, Any] = {
         "dp": True,
         "delta": delta,

@@ -26,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.privacy.mechanisms import cohort_size
+
 
 @dataclass
 class Verdict:
@@ -214,10 +216,10 @@ def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
                 f"{reason}: {n / len(abandoned):,.0f} of a round's selected devices on average "
                 f"({DROP_ADVICE.get(reason, DROP_ADVICE['failure'])})"
             )
-    if available < math.ceil(f.goal * f.overselect):
+    if available < cohort_size(f):
         causes.append(
             f"too few devices available: {available:,.0f} a round on average for a cohort of "
-            f"{math.ceil(f.goal * f.overselect)} (lower fleet.goal)"
+            f"{cohort_size(f)} (lower fleet.goal)"
         )
     causes.append(f"{reported:.0f} reports on average against min_reports {_min_reports(f)}")
     return head + ": " + "; ".join(causes)

@@ -191,7 +191,7 @@ class GaussianFedAvg(Mechanism):
         delta = args.delta if args.delta is not None else default_delta(args.population)
         if delta >= 1.0 / args.population:
             raise ArgumentError(f"--delta: {delta:g} is not below 1 / population = {1 / args.population:.3g}")
-        k = math.ceil(args.goal * args.overselect) if args.overselect else args.goal
+        k = cohort_size(args) if args.overselect else args.goal
         q = min(1.0, k / args.population)
         # Under replace-one (fixed_size) the sum's sensitivity is 2S: the accounted multiplier is z/2.
         scale = 1.0 / sampled.sampling(args.sampling).sum_sensitivity
