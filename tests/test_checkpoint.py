@@ -136,23 +136,23 @@ def test_nan_update_dropped_and_sum_unaffected():
         results.append((res, ids))
     (good, ids), (poisoned, _) = results
     odd = ids % 2 == 1
-    assert poisoned["invalid"] == odd.sum() > 0
-    assert poisoned["count"] == (~odd).sum()
+    assert poisoned.invalid == odd.sum() > 0
+    assert poisoned.count == (~odd).sum()
     # The poisoned sum equals the honest sum over the even devices alone.
     even_only = tiny_mean("fleet.failure_prob_mean=0", "fleet.min_reports=1")
     shard = ShardCore(even_only, 0, 0, even_only.fleet.population)
     shard.check_in(0, 0.0)
     shard.plan(0, 0.0, 600.0, np.arange(40))
     ref = shard.train(0, 0.0, np.zeros(even_only.task.mean_dim, np.float32), ~odd, 0.5)
-    np.testing.assert_allclose(poisoned["sum"], ref["sum"], rtol=1e-12)
-    assert np.all(np.isfinite(poisoned["sum"]))
+    np.testing.assert_allclose(poisoned.sum, ref.sum, rtol=1e-12)
+    assert np.all(np.isfinite(poisoned.sum))
     # ... and the honest run is the even devices' sum plus the odd ones': the poison removed
     # exactly the odd devices' contributions, nothing else.
     shard.check_in(0, 0.0)
     shard.plan(0, 0.0, 600.0, np.arange(40))
     odd_only = shard.train(0, 0.0, np.zeros(even_only.task.mean_dim, np.float32), odd, 0.5)
-    assert good["count"] == 40 and np.linalg.norm(odd_only["sum"]) > 0
-    np.testing.assert_allclose(good["sum"], ref["sum"] + odd_only["sum"], rtol=1e-9)
+    assert good.count == 40 and np.linalg.norm(odd_only.sum) > 0
+    np.testing.assert_allclose(good.sum, ref.sum + odd_only.sum, rtol=1e-9)
 
 
 def test_device_reporting_twice_counts_once():
@@ -161,8 +161,8 @@ def test_device_reporting_twice_counts_once():
     shard.check_in(0, 0.0)
     shard.plan(0, 0.0, 600.0, np.arange(10))
     res = shard.train(0, 0.0, np.zeros(cfg.task.mean_dim, np.float32), np.ones(10, bool), 1.0)
-    assert res["count"] == 10
-    assert np.linalg.norm(res["sum"]) <= 10 * 1.0 + 1e-9
+    assert res.count == 10
+    assert np.linalg.norm(res.sum) <= 10 * 1.0 + 1e-9
 
 
 def _contains_any(obj, ids: set[int], seen: set[int] | None = None) -> bool:

@@ -45,9 +45,9 @@ def test_outage_of_one_time_zone_removes_exactly_those_devices_in_its_window():
     n = s2.check_in(0, 0.0)
     plan = s2.plan(0, 0.0, 1e6, np.arange(n))
     tz_sel = s2.cols["tz_offset_hours"][s2._selected]
-    out = plan["reason"] == Reason.OUTAGE
+    out = plan.reason == Reason.OUTAGE
     assert out.sum() > 0 and np.all(tz_sel[out] == 3.0)
-    assert not np.any(plan["reason"][tz_sel == 0.0] == Reason.OUTAGE)
+    assert not np.any(plan.reason[tz_sel == 0.0] == Reason.OUTAGE)
 
 
 def _completion_rate(overselect: float) -> float:
@@ -83,18 +83,18 @@ def test_wasted_compute_is_the_job_flops_of_trained_but_uncounted_devices():
     total = shard.check_in(0, 0.0)
     ranks = coord.sampler.draw(0, total, 30)
     plan = shard.plan(0, 0.0, cfg.fleet.deadline_s, ranks)
-    arrived = np.flatnonzero(plan["reason"] == Reason.REPORTED)
-    order = arrived[np.argsort(plan["arrival"][arrived], kind="stable")]
+    arrived = np.flatnonzero(plan.reason == Reason.REPORTED)
+    order = arrived[np.argsort(plan.arrival[arrived], kind="stable")]
     accepted, late = order[:15], order[15:]
     ids = shard.cols["device_id"][shard._selected]
     invalid = accepted[ids[accepted] % 2 == 1]
-    expect = plan["flops"][late].sum() + plan["flops"][invalid].sum()
+    expect = plan.flops[late].sum() + plan.flops[invalid].sum()
     assert line["dropped"]["after_goal"] == len(late) > 0
     assert line["dropped"]["invalid"] == len(invalid) > 0
     assert line["wasted_flops"] == pytest.approx(expect, rel=1e-12)
     # aborted: the share of each dropped job done before it dropped, in FLOPs
-    dropped = plan["reason"] != Reason.REPORTED
-    aborted = (plan["flops"] * plan["done"])[dropped].sum()
+    dropped = plan.reason != Reason.REPORTED
+    aborted = (plan.flops * plan.done)[dropped].sum()
     assert aborted > 0 and line["aborted_flops"] == pytest.approx(aborted, rel=1e-12)
 
 
@@ -130,8 +130,8 @@ def test_battery_aborts_long_jobs_more_often():
     shard = ShardCore(cfg, 0, 0, cfg.fleet.population)
     n = shard.check_in(0, 0.0)
     plan = shard.plan(0, 0.0, 1e7, np.arange(n))
-    compute = plan["flops"] / shard.cols["flops"][shard._selected]
-    died = plan["reason"] == Reason.BATTERY
+    compute = plan.flops / shard.cols["flops"][shard._selected]
+    died = plan.reason == Reason.BATTERY
     assert 0 < died.sum() < n
     assert np.median(compute[died]) > 2 * np.median(compute[~died])
 
@@ -146,10 +146,10 @@ def test_failure_spike_hits_only_jobs_in_its_window():
     shard = ShardCore(cfg, 0, 0, cfg.fleet.population)
     n = shard.check_in(0, 0.0)
     before = shard.plan(0, 0.0, 600.0, np.arange(n))
-    assert not np.any(before["reason"] == Reason.FAILURE)
+    assert not np.any(before.reason == Reason.FAILURE)
     n = shard.check_in(1, 5.2 * HOUR)
     during = shard.plan(1, 5.2 * HOUR, 5.2 * HOUR + 600, np.arange(n))
-    assert np.mean(during["reason"] == Reason.FAILURE) > 0.8
+    assert np.mean(during.reason == Reason.FAILURE) > 0.8
 
 
 def test_active_hours_force_rounds_into_the_band():

@@ -299,13 +299,13 @@ def test_sensitivity_huge_update_moves_sum_by_at_most_s():
     shard.plan(0, 0.0, 600.0, np.arange(min(n, 7)))
     params = np.zeros(cfg.task.mean_dim, dtype=np.float32)
     accepted = np.ones(len(shard._selected), dtype=bool)
-    full = shard.train(0, 0.0, params, accepted, 0.5)["sum"]
+    full = shard.train(0, 0.0, params, accepted, 0.5).sum
     for leave_out in range(len(accepted)):
         shard.check_in(0, 0.0)
         shard.plan(0, 0.0, 600.0, np.arange(min(n, 7)))
         acc = accepted.copy()
         acc[leave_out] = False
-        partial = shard.train(0, 0.0, params, acc, 0.5)["sum"]
+        partial = shard.train(0, 0.0, params, acc, 0.5).sum
         assert np.linalg.norm(full - partial) <= 0.5 + 1e-9
 
 

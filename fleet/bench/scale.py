@@ -40,6 +40,7 @@ import psutil
 from fleet.bench.fleet import GIB, bench_config, session_pss_by_process
 from fleet.config import Config, DataConfig, ModelConfig, TaskConfig
 from fleet.privacy.mechanisms import validate
+from fleet.round.protocol import JobPlan, TrainReport
 from fleet.round.shard import ShardCore
 
 MIB = 1024**2
@@ -178,13 +179,13 @@ class _MeteredShard(ShardCore):
     def check_in(self, round_idx: int, t: float) -> int:
         return self._meter("check_in", (round_idx, t), super().check_in(round_idx, t))
 
-    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> dict:
+    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> JobPlan:
         result = super().plan(round_idx, t, deadline, local_ranks)
         return self._meter("plan", (round_idx, t, deadline, local_ranks), result)
 
     def train(
         self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
-    ) -> dict:
+    ) -> TrainReport:
         result = super().train(round_idx, t, params, accepted, clip_norm)
         return self._meter("train", (round_idx, t, accepted, clip_norm), result)
 

@@ -36,6 +36,7 @@ from fleet.privacy import mechanisms
 from fleet.privacy.mechanisms import ShardSums
 from fleet.round import checkpoint
 from fleet.round.calls import ShardCrash, call_all
+from fleet.round.protocol import TrainReport, merge_mix
 from fleet.round.sampling import Sampler, split_ranks
 from fleet.round.server import ServerOptimizer
 from fleet.round.shard import NORM_BINS, ShardCore
@@ -192,11 +193,11 @@ class Coordinator:
         deadline = t + f.deadline_s
         t0 = time.perf_counter()
         plans = call_all(self.shards, "plan", [(r, t, deadline, lr) for lr in local])
-        restarts = self._check_incarnations([p["incarnation"] for p in plans])
-        arrival = np.concatenate([p["arrival"] for p in plans]) if plans else np.zeros(0)
-        reason = np.concatenate([p["reason"] for p in plans]) if plans else np.zeros(0, np.int8)
-        flops = np.concatenate([p["flops"] for p in plans]) if plans else np.zeros(0)
-        done = np.concatenate([p["done"] for p in plans]) if plans else np.zeros(0)
+        restarts = self._check_incarnations([p.incarnation for p in plans])
+        arrival = np.concatenate([p.arrival for p in plans]) if plans else np.zeros(0)
+        reason = np.concatenate([p.reason for p in plans]) if plans else np.zeros(0, np.int8)
+        flops = np.concatenate([p.flops for p in plans]) if plans else np.zeros(0)
+        done = np.concatenate([p.done for p in plans]) if plans else np.zeros(0)
         # Ties in arrival go to the lower global rank: the concatenation is in rank order.
         order = np.argsort(arrival, kind="stable")
         n_arrived = int(np.count_nonzero(reason == Reason.REPORTED))
@@ -231,13 +232,13 @@ class Coordinator:
                 "train",
                 [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], mech.clip_norm) for i in range(n)],
             )
-            restarts += self._check_incarnations([res["incarnation"] for res in results])
+            restarts += self._check_incarnations([res.incarnation for res in results])
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
-            reported = int(sum(res["count"] for res in results))
-            invalid = int(sum(res["invalid"] for res in results))
-            invalid_flops = float(sum(res["invalid_flops"] for res in results))
-            reported_mix = _merge_mix([res["mix"] for res in results])
+            reported = int(sum(res.count for res in results))
+            invalid = int(sum(res.invalid for res in results))
+            invalid_flops = float(sum(res.invalid_flops for res in results))
+            reported_mix = merge_mix([res.mix for res in results])
             metrics.update(self._aggregate(r, results, reported))
             t_agg = time.perf_counter() - t0
 
@@ -248,7 +249,7 @@ class Coordinator:
             "sim_time": t,
             "hour_of_day": (t / 3600.0) % 24.0,
             "available": total,
-            "waiting_for_limit": int(sum(p["waiting"] for p in plans)),
+            "waiting_for_limit": int(sum(p.waiting for p in plans)),
             "selected": int(len(ranks)),
             "q": cohort.q,
             "reported": reported if not abandoned else n_accepted,
@@ -263,7 +264,7 @@ class Coordinator:
             "aborted_flops": float(
                 (flops * done)[(reason != Reason.REPORTED) & (reason != Reason.AFTER_GOAL)].sum()
             ),
-            "mix": {"selected": _merge_mix([p["mix"] for p in plans]), "reported": reported_mix},
+            "mix": {"selected": merge_mix([p.mix for p in plans]), "reported": reported_mix},
             "epsilon": mech.epsilon(),
             "clip_norm": mech.clip_norm,
             "timing": {
@@ -299,18 +300,18 @@ class Coordinator:
 
         return ray.put(params)
 
-    def _aggregate(self, r: int, results: list[dict], reported: int) -> dict:
+    def _aggregate(self, r: int, results: list[TrainReport], reported: int) -> dict:
         """Sum the shards' clipped sums and hand them to the mechanism, which releases the round
         (noise, model step, ledger and accountant); the rest is telemetry."""
-        total = np.sum([res["sum"] for res in results], axis=0)
+        total = np.sum([res.sum for res in results], axis=0)
         out: dict[str, Any] = {
-            "train_loss": sum(res["loss_sum"] for res in results) / max(reported, 1),
-            "update_norm_mean": sum(res["norm_sum"] for res in results) / max(reported, 1),
+            "train_loss": sum(res.loss_sum for res in results) / max(reported, 1),
+            "update_norm_mean": sum(res.norm_sum for res in results) / max(reported, 1),
             "clipped_sum_norm": float(np.linalg.norm(total)),
         }
-        hist = np.sum([res["norm_hist"] for res in results], axis=0)
+        hist = np.sum([res.norm_hist for res in results], axis=0)
         out["update_norm_median"] = _hist_quantile(hist, 0.5)
-        unclipped = int(sum(res["unclipped"] for res in results))
+        unclipped = int(sum(res.unclipped for res in results))
         out.update(self.mechanism.release(r, ShardSums(total, reported, unclipped)))
         return out
 
@@ -394,16 +395,6 @@ class Coordinator:
     def privacy_summary(self) -> dict:
         """The epsilon and, beside it, what it covers, under which mechanism and assumptions."""
         return self.mechanism.summary()
-
-
-def _merge_mix(mixes: list[dict]) -> dict:
-    """Sum the shards' time-zone and speed counts."""
-    tz: dict[str, int] = {}
-    for m in mixes:
-        for k, v in m["tz"].items():
-            tz[k] = tz.get(k, 0) + v
-    speed = np.sum([m["speed"] for m in mixes], axis=0).astype(int).tolist() if mixes else []
-    return {"tz": tz, "speed": speed}
 
 
 def reason_name(code: int) -> str:

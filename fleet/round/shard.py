@@ -26,6 +26,7 @@ from fleet.privacy.clipping import clip
 from fleet.privacy.mechanisms import limit_rounds
 from fleet.round import checkpoint
 from fleet.round.devices import corpus_defines_devices
+from fleet.round.protocol import JobPlan, Mix, TrainReport
 
 NEVER = np.iinfo(np.int32).min // 2  # the release index of a device never counted
 
@@ -122,7 +123,7 @@ class ShardCore:
         self._selected = self._available[:0]
         return int(len(self._available))
 
-    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> dict:
+    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> JobPlan:
         """Map ranks to devices and plan their jobs; returns arrays in rank order, no ids."""
         self._expect(round_idx, "plan")
         idx = self._available[np.asarray(local_ranks, dtype=np.int64)]
@@ -157,15 +158,7 @@ class ShardCore:
         done = np.where(
             reason == Reason.REPORTED, 1.0, np.clip((stop - t) / np.maximum(duration, 1e-9), 0, 1)
         )
-        return {
-            "arrival": arrival,
-            "reason": reason,
-            "flops": flops,
-            "done": done,
-            "mix": self._mix(idx),
-            "waiting": self._waiting,
-            "incarnation": self.incarnation,
-        }
+        return JobPlan(arrival, reason, flops, done, self._mix(idx), self._waiting, self.incarnation)
 
     def _expect(self, round_idx: int, what: str) -> None:
         if self._round is None:
@@ -173,7 +166,7 @@ class ShardCore:
         if round_idx != self._round:
             raise RuntimeError(f"shard {self.index}: {what} for round {round_idx} without check-in")
 
-    def _mix(self, idx: np.ndarray) -> dict:
+    def _mix(self, idx: np.ndarray) -> Mix:
         """Time-zone and speed make-up of a set of devices, as counts (no ids)."""
         tz, counts = np.unique(self.cols["tz_offset_hours"][idx], return_counts=True)
         speed = np.histogram(np.log10(self.cols["flops"][idx].astype(np.float64)), bins=SPEED_BINS)[0]
@@ -181,7 +174,7 @@ class ShardCore:
 
     def train(
         self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
-    ) -> dict:
+    ) -> TrainReport:
         """Train the accepted devices, clip each update, return one sum and aggregate stats."""
         self._expect(round_idx, "train")
         accepted = np.asarray(accepted, dtype=bool)
@@ -217,37 +210,37 @@ class ShardCore:
         ok[np.asarray(counted, dtype=np.int64)] = True
         done, bad = idx[ok], idx[~ok]  # bad: trained (or missing) but invalid, never in the sum
         self._took_part(round_idx, t, idx)
-        return {
-            "sum": total,
-            "count": len(done),
-            "invalid": len(bad),
-            "invalid_flops": float(self.task.job_flops(self.cols["num_examples"][bad]).sum()),
-            "mix": self._mix(done),
-            "loss_sum": loss_sum,
-            "norm_sum": norm_sum,
-            "unclipped": unclipped,
-            "norm_hist": norm_hist,
-            "incarnation": self.incarnation,
-        }
+        return TrainReport(
+            sum=total,
+            count=len(done),
+            invalid=len(bad),
+            invalid_flops=float(self.task.job_flops(self.cols["num_examples"][bad]).sum()),
+            mix=self._mix(done),
+            loss_sum=loss_sum,
+            norm_sum=norm_sum,
+            unclipped=unclipped,
+            norm_hist=norm_hist,
+            incarnation=self.incarnation,
+        )
 
-    def _dry(self, idx: np.ndarray, dim: int) -> dict:
+    def _dry(self, idx: np.ndarray, dim: int) -> TrainReport:
         """A dry run's training (fleet-plan): every device sent the model returns a zero update,
         valid and within the clip, so the round's counts, participation and journal are a real
         run's whose updates were all valid, at no cost per device."""
         hist = np.zeros(len(NORM_BINS) - 1, dtype=np.int64)
         hist[0] = len(idx)
-        return {
-            "sum": np.zeros(dim, dtype=np.float64),
-            "count": len(idx),
-            "invalid": 0,
-            "invalid_flops": 0.0,
-            "mix": self._mix(idx),
-            "loss_sum": 0.0,
-            "norm_sum": 0.0,
-            "unclipped": len(idx),
-            "norm_hist": hist,
-            "incarnation": self.incarnation,
-        }
+        return TrainReport(
+            sum=np.zeros(dim, dtype=np.float64),
+            count=len(idx),
+            invalid=0,
+            invalid_flops=0.0,
+            mix=self._mix(idx),
+            loss_sum=0.0,
+            norm_sum=0.0,
+            unclipped=len(idx),
+            norm_hist=hist,
+            incarnation=self.incarnation,
+        )
 
     def _took_part(self, round_idx: int, t: float, idx: np.ndarray) -> None:
         """Every device sent the model has taken part, whatever it returned: were an invalid update
