@@ -23,6 +23,8 @@ The coordinator never sees a device id: only counts, ranks, arrival times and su
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from fleet.privacy import mechanisms
 from fleet.privacy.mechanisms import ShardSums
 from fleet.round import checkpoint
 from fleet.round.calls import ShardCrash, call_all
+from fleet.round.closing import Closing, close_cohort
 from fleet.round.protocol import TrainReport, merge_mix
 from fleet.round.sampling import Sampler, split_ranks
 from fleet.round.server import ServerOptimizer
@@ -168,118 +171,78 @@ class Coordinator:
         return out
 
     def _round(self, r: int, t: float) -> dict:
+        """Check-in, the secret sample, the plans, how the cohort closes, training and the
+        release, in that order (docs/ARCHITECTURE.md, steps 1-6); returns the round's line."""
         f = self.cfg.fleet
-        n = len(self.shards)
         mech = self.mechanism
-
-        t0 = time.perf_counter()
-        counts = call_all(self.shards, "check_in", [(r, t, mech.releases)] * n)
-        t_checkin = time.perf_counter() - t0
+        timing = dict.fromkeys(("checkin_s", "sampling_s", "plan_s", "training_s", "aggregation_s"), 0.0)
+        with _timed(timing, "checkin_s"):
+            counts = call_all(self.shards, "check_in", [(r, t, mech.releases)] * len(self.shards))
         total = int(sum(counts))
-
         stop = mech.begin(r, total)
         if stop is not None:
             return {"round": r, "stop": stop, "epsilon": mech.epsilon()}
-
-        t0 = time.perf_counter()
-        cohort = mech.cohort(total)
-        if cohort.poisson:
-            ranks = self.sampler.draw_poisson(r, total, cohort.q)
-        else:
-            ranks = self.sampler.draw(r, total, cohort.size)
-        local = split_ranks(ranks, counts)
-        t_sampling = time.perf_counter() - t0
-
-        deadline = t + f.deadline_s
-        t0 = time.perf_counter()
-        plans = call_all(self.shards, "plan", [(r, t, deadline, lr) for lr in local])
-        restarts = self._check_incarnations([p.incarnation for p in plans])
-        arrival = np.concatenate([p.arrival for p in plans]) if plans else np.zeros(0)
-        reason = np.concatenate([p.reason for p in plans]) if plans else np.zeros(0, np.int8)
-        flops = np.concatenate([p.flops for p in plans]) if plans else np.zeros(0)
-        done = np.concatenate([p.done for p in plans]) if plans else np.zeros(0)
-        # Ties in arrival go to the lower global rank: the concatenation is in rank order.
-        order = np.argsort(arrival, kind="stable")
-        n_arrived = int(np.count_nonzero(reason == Reason.REPORTED))
-        accepted = reason == Reason.REPORTED
-        if cohort.closes_on_goal:  # the first `goal` arrivals count; a Poisson cohort is not capped
-            accepted = np.zeros(len(arrival), dtype=bool)
-            accepted[order[: min(f.goal, n_arrived)]] = True
-            reason[(reason == Reason.REPORTED) & ~accepted] = Reason.AFTER_GOAL
-        n_accepted = int(accepted.sum())
-        goal_time = float(arrival[order[f.goal - 1]]) if n_arrived >= f.goal else None
-        if cohort.closes_on_goal:
-            close = goal_time if goal_time is not None else deadline
-        elif np.any(reason == Reason.DEADLINE) or n_arrived == 0:
-            close = deadline  # a round that does not close on its goal waits for every selected device
-        else:
-            close = float(arrival[accepted].max())
-        t_plan = time.perf_counter() - t0
-
-        abandoned = n_accepted < min_reports(f)
+        with _timed(timing, "sampling_s"):
+            cohort = mech.cohort(total)
+            if cohort.poisson:
+                ranks = self.sampler.draw_poisson(r, total, cohort.q)
+            else:
+                ranks = self.sampler.draw(r, total, cohort.size)
+            local = split_ranks(ranks, counts)
+        with _timed(timing, "plan_s"):
+            plans = call_all(self.shards, "plan", [(r, t, t + f.deadline_s, lr) for lr in local])
+            restarts = self._check_incarnations([p.incarnation for p in plans])
+            closing = close_cohort(plans, cohort.closes_on_goal, f.goal, t + f.deadline_s)
+        abandoned = closing.n_accepted < min_reports(f)
+        results: list[TrainReport] = []
         metrics: dict[str, Any] = {}
-        t_train = t_agg = 0.0
-        invalid = 0
-        invalid_flops = 0.0
-        reported = 0
-        reported_mix: dict = {}
         if not abandoned:
-            t0 = time.perf_counter()
-            sizes = np.cumsum([0] + [len(x) for x in local])
-            params_arg = self._broadcast(mech.params)
-            results = call_all(
-                self.shards,
-                "train",
-                [(r, t, params_arg, accepted[sizes[i] : sizes[i + 1]], mech.clip_norm) for i in range(n)],
-            )
+            with _timed(timing, "training_s"):
+                results = self._train(r, t, local, closing.accepted)
             restarts += self._check_incarnations([res.incarnation for res in results])
-            t_train = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            reported = int(sum(res.count for res in results))
-            invalid = int(sum(res.invalid for res in results))
-            invalid_flops = float(sum(res.invalid_flops for res in results))
-            reported_mix = merge_mix([res.mix for res in results])
-            metrics.update(self._aggregate(r, results, reported))
-            t_agg = time.perf_counter() - t0
+            with _timed(timing, "aggregation_s"):
+                metrics = self._aggregate(r, results, int(sum(res.count for res in results)))
+        line = {"round": r, "sim_time": t, "hour_of_day": (t / 3600.0) % 24.0, "available": total}
+        line.update(self._telemetry(t, closing, results, abandoned))
+        line.update({"selected": int(len(ranks)), "q": cohort.q, "epsilon": mech.epsilon()})
+        line.update({"clip_norm": mech.clip_norm, "timing": timing, **metrics})
+        if restarts:  # Ray restarted a shard between calls; it restored itself, the round went on
+            line["shard_restarts"] = restarts
+        self.clock = closing.close + f.round_interval_s
+        return line
 
+    def _train(self, r: int, t: float, local: list[np.ndarray], accepted: np.ndarray) -> list[TrainReport]:
+        """Every shard trains the accepted devices among the ranks it was sent, from one
+        broadcast copy of the weights, and clips with the mechanism's norm."""
+        sizes = np.cumsum([0] + [len(x) for x in local])
+        params = self._broadcast(self.mechanism.params)
+        clip_norm = self.mechanism.clip_norm
+        args = [(r, t, params, accepted[sizes[i] : sizes[i + 1]], clip_norm) for i in range(len(local))]
+        return call_all(self.shards, "train", args)
+
+    @staticmethod
+    def _telemetry(t: float, closing: Closing, results: list[TrainReport], abandoned: bool) -> dict:
+        """The round's funnel, drop reasons, duration and compute: un-noised telemetry."""
+        reason, flops = closing.reason, closing.flops
         dropped = {reason_name(c): int(np.count_nonzero(reason == c)) for c in Reason if c != Reason.REPORTED}
-        dropped["invalid"] = invalid
-        line = {
-            "round": r,
-            "sim_time": t,
-            "hour_of_day": (t / 3600.0) % 24.0,
-            "available": total,
-            "waiting_for_limit": int(sum(p.waiting for p in plans)),
-            "selected": int(len(ranks)),
-            "q": cohort.q,
-            "reported": reported if not abandoned else n_accepted,
+        dropped["invalid"] = int(sum(res.invalid for res in results))
+        aborted = (reason != Reason.REPORTED) & (reason != Reason.AFTER_GOAL)
+        late = float(flops[reason == Reason.AFTER_GOAL].sum())
+        reported_mix = merge_mix([x.mix for x in results]) if results else {}
+        return {
+            "waiting_for_limit": closing.waiting,
+            "reported": int(sum(res.count for res in results)) if not abandoned else closing.n_accepted,
             "dropped": dropped,
             "abandoned": bool(abandoned),
             "released": not abandoned,
-            "round_duration_s": close - t,
-            "time_to_goal_s": goal_time - t if goal_time is not None else None,
+            "round_duration_s": closing.close - t,
+            "time_to_goal_s": closing.goal_time - t if closing.goal_time is not None else None,
             # Compute the real fleet would spend on jobs that trained but were not counted
             # (late arrivals, invalid updates), and on jobs that aborted part-way.
-            "wasted_flops": float(flops[reason == Reason.AFTER_GOAL].sum()) + invalid_flops,
-            "aborted_flops": float(
-                (flops * done)[(reason != Reason.REPORTED) & (reason != Reason.AFTER_GOAL)].sum()
-            ),
-            "mix": {"selected": merge_mix([p.mix for p in plans]), "reported": reported_mix},
-            "epsilon": mech.epsilon(),
-            "clip_norm": mech.clip_norm,
-            "timing": {
-                "checkin_s": t_checkin,
-                "sampling_s": t_sampling,
-                "plan_s": t_plan,
-                "training_s": t_train,
-                "aggregation_s": t_agg,
-            },
+            "wasted_flops": late + float(sum(res.invalid_flops for res in results)),
+            "aborted_flops": float((flops * closing.done)[aborted].sum()),
+            "mix": {"selected": closing.mix, "reported": reported_mix},
         }
-        line.update(metrics)
-        if restarts:  # Ray restarted a shard between calls; it restored itself, the round went on
-            line["shard_restarts"] = restarts
-        self.clock = close + f.round_interval_s
-        return line
 
     def _check_incarnations(self, seen: list[str]) -> int:
         """Count shards that Ray restarted since the last call (each restored itself from its
@@ -395,6 +358,16 @@ class Coordinator:
     def privacy_summary(self) -> dict:
         """The epsilon and, beside it, what it covers, under which mechanism and assumptions."""
         return self.mechanism.summary()
+
+
+@contextmanager
+def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    """Wall seconds of a phase of the round, into `timing[key]` (telemetry)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] = time.perf_counter() - t0
 
 
 def reason_name(code: int) -> str:
