@@ -19,10 +19,9 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fleet.audits import participation
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.round import checkpoint
 from fleet.round.devices import fleet_size
 from fleet.round.shard import ShardCore
@@ -43,7 +42,7 @@ def load_lines(run_dir: Path) -> list[dict]:
     return lines
 
 
-def rebuild_shards(cfg: Any, run_dir: Path) -> tuple[list[ShardCore], int | None]:
+def rebuild_shards(cfg: Config, run_dir: Path) -> tuple[list[ShardCore], int | None]:
     """In-process shards of the run, with the participation state of its last committed checkpoint.
 
     Returns the shards and the checkpoint's round (None without a checkpoint: the shards then hold

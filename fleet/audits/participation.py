@@ -43,6 +43,7 @@ from scipy import stats
 from fleet.atomic import write_json
 from fleet.audits.participation_groups import groups_of, merge, safe_ratio, sum_over_groups
 from fleet.audits.participation_privacy import privacy_section
+from fleet.config import Config
 from fleet.phones import population
 from fleet.phones.participation import (
     attribute_bins,
@@ -61,7 +62,7 @@ DeviceEvaluator = Callable[[np.ndarray, np.ndarray], Mapping[str, Any]]
 
 # ---- entry point -------------------------------------------------------------------------------
 def run_audit(
-    cfg: Any,
+    cfg: Config,
     shards: list[Any],
     lines: Sequence[dict],
     run_dir: str | Path,
@@ -242,7 +243,7 @@ def bias_section(st: dict, groups: dict[str, list[dict]]) -> dict:
 
 
 def holdout_devices(
-    cfg: Any, groups: dict[str, list[dict]], per_group: int, pop: int
+    cfg: Config, groups: dict[str, list[dict]], per_group: int, pop: int
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Held-out devices by group: rows past the end of the population, drawn from the configured
     distributions, so they are never in the fleet and never trained; up to `per_group` a group.

@@ -17,6 +17,7 @@ import numpy as np
 from dp_accounting import GaussianDpEvent, rdp
 
 from fleet.audits.participation_groups import merge, safe_ratio, sum_over_groups
+from fleet.config import Config
 from fleet.phones.availability import HOUR
 from fleet.phones.participation import ATTRIBUTES, RATIO_EDGES, bin_index, epsilons
 from fleet.privacy.accountant import ORDERS, rdp_epsilon, round_rdp
@@ -47,7 +48,7 @@ def gaussian_epsilons(z: float, most: int, delta: float, sampling: str = "poisso
 
 
 def privacy_section(
-    cfg: Any,
+    cfg: Config,
     shards: list[Any],
     pop: int,
     released: Sequence[dict],

@@ -35,6 +35,7 @@ import numpy as np
 from fleet.atomic import write_json
 from fleet.audits.participation_groups import merge
 from fleet.audits.participation_privacy import distribution, rounds_rdp
+from fleet.config import Config
 from fleet.phones.participation import epsilons
 from fleet.privacy.accountant import ORDERS, round_rdp
 from fleet.privacy.calibrate import noise_for_ledger, smallest_z
@@ -111,7 +112,7 @@ def after_training(run: Any) -> None:
     run.summary["plan"] = headline(plan)
 
 
-def make_plan(cfg: Any, shards: list, lines: list[dict], summary: dict, run_dir: Path) -> dict:
+def make_plan(cfg: Config, shards: list, lines: list[dict], summary: dict, run_dir: Path) -> dict:
     p, f = cfg.privacy, cfg.fleet
     cls = mechanism_class(p)
     released = [x for x in lines if x.get("released")]
@@ -180,7 +181,9 @@ def _accounted(p: Any, goal: int) -> Any:
     return z_acc
 
 
-def _devices(cfg: Any, shards: list, times: np.ndarray, q: np.ndarray, delta: float, z_acc: float) -> Devices:
+def _devices(
+    cfg: Config, shards: list, times: np.ndarray, q: np.ndarray, delta: float, z_acc: float
+) -> Devices:
     """Each availability pattern over the released rounds and its epsilon at `z_acc`, computed in
     the shards (the participation audit's `schedule_privacy`) and merged across them."""
     curves = rounds_rdp(cfg.privacy.sampling, q, z_acc)[0]
@@ -196,7 +199,7 @@ def _devices(cfg: Any, shards: list, times: np.ndarray, q: np.ndarray, delta: fl
 
 
 def _device_z(
-    cfg: Any, shards: list, devices: Devices, z_acc: Any, target: float, share: float
+    cfg: Config, shards: list, devices: Devices, z_acc: Any, target: float, share: float
 ) -> tuple[float, float]:
     """The smallest z whose device at `share` of the fleet has epsilon <= target.
 
@@ -226,7 +229,7 @@ def _device_z(
 
 
 def calibrate(
-    cfg: Any,
+    cfg: Config,
     cls: Any,
     shards: list,
     pop: int,
@@ -258,7 +261,7 @@ def calibrate(
     }
 
 
-def shape(cfg: Any, lines: list[dict], released: list[dict], st: dict) -> dict:
+def shape(cfg: Config, lines: list[dict], released: list[dict], st: dict) -> dict:
     """How the deployment unfolds: time, rounds, reports, who trains."""
     f = cfg.fleet
     hist = np.asarray(st["count_hist"], dtype=np.float64)
@@ -285,7 +288,7 @@ def shape(cfg: Any, lines: list[dict], released: list[dict], st: dict) -> dict:
     }
 
 
-def _curves(cfg: Any, released: list[dict], devices: Devices | None, z_acc: Any) -> dict:
+def _curves(cfg: Config, released: list[dict], devices: Devices | None, z_acc: Any) -> dict:
     """Epsilon after each released round: the headline, and the median and worst devices' with the
     textbook's (q = cohort / population every round) for a mechanism resting on sampling."""
     out: dict[str, Any] = {"round": [x["round"] for x in released]}
@@ -303,7 +306,7 @@ def _curves(cfg: Any, released: list[dict], devices: Devices | None, z_acc: Any)
     return out
 
 
-def _textbook_rdp(cfg: Any, devices: Devices, z_acc: float) -> np.ndarray:
+def _textbook_rdp(cfg: Config, devices: Devices, z_acc: float) -> np.ndarray:
     """The textbook epsilon by RDP after each released round: q = cohort / population every round."""
     q = min(1.0, cohort_size(cfg.fleet) / devices.counts.sum())
     one = round_rdp(SampledRelease(0, cfg.privacy.sampling, q, 0, 0, z_acc))

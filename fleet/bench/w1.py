@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def w1_tokens(device_id: int) -> np.ndarray:
 class W1Task:
     """The W1 workload as a fleet task (`task.name = "fleet.bench.w1:W1Task"`)."""
 
-    def __init__(self, cfg: Any, role: str):
+    def __init__(self, cfg: Config, role: str):
         self.cfg = cfg
         nbytes = float(model_bytes(cfg.model))
         self.cost = JobCost(download_bytes=nbytes, upload_bytes=nbytes)

@@ -9,7 +9,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.config.schema import ConfigError, DropoutConfig, FleetConfig
+from fleet.config.schema import Config, ConfigError, DropoutConfig, FleetConfig
 
 
 def check_known_keys(obj: Any, prefix: str = "") -> None:
@@ -124,7 +124,7 @@ def validate_fleet(f: FleetConfig, key: str = "fleet") -> None:
         _check(bool(a.trace_path), f"{ak}.trace_path", "required when availability.model=trace")
 
 
-def validate_data(cfg: Any) -> None:
+def validate_data(cfg: Config) -> None:
     """Semantic checks on cfg.data (with cfg.model); raises ConfigError naming the key."""
     d = cfg.data
 
@@ -172,7 +172,7 @@ def validate_dropout(d: DropoutConfig, key: str = "dropout") -> None:
         )
 
 
-def validate_memorization(cfg: Any, key: str = "memorization") -> None:
+def validate_memorization(cfg: Config, key: str = "memorization") -> None:
     """Canary settings; the fleet's capacity for them is checked when the plan is drawn."""
     m = cfg.memorization
     _choice(m.secret_dist, f"{key}.secret_dist", ("unigram", "uniform"))
@@ -202,7 +202,7 @@ def validate_memorization(cfg: Any, key: str = "memorization") -> None:
     _check(m.track_references >= 1, f"{key}.track_references", f"must be >= 1 (got {m.track_references})")
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Config) -> None:
     """Check a composed config (dataclass or DictConfig) before anything is started: everything but
     the privacy mechanism's own settings, which its class checks
     (`fleet.privacy.mechanisms.validate` runs both)."""

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from fleet.config import ModelConfig
 from fleet.learning.data.vocab import NUM_SPECIAL, PAD
 
 # The id space is fleet.learning.data.vocab's (pad=0, bos=1, eos=2, oov=3, words from 4); named here for
@@ -67,7 +68,7 @@ class ModelShape:
                 raise ValueError(f"model.{name}: must be >= 1 (got {getattr(self, name)})")
 
     @classmethod
-    def from_config(cls, mcfg: Any) -> ModelShape:
+    def from_config(cls, mcfg: ModelConfig) -> ModelShape:
         """The shape of `fleet.config.ModelConfig`; the special tokens are added to the vocabulary."""
         return cls(
             vocab_total=int(mcfg.vocab_size) + SPECIAL_TOKENS,
@@ -184,7 +185,7 @@ class NWPModel(nn.Module):
         return torch.stack(outs, dim=1) @ self.embedding.t()
 
 
-def build_model(mcfg: Any) -> NWPModel:
+def build_model(mcfg: ModelConfig) -> NWPModel:
     """The model of a `fleet.config.ModelConfig` (its vocabulary plus the special tokens)."""
     s = ModelShape.from_config(mcfg)
     return NWPModel(s.vocab_total, s.embed_dim, s.hidden_dim, s.proj_dim, s.cell, float(mcfg.init_scale))
@@ -213,16 +214,16 @@ def set_flat(model: nn.Module, flat: np.ndarray) -> None:
         offset += n
 
 
-def flops_per_example(mcfg: Any) -> float:
+def flops_per_example(mcfg: ModelConfig) -> float:
     """Training FLOPs of one sequence: forward + backward = 3 x forward, 2 FLOPs a multiply-add."""
     return 6.0 * mcfg.seq_len * ModelShape.from_config(mcfg).matmul_macs_per_token()
 
 
-def job_flops(mcfg: Any, num_examples: np.ndarray, epochs: int) -> np.ndarray:
+def job_flops(mcfg: ModelConfig, num_examples: np.ndarray, epochs: int) -> np.ndarray:
     """FLOPs of each device's local job (float64, one per device): what the timing model divides."""
     return flops_per_example(mcfg) * float(epochs) * np.asarray(num_examples, dtype=np.float64)
 
 
-def model_bytes(mcfg: Any) -> int:
+def model_bytes(mcfg: ModelConfig) -> int:
     """Bytes of the float32 weights: the download size, and the upload size of a dense update."""
     return 4 * ModelShape.from_config(mcfg).num_params()

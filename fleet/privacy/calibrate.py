@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleet.config import Config
 
 
 def ledger_epsilon(
-    cls: Any, cfg: Any, population: int, releases: list, kind: str, delta: float, z: float
+    cls: Any, cfg: Config, population: int, releases: list, kind: str, delta: float, z: float
 ) -> float:
     """Epsilon of the run's released rounds had its noise multiplier been z."""
     z0 = cfg.privacy.noise_multiplier
@@ -43,7 +46,7 @@ def smallest_z(eps: Any, target: float, start: float, rtol: float = 1e-4) -> flo
 
 
 def noise_for_ledger(
-    cls: Any, cfg: Any, population: int, releases: list, kind: str, delta: float, target: float
+    cls: Any, cfg: Config, population: int, releases: list, kind: str, delta: float, target: float
 ) -> float:
     """The smallest z whose ledger, the same released rounds, recomputes to at most `target`."""
     if cfg.privacy.noise_multiplier <= 0:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import min_reports
+from fleet.config import Config, min_reports
 from fleet.learning.tasks import make_task
 from fleet.phones import dropout
 from fleet.phones.timing import Reason
@@ -55,7 +55,7 @@ PRIVATE_KEYS = {"round", "released", "abandoned", "clip_norm", "incident", "stop
 class Coordinator:
     """Runs rounds over the shards. Usable in-process (tests) or as a Ray actor (`fleet-train`)."""
 
-    def __init__(self, cfg: Any, shards: list[Any], population: int, state_dir: str | None = None):
+    def __init__(self, cfg: Config, shards: list[Any], population: int, state_dir: str | None = None):
         self.cfg = cfg
         self.shards = shards
         self.state_dir = Path(state_dir) if state_dir else None

@@ -3,20 +3,18 @@ population; known before any actor starts (the driver, the planner and the audit
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.phones import population
 
 
-def corpus_defines_devices(cfg: Any) -> bool:
+def corpus_defines_devices(cfg: Config) -> bool:
     """With an Arrow corpus (and no Parquet population) the corpus's devices are the fleet."""
     return cfg.task.name == "nwp" and cfg.data.name == "arrow" and not cfg.fleet.path
 
 
-def fleet_size(cfg: Any) -> int:
+def fleet_size(cfg: Config) -> int:
     """Number of devices: a Parquet population's rows, an Arrow corpus's devices, or the config's."""
     if corpus_defines_devices(cfg):
         from fleet.learning.data.corpus import make_corpus

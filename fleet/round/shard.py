@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import ConfigError, FleetConfig
+from fleet.config import Config, ConfigError, FleetConfig
 from fleet.learning.tasks import make_task
 from fleet.phones import availability, dropout, population
 from fleet.phones import participation as participation_shard
@@ -51,7 +51,7 @@ class ShardCore:
     """
 
     def __init__(
-        self, cfg: Any, index: int, start: int, stop: int, t0: float = 0.0, state_dir: str | None = None
+        self, cfg: Config, index: int, start: int, stop: int, t0: float = 0.0, state_dir: str | None = None
     ):
         self.cfg = cfg
         self.state_dir = Path(state_dir) if state_dir else None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import ConfigError, config_from_dict
+from fleet.config import Config, ConfigError, config_from_dict
 from fleet.privacy.mechanisms import check_population, prepare, validate
 from fleet.round import checkpoint
 from fleet.round.devices import fleet_size
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def _summary(
-    cfg: Any,
+    cfg: Config,
     lines: list[dict],
     stop_reason: str,
     pop: int,
@@ -104,7 +104,7 @@ class _Loop:
 
 
 def train(
-    cfg: Any,
+    cfg: Config,
     run_dir: str | Path,
     config_dict: dict | None = None,
     on_round: Callable[[dict, list, Any], None] | None = None,
@@ -157,7 +157,7 @@ def train(
 
 
 def _prepare(
-    cfg: Any, run_dir: Path, config_dict: dict | None, overrides: list[str] | None
+    cfg: Config, run_dir: Path, config_dict: dict | None, overrides: list[str] | None
 ) -> tuple[Any, Path, dict, int]:
     """Everything checked before anything starts: the resumed run's config, the mechanism's
     rules, a W&B login, the population; the run directory and its config written."""
@@ -190,7 +190,7 @@ def _prepare(
 
 
 def _run_rounds(
-    cfg: Any,
+    cfg: Config,
     run_dir: Path,
     first: int,
     loop: _Loop,
@@ -253,7 +253,14 @@ def _run_rounds(
 
 
 def _finish(
-    cfg: Any, run_dir: Path, pop: int, loop: _Loop, summary: dict, final: dict, shards: list, coordinator: Any
+    cfg: Config,
+    run_dir: Path,
+    pop: int,
+    loop: _Loop,
+    summary: dict,
+    final: dict,
+    shards: list,
+    coordinator: Any,
 ) -> None:
     """The summary's parts from the coordinator (final evaluation, incidents, privacy), the
     abandonment diagnosis, and the audits, unless the run was interrupted or lost shards."""

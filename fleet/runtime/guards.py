@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.config import Config
 from fleet.privacy.mechanisms import cohort_size
 
 
@@ -180,7 +181,7 @@ DROP_ADVICE = {
 }
 
 
-def abandonment(lines: list[dict], cfg: Any, population: int) -> str | None:
+def abandonment(lines: list[dict], cfg: Config, population: int) -> str | None:
     """Why a run abandoned more than half its rounds, and what to change; None otherwise."""
     rounds = [x for x in lines if "abandoned" in x]
     crashed = [x for x in rounds if x["abandoned"] and x.get("incident")]

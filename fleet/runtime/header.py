@@ -4,12 +4,12 @@ come from its class, `fleet.privacy.mechanisms`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from fleet.config import Config
 from fleet.privacy.mechanisms import mechanism_class
 
 
-def header(cfg: Any, pop: int, infos: list[dict], num_params: int, build_s: float, run_dir: Path) -> str:
+def header(cfg: Config, pop: int, infos: list[dict], num_params: int, build_s: float, run_dir: Path) -> str:
     """What is about to run, in a few lines: the fleet as built, the model, the mechanism."""
     engines = sorted({i["engine"] for i in infos if i.get("engine")})
     f = cfg.fleet

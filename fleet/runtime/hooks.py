@@ -12,7 +12,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleet.config import Config
 
 # Before the actors start (what the shards must read when they are built).
 BEFORE_START = ("fleet.audits.memorization:before_start",)
@@ -33,7 +36,7 @@ class Run:
     model on given held-out devices; during training, the round just logged and a way to fetch
     the released weights (fetched only by a hook that needs them)."""
 
-    cfg: Any
+    cfg: Config
     run_dir: Path
     shards: list[Any] = field(default_factory=list)
     lines: list[dict] = field(default_factory=list)

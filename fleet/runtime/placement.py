@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.phones import population
 from fleet.round.coordinator import Coordinator
 from fleet.round.shard import remote_shard_class
@@ -19,7 +19,7 @@ from fleet.round.shard import remote_shard_class
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: Any, run_dir: Path | None = None) -> bool:
+def init_ray(cfg: Config, run_dir: Path | None = None) -> bool:
     """Start a local Ray sized by config, or join `ray.address`. Returns True if we started it."""
     import ray
 
@@ -153,7 +153,7 @@ def foreign_cluster(session_dir: str | Path) -> str | None:
     return f"process {tail} started it with ray.init and is still running ({' '.join(args)[:80]})"
 
 
-def shard_count(cfg: Any, pop: int) -> int:
+def shard_count(cfg: Config, pop: int) -> int:
     """`ray.shards`, or as many shards as the cluster's CPUs (and GPUs, if shards take them) hold."""
     import ray
 
@@ -167,7 +167,7 @@ def shard_count(cfg: Any, pop: int) -> int:
     return max(1, min(n, pop))
 
 
-def shard_bundle(cfg: Any) -> dict[str, float]:
+def shard_bundle(cfg: Config) -> dict[str, float]:
     """The resources one shard reserves: its placement-group bundle and its actor's request."""
     bundle = {"CPU": float(cfg.ray.cpus_per_shard)}
     if cfg.ray.gpus_per_shard:
@@ -175,7 +175,7 @@ def shard_bundle(cfg: Any) -> dict[str, float]:
     return bundle
 
 
-def reserve_shards(cfg: Any, n: int) -> Any:
+def reserve_shards(cfg: Config, n: int) -> Any:
     """A placement group of one bundle per shard, spread over the cluster's nodes.
 
     SPREAD puts bundles on distinct nodes where it can and several on one node where shards
@@ -209,7 +209,7 @@ def reserve_shards(cfg: Any, n: int) -> Any:
 
 
 def start_actors(
-    cfg: Any, pop: int, state_dir: Path | None = None, placement_group: Any = None
+    cfg: Config, pop: int, state_dir: Path | None = None, placement_group: Any = None
 ) -> tuple[list[Any], Any]:
     """Create the shard actors (contiguous id ranges), one per bundle of `placement_group`
     (reserved here, for the Ray session's lifetime, if not given: `fleet_actors` releases it),
@@ -263,7 +263,7 @@ def _ready(actors: list[Any]) -> None:
 
 
 @contextmanager
-def fleet_actors(cfg: Any, pop: int, state_dir: Path | None = None) -> Iterator[tuple[list[Any], Any]]:
+def fleet_actors(cfg: Config, pop: int, state_dir: Path | None = None) -> Iterator[tuple[list[Any], Any]]:
     """`start_actors` in a placement group of its own; on exit the actors and the group go, so the
     next job of a sweep (or test) sharing this Ray session finds the resources free again."""
     import ray
@@ -282,7 +282,7 @@ def fleet_actors(cfg: Any, pop: int, state_dir: Path | None = None) -> Iterator[
         remove_placement_group(pg)
 
 
-def cluster_line(cfg: Any, started: bool) -> str:
+def cluster_line(cfg: Config, started: bool) -> str:
     """Which Ray this run is on: its address, nodes, CPUs and GPUs, and whether this run started
     it or joined it (`ray.address`), so a run never lands on someone else's cluster unsaid."""
     import ray

@@ -14,7 +14,7 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -22,6 +22,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fleet.atomic import jsonable as _jsonable
 from fleet.atomic import write_json
 from fleet.runtime.runs import HEADLINE
+
+if TYPE_CHECKING:
+    from fleet.config import Config
 
 
 def wandb_logged_in() -> bool:
@@ -59,7 +62,7 @@ def wandb_values(d: dict) -> dict:
 class Tracker:
     """Writes metrics.jsonl, mirrors each line to W&B, and keeps the progress bar."""
 
-    def __init__(self, run_dir: Path, cfg: Any, config_dict: dict, total_rounds: int):
+    def __init__(self, run_dir: Path, cfg: Config, config_dict: dict, total_rounds: int):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)

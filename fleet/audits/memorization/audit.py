@@ -27,7 +27,7 @@ from fleet.audits.memorization.plan import (
 from fleet.audits.memorization.scoring import measure
 from fleet.audits.memorization.statistics import ALPHA, INTERVAL, TEST, above_control, mean_interval
 from fleet.audits.memorization.track import TRACK_PLOT_FILE, read_track
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.learning.data.canaries import CanaryPlan
 from fleet.learning.data.vocab import NUM_SPECIAL
 from fleet.round import checkpoint
@@ -93,7 +93,7 @@ def final_recall(run_dir: Path, summary: dict | None) -> float | None:
     return None if value is None else float(value)
 
 
-def run_audit(run_dir: str | Path, cfg: Any, figures: bool = True, summary: dict | None = None) -> dict:
+def run_audit(run_dir: str | Path, cfg: Config, figures: bool = True, summary: dict | None = None) -> dict:
     """Audit the final model of a run with canaries; writes memorization.json/.csv/.png there.
 
     R, the samples, the bootstrap and the beam width are cfg.memorization's (change them on a
@@ -278,14 +278,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def arm(cfg: Any) -> str:
+def arm(cfg: Config) -> str:
     """The arm of the comparison a run is: no DP, clipping alone (z = 0), or DP with noise."""
     if not cfg.privacy.enabled:
         return "no DP"
     return "clip only" if cfg.privacy.noise_multiplier == 0 else "DP"
 
 
-def run_label(run_dir: Path, cfg: Any) -> str:
+def run_label(run_dir: Path, cfg: Config) -> str:
     """`no DP`, or the privacy option, noise multiplier and the last epsilon in metrics.jsonl
     (the audit at the end of training runs before summary.json is written)."""
     if not cfg.privacy.enabled:

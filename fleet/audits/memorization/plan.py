@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fleet import rng
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.learning.data.canaries import CanaryPlan
 from fleet.learning.data.vocab import NUM_SPECIAL
 from fleet.phones import population
@@ -29,7 +29,7 @@ AUDIT_STREAM = "canary_audit"
 _ROW_CHUNK = 1 << 10
 
 
-def planted(cfg: Any) -> bool:
+def planted(cfg: Config) -> bool:
     """Whether the config plants canaries (any memorization option but `none`)."""
     return bool(cfg.memorization.groups)
 
@@ -50,7 +50,7 @@ def draw_words(g: np.random.Generator, p: np.ndarray, shape: tuple[int, ...]) ->
     return (np.minimum(idx, len(p) - 1) + NUM_SPECIAL).astype(np.int32)
 
 
-def make_plan(cfg: Any, corpus: Any) -> CanaryPlan:
+def make_plan(cfg: Config, corpus: Any) -> CanaryPlan:
     """Draw the canaries and their devices, reproducibly from (seed, config)."""
     m = cfg.memorization
     g = np.random.default_rng([cfg.seed, rng.stream_id(PLAN_STREAM)])
@@ -95,7 +95,7 @@ def _word_ids(corpus: Any, words: Sequence[str]) -> np.ndarray:
 
 
 def _choose_devices(
-    cfg: Any, corpus: Any, g: np.random.Generator, demands: list[tuple[int, int]]
+    cfg: Config, corpus: Any, g: np.random.Generator, demands: list[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct devices for each demand (count, minimum examples), in demand order.
 
@@ -143,7 +143,7 @@ def _choose_devices(
     return rows[sel], ids[sel], counts[sel]
 
 
-def _row_info(cfg: Any, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _row_info(cfg: Config, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(device id, examples, eligible) of population rows, as the shards build them.
 
     Mirrors `ShardCore.__init__`: a Parquet population or the generated one, with an Arrow
@@ -176,7 +176,7 @@ def plan_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / PLAN_DIR / PLAN_FILE
 
 
-def prepare(cfg: Any, run_dir: str | Path) -> Path | None:
+def prepare(cfg: Config, run_dir: str | Path) -> Path | None:
     """Before the actors start: write the run's canary plan (once; a resumed run keeps its plan)
     and point the shards at it through `memorization.plan_path`. None without canaries."""
     if not planted(cfg):

@@ -21,6 +21,7 @@ import numpy as np
 from fleet import rng
 from fleet.audits.memorization.plan import draw_words, plan_file, planted, word_distribution
 from fleet.audits.memorization.scoring import exposure_by_rank, log_perplexity, one_thread
+from fleet.config import Config
 from fleet.learning.data.canaries import CanaryPlan
 
 TRACK_FILE = "memorization_track.jsonl"
@@ -37,7 +38,7 @@ class _Tracker:
 _TRACKERS: dict[str, _Tracker] = {}
 
 
-def _tracker(run_dir: Path, cfg: Any) -> _Tracker:
+def _tracker(run_dir: Path, cfg: Config) -> _Tracker:
     key = str(run_dir)
     if key not in _TRACKERS:
         from fleet.learning.data.corpus import make_corpus

@@ -17,7 +17,7 @@ import numpy as np
 
 from fleet import rng
 from fleet.atomic import atomic_write_bytes
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.learning.data.vocab import BOS, EOS, PAD
 
 SUBSTITUTION_STREAM = "canary_substitution"  # which of a planted device's examples carry the canary
@@ -115,7 +115,7 @@ class CanaryCorpus:
         self._canary_of: dict[int, int] = {}
 
     @classmethod
-    def from_config(cls, cfg: Any, base: Any) -> CanaryCorpus:
+    def from_config(cls, cfg: Config, base: Any) -> CanaryCorpus:
         """The base corpus with the canaries of the plan that `prepare` wrote for this run."""
         return cls(base, cfg.memorization.plan_path)
 

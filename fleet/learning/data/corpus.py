@@ -12,11 +12,11 @@ targets count neither in the loss nor in recall (ids and specials: `fleet.learni
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from fleet.config import validate_data
+from fleet.config import Config, validate_data
 from fleet.learning.data.vocab import OOV, PAD
 
 
@@ -59,7 +59,7 @@ class FederatedCorpus(Protocol):
         """id -> token, specials "<pad>", "<bos>", "<eos>", "<oov>" first."""
 
 
-def make_corpus(cfg: Any) -> FederatedCorpus:
+def make_corpus(cfg: Config) -> FederatedCorpus:
     """The corpus named by cfg.data, for cfg.model's vocabulary and sequence length."""
     validate_data(cfg)
     if cfg.data.name == "arrow":

@@ -37,11 +37,10 @@ steps, each measured before its step's update.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
-from fleet.config import ConfigError
+from fleet.config import ConfigError, ModelConfig
 from fleet.learning.engines.batched import BatchedEngine
 from fleet.learning.engines.common import Engine
 from fleet.learning.engines.fused import FusedEngine
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "fused", "reference", "batched")
 
 
-def resolve_device(mcfg: Any, gpus: float = 0.0, engine: str = "auto") -> str:
+def resolve_device(mcfg: ModelConfig, gpus: float = 0.0, engine: str = "auto") -> str:
     """The torch device local training runs on: `model.device`, or with "auto" CUDA when this
     process was given a GPU (`ray.gpus_per_shard` > 0) and the engine can use it, else CPU."""
     want = str(mcfg.device)
@@ -84,7 +83,7 @@ def resolve_device(mcfg: Any, gpus: float = 0.0, engine: str = "auto") -> str:
 
 
 def make_engine(
-    mcfg: Any,
+    mcfg: ModelConfig,
     name: str = "auto",
     pad_id: int | None = PAD_ID,
     gpus: float = 0.0,

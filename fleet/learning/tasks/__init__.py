@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fleet.phones.timing import JobCost
+
+if TYPE_CHECKING:
+    from fleet.config import Config
 
 
 class Task(Protocol):
@@ -38,7 +41,7 @@ class Task(Protocol):
     # devices of similar size with it; which devices count, and their updates, do not change.
 
 
-def make_task(cfg: Any, role: str) -> Task:
+def make_task(cfg: Config, role: str) -> Task:
     """Build the configured task; `role` is "client" (in a shard) or "server" (coordinator)."""
     name = cfg.task.name
     if name == "mean":

@@ -8,16 +8,19 @@ global optimum is the example-weighted mean, and the held-out metric is the dist
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fleet import rng
 from fleet.phones.timing import JobCost
 
+if TYPE_CHECKING:
+    from fleet.config import Config
+
 
 class MeanTask:
-    def __init__(self, cfg: Any, role: str):
+    def __init__(self, cfg: Config, role: str):
         self.dim = cfg.task.mean_dim
         self.seed = cfg.seed
         self.epochs = cfg.train.client_epochs

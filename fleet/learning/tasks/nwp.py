@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fleet import rng
+from fleet.config import Config
 from fleet.learning.data.corpus import make_corpus, unigram_baseline_recall
 from fleet.learning.data.vocab import OOV, PAD
 from fleet.learning.model import build_model, get_flat, job_flops, model_bytes
@@ -22,7 +23,7 @@ EVAL_BATCH = 256
 
 
 class NWPTask:
-    def __init__(self, cfg: Any, role: str):
+    def __init__(self, cfg: Config, role: str):
         self.cfg = cfg
         self.mcfg = cfg.model
         self.seed = cfg.seed

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.config import validate as validate_settings
 from fleet.privacy.mechanisms.base import (
     Cohort,
@@ -55,14 +55,14 @@ def mechanism_class(privacy: Any) -> type[Mechanism]:
         raise ConfigError(f"privacy.mechanism: unknown value {name!r}; expected one of {names}") from None
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Config) -> None:
     """Every setting of a composed config, before anything starts: the config's own checks
     (`fleet.config.validate`), then the mechanism's, each error one line naming its key."""
     validate_settings(cfg)
     mechanism_class(cfg.privacy).validate(cfg)
 
 
-def check_population(cfg: Any, population: int) -> float:
+def check_population(cfg: Config, population: int) -> float:
     """The checks that need the population (known once the fleet or corpus is read), before
     start-up: delta below 1 / population and a reachable target. Returns the run's delta."""
     cls = mechanism_class(cfg.privacy)
@@ -73,18 +73,18 @@ def check_population(cfg: Any, population: int) -> float:
     return delta
 
 
-def prepare(cfg: Any) -> None:
+def prepare(cfg: Config) -> None:
     """The mechanism's slow set-up, on the driver before start-up (BLT: its strategy, cached)."""
     mechanism_class(cfg.privacy).prepare(cfg)
 
 
-def limit_rounds(cfg: Any) -> int:
+def limit_rounds(cfg: Config) -> int:
     """The participation limit in released rounds that the shards enforce."""
     return mechanism_class(cfg.privacy).limit_rounds(cfg)
 
 
 def build(
-    cfg: Any, population: int, init_params: np.ndarray, server: ServerFactory, state_dir: str | Path | None
+    cfg: Config, population: int, init_params: np.ndarray, server: ServerFactory, state_dir: str | Path | None
 ) -> Mechanism:
     """The run's mechanism, with its one noise source."""
     noise = NoiseSource(cfg.rng, cfg.seed)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 from fleet.privacy.ledger import LEDGER_FILE, Ledger
 from fleet.privacy.noise import NoiseSource
 
@@ -73,7 +73,7 @@ def choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     check(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
-def check_gaussian(cfg: Any) -> None:
+def check_gaussian(cfg: Config) -> None:
     """The settings every Gaussian mechanism reads: noise, clip, delta, budget, accountant."""
     p = cfg.privacy
     check(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
@@ -91,7 +91,7 @@ def check_gaussian(cfg: Any) -> None:
     choice(p.accountant, "privacy.accountant", ACCOUNTANTS)
 
 
-def check_delta_for(cfg: Any, population: int) -> float:
+def check_delta_for(cfg: Config, population: int) -> float:
     """The run's delta, refused unless below 1 / population: with delta >= 1/N a mechanism that
     publishes one random device's data in the clear meets the guarantee, so it promises nothing
     (and dp-accounting's conversions break down on such deltas)."""
@@ -121,7 +121,7 @@ class Cohort:
     closes_on_goal: bool
 
 
-def sampled_cohort(cfg: Any, available: int) -> Cohort:
+def sampled_cohort(cfg: Config, available: int) -> Cohort:
     """DP-FedAvg's cohort rule, which its no-DP and clip-only baselines share so that they differ
     from it in the noise alone: `poisson`, each available device with q_r = min(1, K / available_r)
     and every arrival before the deadline counted; `fixed_size`, exactly K and the first `goal`
@@ -165,7 +165,7 @@ class Mechanism(ABC):
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: Config,
         population: int,
         init_params: np.ndarray,
         noise: NoiseSource,
@@ -188,28 +188,28 @@ class Mechanism(ABC):
     # ---- settings (class level: checked before anything starts) ---------------------------
     @classmethod
     @abstractmethod
-    def validate(cls, cfg: Any) -> None:
+    def validate(cls, cfg: Config) -> None:
         """Every setting the mechanism reads, one line naming the key (ConfigError)."""
 
     @classmethod
-    def limit_rounds(cls, cfg: Any) -> int:
+    def limit_rounds(cls, cfg: Config) -> int:
         """The participation limit in released rounds that the shards enforce (0: none)."""
         return int(cfg.fleet.min_separation_rounds)
 
     @classmethod
-    def check_budget(cls, cfg: Any, population: int) -> None:
+    def check_budget(cls, cfg: Config, population: int) -> None:
         """Refuse, before start-up, settings no round can meet once the population is known."""
         return None
 
     @classmethod
-    def prepare(cls, cfg: Any) -> None:
+    def prepare(cls, cfg: Config) -> None:
         """Slow set-up worth doing once on the driver, before start-up, with its progress on the
         console (BLT optimizes its strategy and caches it): nothing by default."""
         return None
 
     @classmethod
     @abstractmethod
-    def header(cls, cfg: Any, population: int) -> list[str]:
+    def header(cls, cfg: Config, population: int) -> list[str]:
         """What the start-up header says of the mechanism: its first line names it."""
 
     @classmethod
@@ -218,12 +218,12 @@ class Mechanism(ABC):
         """A ledger line as this mechanism's release entry."""
 
     @classmethod
-    def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
+    def recompute(cls, cfg: Config, entries: list, kind: str, delta: float, interval: float) -> float:
         """Epsilon of a run's ledger under accountant `kind` (`fleet-privacy --run`)."""
         return math.inf
 
     @classmethod
-    def interval(cls, cfg: Any, population: int, accounted: float, delta: float) -> float:
+    def interval(cls, cfg: Config, population: int, accounted: float, delta: float) -> float:
         """The PLD discretisation interval a run with this accounted noise multiplier uses (the
         matrix mechanisms' PLD figure is exact and needs none)."""
         return 1e-4

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.config import Config
 from fleet.privacy import blt
 from fleet.privacy.accountant import pld_interval
 from fleet.privacy.mechanisms.base import (
@@ -86,7 +87,7 @@ class BLTFTRL(LimitedMechanism):
 
     name = "dp_blt"
 
-    def __init__(self, cfg: Any, population: int, init_params: np.ndarray, noise, server, state_dir):
+    def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         p, t = cfg.privacy, cfg.train
         self.clip_norm = p.clip_norm
@@ -104,13 +105,13 @@ class BLTFTRL(LimitedMechanism):
         self.accountant = BLTAccountant(p.accountant, self.delta, interval)
 
     @classmethod
-    def planned(cls, cfg: Any) -> blt.Strategy:
+    def planned(cls, cfg: Config) -> blt.Strategy:
         """The BLT for the planned rounds and the enforced limit (optimized once, then cached)."""
         return blt.strategy(cfg.train.rounds, cls.limit_rounds(cfg), cfg.privacy.blt_max_buffers)
 
     # ---- settings -------------------------------------------------------------------------
     @classmethod
-    def validate(cls, cfg: Any) -> None:
+    def validate(cls, cfg: Config) -> None:
         p = cfg.privacy
         check_gaussian(cfg)
         check(not p.adaptive, "privacy.adaptive", "adaptive clipping is not available with dp_blt")
@@ -121,11 +122,11 @@ class BLTFTRL(LimitedMechanism):
         )
 
     @classmethod
-    def prepare(cls, cfg: Any) -> None:
+    def prepare(cls, cfg: Config) -> None:
         cls.planned(cfg)
 
     @classmethod
-    def header(cls, cfg: Any, population: int) -> list[str]:
+    def header(cls, cfg: Config, population: int) -> list[str]:
         p, n, b = cfg.privacy, cfg.train.rounds, cls.limit_rounds(cfg)
         s = cls.planned(cfg)
         sens = blt.sensitivity_squared(s, n, b)
@@ -143,7 +144,7 @@ class BLTFTRL(LimitedMechanism):
         return BLTRelease(**d)
 
     @classmethod
-    def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
+    def recompute(cls, cfg: Config, entries: list, kind: str, delta: float, interval: float) -> float:
         return BLTAccountant(kind, delta, interval, list(entries)).epsilon()
 
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.config import Config
 from fleet.privacy import sampled
 from fleet.privacy.accountant import Accountant, epsilon_of, noise_for_epsilon, nominal_epsilon, pld_interval
 from fleet.privacy.mechanisms.base import (
@@ -55,7 +56,7 @@ class GaussianFedAvg(Mechanism):
     name = "dp_fedavg"
     amplified_by_sampling = True
 
-    def __init__(self, cfg: Any, population: int, init_params: np.ndarray, noise, server, state_dir):
+    def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         p, f = cfg.privacy, cfg.fleet
         self.server = server(init_params)
@@ -88,7 +89,7 @@ class GaussianFedAvg(Mechanism):
 
     # ---- settings -------------------------------------------------------------------------
     @classmethod
-    def validate(cls, cfg: Any) -> None:
+    def validate(cls, cfg: Config) -> None:
         p = cfg.privacy
         check_gaussian(cfg)
         choice(p.sampling, "privacy.sampling", tuple(sampled.SAMPLINGS))
@@ -112,7 +113,7 @@ class GaussianFedAvg(Mechanism):
             )
 
     @classmethod
-    def check_budget(cls, cfg: Any, population: int) -> None:
+    def check_budget(cls, cfg: Config, population: int) -> None:
         """A target epsilon below what one round costs even at the smallest q_r (every device
         available: K / population) is refused, naming the z that would allow the planned rounds."""
         p, f = cfg.privacy, cfg.fleet
@@ -136,7 +137,7 @@ class GaussianFedAvg(Mechanism):
             )
 
     @classmethod
-    def header(cls, cfg: Any, population: int) -> list[str]:
+    def header(cls, cfg: Config, population: int) -> list[str]:
         """The mechanism, then the textbook figure for the planned rounds, as `fleet-privacy` prints
         it for the same settings, and what the run accounts instead."""
         p, f = cfg.privacy, cfg.fleet
@@ -163,13 +164,13 @@ class GaussianFedAvg(Mechanism):
         return SampledRelease(**{k: entry[k] for k in fields})
 
     @classmethod
-    def interval(cls, cfg: Any, population: int, accounted: float, delta: float) -> float:
+    def interval(cls, cfg: Config, population: int, accounted: float, delta: float) -> float:
         """Forecast from the smallest q_r a round can have (every device available)."""
         q_floor = min(1.0, cohort_size(cfg.fleet) / population)
         return pld_interval(q_floor, accounted, cfg.train.rounds, delta)
 
     @classmethod
-    def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
+    def recompute(cls, cfg: Config, entries: list, kind: str, delta: float, interval: float) -> float:
         if kind == "pld" and cfg.privacy.sampling != "poisson":
             return math.nan  # dp-accounting has no PLD for it (see `validate`)
         return epsilon_of(entries, kind, delta, interval)
@@ -312,7 +313,7 @@ class GaussianFedAvg(Mechanism):
         return out
 
 
-def textbook_epsilon(cfg: Any, population: int, rounds: int) -> float:
+def textbook_epsilon(cfg: Config, population: int, rounds: int) -> float:
     """Epsilon of `rounds` releases at q = K / population (every device always available), as the
     run's accountant would account them: the figure a deployment plan usually quotes."""
     p, f = cfg.privacy, cfg.fleet

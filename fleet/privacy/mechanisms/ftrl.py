@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.config import Config
 from fleet.privacy import tree as tree_lib
 from fleet.privacy.accountant import pld_interval
 from fleet.privacy.ftrl_server import FTRLServer
@@ -44,7 +45,7 @@ class TreeFTRL(LimitedMechanism):
 
     name = "dp_ftrl"
 
-    def __init__(self, cfg: Any, population: int, init_params: np.ndarray, noise, server, state_dir):
+    def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         p, t = cfg.privacy, cfg.train
         self.clip_norm = p.clip_norm
@@ -63,7 +64,7 @@ class TreeFTRL(LimitedMechanism):
 
     # ---- settings -------------------------------------------------------------------------
     @classmethod
-    def validate(cls, cfg: Any) -> None:
+    def validate(cls, cfg: Config) -> None:
         p = cfg.privacy
         check_gaussian(cfg)
         check(p.restart_every >= 0, "privacy.restart_every", f"must be >= 0 (got {p.restart_every})")
@@ -76,7 +77,7 @@ class TreeFTRL(LimitedMechanism):
         )
 
     @classmethod
-    def header(cls, cfg: Any, population: int) -> list[str]:
+    def header(cls, cfg: Config, population: int) -> list[str]:
         p = cfg.privacy
         restart = f"a new tree every {p.restart_every} rounds" if p.restart_every else "one tree"
         return [
@@ -90,7 +91,7 @@ class TreeFTRL(LimitedMechanism):
         return TreeRelease(**{k: entry[k] for k in fields})
 
     @classmethod
-    def recompute(cls, cfg: Any, entries: list, kind: str, delta: float, interval: float) -> float:
+    def recompute(cls, cfg: Config, entries: list, kind: str, delta: float, interval: float) -> float:
         return TreeAccountant(kind, delta, interval, list(entries)).epsilon()
 
     @classmethod

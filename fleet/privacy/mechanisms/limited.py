@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fleet.config import Config
 from fleet.privacy.mechanisms.base import (
     ArgumentError,
     Cohort,
@@ -24,7 +25,7 @@ from fleet.privacy.mechanisms.base import (
 from fleet.privacy.segments import gaussian_epsilon
 
 
-def enforced_separation(cfg: Any) -> int:
+def enforced_separation(cfg: Config) -> int:
     """The participation limit in released rounds a mechanism without sampling rests on:
     `fleet.min_separation_rounds`, and `fleet.min_separation_hours` converted by the clock's worst
     case: a round lasts at most deadline_s + round_interval_s of simulated time, so two
@@ -45,11 +46,11 @@ class LimitedMechanism(Mechanism):
     limit: int
 
     @classmethod
-    def limit_rounds(cls, cfg: Any) -> int:
+    def limit_rounds(cls, cfg: Config) -> int:
         return enforced_separation(cfg)
 
     @classmethod
-    def check_budget(cls, cfg: Any, population: int) -> None:
+    def check_budget(cls, cfg: Config, population: int) -> None:
         """A target below what the first release costs (one Gaussian of multiplier z) is refused."""
         p = cfg.privacy
         if p.target_epsilon is None or p.noise_multiplier <= 0:

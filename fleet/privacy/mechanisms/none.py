@@ -11,10 +11,10 @@ rounds were released, so a resume counts them like any mechanism.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
+from fleet.config import Config
 from fleet.privacy.mechanisms.base import Cohort, Mechanism, ShardSums, choice, sampled_cohort
 from fleet.privacy.sampled import SAMPLINGS
 
@@ -33,17 +33,17 @@ class NoDP(Mechanism):
     name = "none"
     dp = False
 
-    def __init__(self, cfg: Any, population: int, init_params: np.ndarray, noise, server, state_dir):
+    def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         self.server = server(init_params)
 
     @classmethod
-    def validate(cls, cfg: Any) -> None:
+    def validate(cls, cfg: Config) -> None:
         """The sampling is the only privacy setting read."""
         choice(cfg.privacy.sampling, "privacy.sampling", tuple(SAMPLINGS))
 
     @classmethod
-    def header(cls, cfg: Any, population: int) -> list[str]:
+    def header(cls, cfg: Config, population: int) -> list[str]:
         return [
             f"no DP (privacy=none): DP-FedAvg's {cfg.privacy.sampling} sampling and sum over the goal, "
             "no clip, no noise"
