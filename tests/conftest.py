@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -99,6 +100,19 @@ def tiny_mean(*overrides: str) -> Config:
         "progress=false",
         "train.participation_audit=false",  # tested on its own (test_participation, test_run)
         *overrides,
+    )
+
+
+def participations_of(run_dir: Path) -> np.ndarray:
+    """Every device's participation count in a run's committed checkpoint (the shards' files), in
+    row order."""
+    from fleet.round import checkpoint
+
+    state = run_dir / checkpoint.STATE_DIR
+    saved = checkpoint.load_coordinator(state)
+    ranges = sorted({tuple(map(int, p.stem.split("_")[1:3])) for p in state.glob("shard_*_r*.npz")})
+    return np.concatenate(
+        [checkpoint.load_shard(state, a, b, saved["round"])["participations"] for a, b in ranges]
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_mean
+from conftest import participations_of, tiny_mean
 
 from fleet.config import ConfigError
 from fleet.round import checkpoint
@@ -277,15 +277,6 @@ def test_participation_times_are_exact_at_large_simulated_times():
     assert row in shard._available
 
 
-def _participations(run_dir: Path) -> np.ndarray:
-    state = run_dir / "state"
-    saved = checkpoint.load_coordinator(state)
-    ranges = sorted({tuple(map(int, p.stem.split("_")[1:3])) for p in state.glob("shard_*_r*.npz")})
-    return np.concatenate(
-        [checkpoint.load_shard(state, a, b, saved["round"])["participations"] for a, b in ranges]
-    )
-
-
 def test_shard_restarted_between_rounds_keeps_the_participation_limit(ray_session, tmp_path):
     """Ray restarts a killed shard before the next call reaches it, so no call fails: the shard
     must restore its participation record by itself, and the run counts the restart."""
@@ -314,7 +305,7 @@ def test_shard_restarted_between_rounds_keeps_the_participation_limit(ray_sessio
     summary = train(cfg, tmp_path / "run", on_round=kill_between_rounds)
     lines = _metrics(tmp_path / "run")
     assert summary["incidents"]["shard_restart"] >= 1 and all(x["released"] for x in lines)
-    participations = _participations(tmp_path / "run")
+    participations = participations_of(tmp_path / "run")
     assert participations.max() <= 1  # a forgetful shard would have let ~100 devices in again
     assert participations.sum() == sum(x["reported"] for x in lines)
 

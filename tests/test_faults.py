@@ -23,11 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from conftest import participations_of
 
 from fleet.privacy.ledger import LEDGER_FILE
 from fleet.round import checkpoint
@@ -110,13 +113,13 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster():
+@contextmanager
+def two_shard_nodes() -> Iterator[Cluster]:
+    """A head with no CPU and two one-CPU nodes, b and c, for the two shards; stopped after."""
     c = Cluster()
     try:
-        c.start("head")
-        c.start("b")
-        c.start("c")
+        for name in ("head", "b", "c"):
+            c.start(name)
         yield c
     finally:
         c.stop()
@@ -142,57 +145,48 @@ def _kill_a_shard_node_mid_round(c: Cluster, run: Path, p: subprocess.Popen) -> 
 
 
 def _outcome(run: Path) -> dict:
-    state = run / "state"
+    state = run / checkpoint.STATE_DIR
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    counts = [
-        np.load(sorted(state.glob(f"shard_{a}_{b}_r*.npz"))[-1])["participations"]
-        for a, b in sorted({tuple(map(int, f.stem.split("_")[1:3])) for f in state.glob("shard_*.npz")})
-    ]
     ledger = [json.loads(x) for x in (state / LEDGER_FILE).read_text().splitlines()]
     return {
         "lines": lines,
-        "counts": np.concatenate(counts),
+        "counts": participations_of(run),
         "ledger": ledger,
         "weights": checkpoint.released_model(checkpoint.load_coordinator(state)),
     }
 
 
 @pytest.mark.slow
-def test_losing_a_node_mid_round_with_and_without_a_spare(cluster, tmp_path):
+def test_losing_a_node_mid_round_with_and_without_a_spare(tmp_path):
     # With a spare node: the shard comes back on it within the run.
     spare = tmp_path / "spare"
     spare.mkdir()
-    cluster.start("d")
-    p = _fleet(cluster, spare, *RUN, f"ray.address={cluster.address}")
-    lost = _kill_a_shard_node_mid_round(cluster, spare / "run", p)
-    out, err = p.communicate(timeout=300)
+    with two_shard_nodes() as c:
+        c.start("d")
+        p = _fleet(c, spare, *RUN, f"ray.address={c.address}")
+        lost = _kill_a_shard_node_mid_round(c, spare / "run", p)
+        out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-4000:]
     assert "round 1: " in out + err and "the round was abandoned" in out + err, out[-3000:]  # console
     with_spare = _outcome(spare / "run")
 
-    # Without one: a new cluster of two nodes; the run stops with exit 3, a node joins, it resumes.
+    # Without one: the run stops with exit 3, a node joins, it resumes.
     none = tmp_path / "none"
     none.mkdir()
-    c2 = Cluster()
-    try:
-        c2.start("head")
-        c2.start("b")
-        c2.start("c")
+    with two_shard_nodes() as c:
         t0 = time.monotonic()
-        p = _fleet(c2, none, *RUN, f"ray.address={c2.address}", "ray.recovery_timeout_s=15")
-        _kill_a_shard_node_mid_round(c2, none / "run", p)
+        p = _fleet(c, none, *RUN, f"ray.address={c.address}", "ray.recovery_timeout_s=15")
+        _kill_a_shard_node_mid_round(c, none / "run", p)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 3, err[-4000:]
         last = err.strip().splitlines()[-1]
         assert "resume" in last and "Traceback" not in err, err[-4000:]
         assert time.monotonic() - t0 < 240
-        c2.start("d")
-        p = _fleet(c2, none, f"resume={none / 'run'}", "tracking=disabled", "progress=false")
+        c.start("d")
+        p = _fleet(c, none, f"resume={none / 'run'}", "tracking=disabled", "progress=false")
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-4000:]
-        resumed = _outcome(none / "run")
-    finally:
-        c2.stop()
+    resumed = _outcome(none / "run")
 
     for o in (with_spare, resumed):
         crashed = [x["round"] for x in o["lines"] if x.get("incident")]

@@ -189,21 +189,24 @@ class Coordinator:
             else:
                 ranks = self.sampler.draw(r, total, cohort.size)
             local = split_ranks(ranks, counts)
+        deadline = t + f.deadline_s
         with _timed(timing, "plan_s"):
-            plans = call_all(self.shards, "plan", [(r, t, t + f.deadline_s, lr) for lr in local])
+            plans = call_all(self.shards, "plan", [(r, t, deadline, lr) for lr in local])
             restarts = self._check_incarnations([p.incarnation for p in plans])
-            closing = close_cohort(plans, cohort.closes_on_goal, f.goal, t + f.deadline_s)
+            closing = close_cohort(plans, cohort.closes_on_goal, f.goal, deadline)
         abandoned = closing.n_accepted < min_reports(f)
         results: list[TrainReport] = []
         metrics: dict[str, Any] = {}
+        reported = closing.n_accepted  # an abandoned round: the arrivals it had, none trained
         if not abandoned:
             with _timed(timing, "training_s"):
                 results = self._train(r, t, local, closing.accepted)
             restarts += self._check_incarnations([res.incarnation for res in results])
+            reported = int(sum(res.count for res in results))
             with _timed(timing, "aggregation_s"):
-                metrics = self._aggregate(r, results, int(sum(res.count for res in results)))
+                metrics = self._aggregate(r, results, reported)
         line = {"round": r, "sim_time": t, "hour_of_day": (t / 3600.0) % 24.0, "available": total}
-        line.update(self._telemetry(t, closing, results, abandoned))
+        line.update(self._telemetry(t, closing, results, reported, abandoned))
         line.update({"selected": int(len(ranks)), "q": cohort.q, "epsilon": mech.epsilon()})
         line.update({"clip_norm": mech.clip_norm, "timing": timing, **metrics})
         if restarts:  # Ray restarted a shard between calls; it restored itself, the round went on
@@ -221,7 +224,9 @@ class Coordinator:
         return call_all(self.shards, "train", args)
 
     @staticmethod
-    def _telemetry(t: float, closing: Closing, results: list[TrainReport], abandoned: bool) -> dict:
+    def _telemetry(
+        t: float, closing: Closing, results: list[TrainReport], reported: int, abandoned: bool
+    ) -> dict:
         """The round's funnel, drop reasons, duration and compute: un-noised telemetry."""
         reason, flops = closing.reason, closing.flops
         dropped = {reason_name(c): int(np.count_nonzero(reason == c)) for c in Reason if c != Reason.REPORTED}
@@ -231,7 +236,7 @@ class Coordinator:
         reported_mix = merge_mix([x.mix for x in results]) if results else {}
         return {
             "waiting_for_limit": closing.waiting,
-            "reported": int(sum(res.count for res in results)) if not abandoned else closing.n_accepted,
+            "reported": reported,
             "dropped": dropped,
             "abandoned": bool(abandoned),
             "released": not abandoned,
