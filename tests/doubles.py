@@ -41,13 +41,18 @@ class SlowMean(MeanTask):
 
 class SlowMeanSaysWhere(SlowMean):
     """SlowMean that writes, into the directory $FLEET_TEST_WHERE, a file named for its process
-    holding the largest device id it trained (ids are row indices: which shard range it is), so
-    that a fault test can lose the node of a chosen shard."""
+    holding the round and the largest device id it is training (ids are row indices: which shard
+    range it is), so that a fault test can lose the node of a chosen shard. In round 1 the shard
+    of ids from 25,000 then holds (up to a minute) before its first update: a kill lands while it
+    trains, before it journals the round, never by chance of timing after."""
 
     def client_updates(self, params, device_ids, num_examples, round_idx) -> Iterator:
         where = os.environ.get("FLEET_TEST_WHERE")
         if where and len(device_ids):
-            Path(where, str(os.getpid())).write_text(str(int(np.max(device_ids))))
+            top = int(np.max(device_ids))
+            Path(where, str(os.getpid())).write_text(f"{round_idx} {top}")
+            if round_idx == 1 and top >= 25_000:
+                time.sleep(60)
         yield from super().client_updates(params, device_ids, num_examples, round_idx)
 
 

@@ -95,11 +95,14 @@ class Cluster:
                     pass
         return list(out.values())
 
-    def node_of_shard_1(self) -> str:
-        """The node whose processes include the one that trained shard 1's rows (ids from 25,000)."""
-        pids = {int(f.name) for f in (self.root / "where").iterdir() if int(f.read_text()) >= 25_000}
+    def node_training_shard_1(self, round_idx: int) -> str | None:
+        """The node whose processes include the one training shard 1's rows (ids from 25,000) in
+        round `round_idx`, or None before that training has begun."""
+        said = [(f, f.read_text().split()) for f in (self.root / "where").iterdir()]
+        said = [(f, w) for f, w in said if len(w) == 2]  # a file being written is read next time
+        pids = {int(f.name) for f, (r, top) in said if int(r) == round_idx and int(top) >= 25_000}
         names = [d.name for d in self.root.iterdir() if d.name != "where"]
-        return next(n for n in names if pids & {p.pid for p in self.processes(n)})
+        return next((n for n in names if pids & {p.pid for p in self.processes(n)}), None)
 
     def kill(self, name: str) -> None:
         for p in self.processes(name):
@@ -132,14 +135,14 @@ def _fleet(c: Cluster, cwd: Path, *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _kill_a_shard_node_mid_round(c: Cluster, run: Path, p: subprocess.Popen) -> str:
-    """Once round 0's line is out (round 1 takes seconds: SlowMean), lose shard 1's node."""
-    metrics = run / "metrics.jsonl"
+def _kill_a_shard_node_mid_round(c: Cluster, p: subprocess.Popen) -> str:
+    """Lose shard 1's node once it trains round 1 (where SlowMeanSaysWhere holds it): after round
+    0 is released and before shard 1 journals round 1, in every run."""
     end = time.monotonic() + 240
-    while time.monotonic() < end and not (metrics.exists() and metrics.read_text().strip()):
+    while time.monotonic() < end and (victim := c.node_training_shard_1(1)) is None:
         assert p.poll() is None, p.communicate()[1][-4000:]
         time.sleep(0.05)
-    victim = c.node_of_shard_1()
+    assert victim is not None, "shard 1 never trained round 1"
     c.kill(victim)
     return victim
 
@@ -164,7 +167,7 @@ def test_losing_a_node_mid_round_with_and_without_a_spare(tmp_path):
     with two_shard_nodes() as c:
         c.start("d")
         p = _fleet(c, spare, *RUN, f"ray.address={c.address}")
-        lost = _kill_a_shard_node_mid_round(c, spare / "run", p)
+        lost = _kill_a_shard_node_mid_round(c, p)
         out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-4000:]
     assert "round 1: " in out + err and "the round was abandoned" in out + err, out[-3000:]  # console
@@ -176,7 +179,7 @@ def test_losing_a_node_mid_round_with_and_without_a_spare(tmp_path):
     with two_shard_nodes() as c:
         t0 = time.monotonic()
         p = _fleet(c, none, *RUN, f"ray.address={c.address}", "ray.recovery_timeout_s=15")
-        _kill_a_shard_node_mid_round(c, none / "run", p)
+        _kill_a_shard_node_mid_round(c, p)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 3, err[-4000:]
         last = err.strip().splitlines()[-1]

@@ -136,21 +136,6 @@ def test_modules_stay_small():
     assert not over
 
 
-# Functions still longer than a screen, to split (issue 25); none may join them, and a split one
-# leaves the list (the test says so).
-LONG_FUNCTIONS = {
-    "fleet.bench.train.main",
-    "fleet.bench.scale.report",
-    "fleet.audits.memorization.audit.run_audit",
-    "fleet.audits.participation_privacy.privacy_section",
-    "fleet.config.validation.validate",
-    "fleet.phones.participation.schedule_privacy",
-    "fleet.runtime.guards.check",
-    "fleet.audits.participation.run_audit",
-    "fleet.audits.memorization.scoring.measure",
-}
-
-
 def test_functions_fit_on_a_screen():
     """About 60 lines at most (65 with the signature's wrapping), whole package."""
     over = set()
@@ -159,8 +144,7 @@ def test_functions_fit_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if node.end_lineno - node.lineno + 1 > 65:
                     over.add(f"{name}.{node.name}")
-    assert over - LONG_FUNCTIONS == set(), "split these"
-    assert LONG_FUNCTIONS - over == set(), "already short: take them off LONG_FUNCTIONS"
+    assert over == set(), "split these"
 
 
 def _mechanism_names() -> set[str]:

@@ -430,7 +430,7 @@ def train_in_process(cfg, run_dir):
     from fleet.runtime.hooks import Run
 
     run_dir.mkdir(parents=True)
-    mz.prepare(cfg, run_dir)
+    cfg = mz.prepare(cfg, run_dir)
     pop, state = cfg.fleet.population, str(run_dir / "state")
     shards = [ShardCore(cfg, i, a, b, state_dir=state) for i, (a, b) in enumerate(shard_ranges(pop, 2))]
     coordinator = Coordinator(cfg, shards, pop, state)

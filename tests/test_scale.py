@@ -74,3 +74,14 @@ def test_fast_diurnal_check_in_is_the_definition():
         np.testing.assert_array_equal(got, _diurnal_by_definition(av, t))
         idx = np.flatnonzero(got)
         assert len(idx) > 1000 and np.all(av.window_end(t, idx) > t)
+
+
+def test_the_scale_bench_meters_each_round_call():
+    """The bench's traffic table: bytes of every round call, pickled as Ray ships them, by phase,
+    and the weights once (the in-process metered shard keeps the real shard's call signatures)."""
+    from fleet.bench.scale import TINY, traffic
+
+    out = traffic(4000, 2, 10, TINY, 1)
+    assert set(out) == {"check_in", "plan", "train", "broadcast"}
+    assert all(v > 0 for v in out.values()), out
+    assert out["train"] > out["check_in"]  # a sum of updates outweighs two counts

@@ -91,10 +91,7 @@ def run_audit(
     timing: dict[str, float] = {}
     f = cfg.fleet
     released = [x for x in lines if x.get("released")]
-    t0 = time.perf_counter()
-    # Population histograms come with it, so it is asked even when participation is not reported.
-    st = merge(call_all(shards, "participation_stats", [()] * len(shards)))
-    timing["participation_s"] = time.perf_counter() - t0
+    st = _participation_stats(shards, timing)
     pop = int(st["devices"])  # the fleet that ran: a corpus's devices, a Parquet population's rows
     audit: dict[str, Any] = {
         "population": pop,
@@ -110,16 +107,44 @@ def run_audit(
         audit["bias"] = bias_section(st, groups)
     if evaluate_devices is not None:
         t0 = time.perf_counter()
-        held = holdout_devices(cfg, groups, holdout_per_group, pop)
-        callbacks = {
-            a: {label: functools.partial(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
-            for a, by in held.items()
-        }
-        audit.setdefault("bias", {})["metrics_by_group"] = group_metrics(callbacks)
+        metrics = _metrics_by_group(cfg, groups, pop, evaluate_devices, holdout_per_group)
+        audit.setdefault("bias", {})["metrics_by_group"] = metrics
         timing["evaluation_s"] = time.perf_counter() - t0
     max_observed = len(st["count_hist"]) - 1 if with_participation else None
     audit["privacy"] = privacy_section(cfg, shards, pop, released, groups, max_observed, cohort, timing)
-    out = Path(run_dir) / OUT_DIR
+    _write_outputs(audit, Path(run_dir) / OUT_DIR, figures, timing, wall0)
+    return audit
+
+
+def _participation_stats(shards: list[Any], timing: dict[str, float]) -> dict:
+    """The shards' participation aggregates, merged and timed. Population histograms come with
+    them, so they are asked even when participation is not reported."""
+    t0 = time.perf_counter()
+    st = merge(call_all(shards, "participation_stats", [()] * len(shards)))
+    timing["participation_s"] = time.perf_counter() - t0
+    return st
+
+
+def _metrics_by_group(
+    cfg: Config,
+    groups: dict[str, list[dict]],
+    pop: int,
+    evaluate_devices: DeviceEvaluator,
+    holdout_per_group: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The model's metrics on held-out devices of each group: one `evaluate_devices` call per
+    group, bound to its devices, so the bias section can set quality beside participation."""
+    held = holdout_devices(cfg, groups, holdout_per_group, pop)
+    callbacks = {
+        a: {label: functools.partial(evaluate_devices, ids, n) for label, (ids, n) in by.items()}
+        for a, by in held.items()
+    }
+    return group_metrics(callbacks)
+
+
+def _write_outputs(audit: dict, out: Path, figures: bool, timing: dict[str, float], wall0: float) -> None:
+    """Finish the audit's timing and write it: the figures (unless off), participation.json
+    (which carries the timing) and the summary lines in the log."""
     out.mkdir(parents=True, exist_ok=True)
     if figures:
         t0 = time.perf_counter()
@@ -130,7 +155,6 @@ def run_audit(
     write_json(out / "participation.json", audit)
     for text in summary_text(audit).splitlines():
         log.info(text)
-    return audit
 
 
 def after_training(run: Any) -> None:

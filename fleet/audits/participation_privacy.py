@@ -62,28 +62,55 @@ def privacy_section(
     cls = mechanism_class(p)
     if not cls.dp:
         return {"dp": False}
-    if not cls.amplified_by_sampling:  # no sampling assumption: every device has the run's figure
-        return {
-            "dp": True,
-            "mechanism": cls.name,
-            "every_device": True,
-            "delta": run_delta(p, pop),
-            "run": {
-                "epsilon": released[-1].get("epsilon") if released else 0.0,
-                "accountant": p.accountant,
-                "note": "no sampling assumption (the participation limit alone): every device's epsilon",
-            },
-        }
+    if not cls.amplified_by_sampling:
+        return _every_device_section(cfg, cls.name, pop, released)
     z = noise_plan(p, f.goal).accounted  # under the sampling's neighbouring relation
     delta = run_delta(p, pop)
+    out = _nominal_section(cfg, pop, released, cohort, z, delta)
+    if z <= 0 or len(released) == 0:
+        return out
+    limit = _participation_limit(cfg, released, max_observed, z, delta, out)
+    nominal = out["nominal"]["epsilon"]
+    eps, rounds, counts, rs = _real_schedule(cfg, shards, released, groups, cohort, z, delta, nominal, timing)
+    out["real_schedule"] = rs
+    if limit is not None:
+        # Both bounds hold for every device, so the smaller does; a device available in j rounds
+        # can take part in at most min(j, most) of them.
+        best = np.minimum(eps, limit[np.minimum(rounds, len(limit) - 1)])
+        out["participation_limit"]["per_device"] = distribution(best, counts, nominal)
+    return out
+
+
+def _every_device_section(cfg: Config, mechanism: str, pop: int, released: Sequence[dict]) -> dict:
+    """A mechanism with no sampling assumption gives every device the run's own figure, so the
+    section is that figure alone: no schedule to recompute."""
+    p = cfg.privacy
+    return {
+        "dp": True,
+        "mechanism": mechanism,
+        "every_device": True,
+        "delta": run_delta(p, pop),
+        "run": {
+            "epsilon": released[-1].get("epsilon") if released else 0.0,
+            "accountant": p.accountant,
+            "note": "no sampling assumption (the participation limit alone): every device's epsilon",
+        },
+    }
+
+
+def _nominal_section(
+    cfg: Config, pop: int, released: Sequence[dict], cohort: str, z: float, delta: float
+) -> dict[str, Any]:
+    """The section's head: the textbook epsilons (uniform q over the population, with and without
+    over-selection) that the per-device figures are set against, and the run's own headline."""
+    p, f = cfg.privacy, cfg.fleet
     r_count = len(released)
 
     def textbook(q: float) -> float:
         return rdp_epsilon(r_count * round_rdp(SampledRelease(0, p.sampling, min(1.0, q), 0, 0, z)), delta)
 
-    nominal = textbook(f.goal / pop)
     k = min(cohort_size(f), pop)
-    out: dict[str, Any] = {
+    return {
         "dp": True,
         "delta": delta,
         "noise_multiplier": p.noise_multiplier,
@@ -91,7 +118,7 @@ def privacy_section(
         "sampling": p.sampling,
         "cohort": cohort,
         "accountant": "rdp (per device; the run's headline used privacy.accountant)",
-        "nominal": {"epsilon": nominal, "q": f.goal / pop},
+        "nominal": {"epsilon": textbook(f.goal / pop), "q": f.goal / pop},
         "nominal_overselected": {"epsilon": textbook(k / pop), "q": k / pop},
         "run": {
             "epsilon": released[-1].get("epsilon") if released else 0.0,
@@ -99,26 +126,54 @@ def privacy_section(
             "note": "each round's q_r, a device available in every released round",
         },
     }
-    if z <= 0 or r_count == 0:
-        return out
-    limit = None
-    if f.min_separation_hours > 0:
-        span = released[-1]["sim_time"] - released[0]["sim_time"]
-        most = min(r_count, math.floor(span / (f.min_separation_hours * HOUR)) + 1)
-        limit = gaussian_epsilons(z, most, delta, p.sampling)
-        out["participation_limit"] = {
-            "separation_hours": f.min_separation_hours,
-            "max_participations": most,
-            "max_observed": max_observed,
-            "epsilon": float(limit[most]),
-        }
-    t0 = time.perf_counter()
+
+
+def _participation_limit(
+    cfg: Config, released: Sequence[dict], max_observed: int | None, z: float, delta: float, out: dict
+) -> np.ndarray | None:
+    """The bound a minimum separation gives without sampling: at most one participation per window
+    over the released span. Adds `participation_limit` to `out`; returns epsilon by participation
+    count (None without a limit), which the per-device bound indexes."""
+    f = cfg.fleet
+    if not f.min_separation_hours > 0:
+        return None
+    span = released[-1]["sim_time"] - released[0]["sim_time"]
+    most = min(len(released), math.floor(span / (f.min_separation_hours * HOUR)) + 1)
+    limit = gaussian_epsilons(z, most, delta, cfg.privacy.sampling)
+    out["participation_limit"] = {
+        "separation_hours": f.min_separation_hours,
+        "max_participations": most,
+        "max_observed": max_observed,
+        "epsilon": float(limit[most]),
+    }
+    return limit
+
+
+def _round_q(cfg: Config, released: Sequence[dict], cohort: str) -> np.ndarray:
+    """Each released round's sampling probability for an available device: goal / available, or
+    the ledger's q (selected / available for lines from before the ledger)."""
     avail = np.array([x["available"] for x in released], dtype=np.float64)
     if cohort == "goal":
-        q = np.minimum(1.0, f.goal / avail)
-    else:
-        q = np.array([x["q"] if x.get("q") is not None else x["selected"] / x["available"] for x in released])
-    curves, info = rounds_rdp(p.sampling, q, z)
+        return np.minimum(1.0, cfg.fleet.goal / avail)
+    return np.array([x["q"] if x.get("q") is not None else x["selected"] / x["available"] for x in released])
+
+
+def _real_schedule(
+    cfg: Config,
+    shards: list[Any],
+    released: Sequence[dict],
+    groups: dict[str, list[dict]],
+    cohort: str,
+    z: float,
+    delta: float,
+    nominal: float,
+    timing: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Per-device epsilon under the real schedule, computed in the shards once per availability
+    pattern. Returns the per-pattern eps, available-round counts and device counts (the limit's
+    per-device bound needs them) and the `real_schedule` section."""
+    t0 = time.perf_counter()
+    curves, info = rounds_rdp(cfg.privacy.sampling, _round_q(cfg, released, cohort), z)
     timing["rdp_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     times = np.array([x["sim_time"] for x in released], dtype=np.float64)
@@ -132,15 +187,11 @@ def privacy_section(
     rs.update(info)
     rs["distinct_patterns"] = len(np.unique(keys))
     rs["share_never_available"] = float(counts[rounds == 0].sum() / counts.sum())
-    rs["available_rounds"] = np.bincount(rounds, weights=counts, minlength=r_count + 1).astype(int).tolist()
+    rs["available_rounds"] = (
+        np.bincount(rounds, weights=counts, minlength=len(released) + 1).astype(int).tolist()
+    )
     rs["by_group"] = eps_by_group(merge([{a: r[a] for a in ATTRIBUTES} for r in res]), groups)
-    out["real_schedule"] = rs
-    if limit is not None:
-        # Both bounds hold for every device, so the smaller does; a device available in j rounds
-        # can take part in at most min(j, most) of them.
-        best = np.minimum(eps, limit[np.minimum(rounds, len(limit) - 1)])
-        out["participation_limit"]["per_device"] = distribution(best, counts, nominal)
-    return out
+    return eps, rounds, counts, rs
 
 
 def distribution(eps: np.ndarray, counts: np.ndarray, nominal: float) -> dict:

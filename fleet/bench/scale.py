@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import time
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psutil
 
+from fleet.bench._metered_shard import MeteredShard
 from fleet.bench.fleet import GIB, bench_config, session_pss_by_process
 from fleet.config import Config, DataConfig, ModelConfig, TaskConfig
 from fleet.privacy.mechanisms import validate
-from fleet.round.protocol import JobPlan, TrainReport
-from fleet.round.shard import ShardCore
 
 MIB = 1024**2
 # The model of the test suite's small NWP runs: training is real but cheap, so a whole sweep fits
@@ -162,46 +159,18 @@ def _wait_exit(pids: set[int], timeout: float = 30.0) -> None:
     psutil.wait_procs(procs, timeout=timeout)
 
 
-class _MeteredShard(ShardCore):
-    """An in-process shard that tallies the bytes each round call moves, pickled as Ray ships them.
-
-    The weights are left out of `train`'s arguments: the coordinator broadcasts them once per
-    round (one `ray.put` that every shard reads), so they are counted once, not per shard."""
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        self.bytes: dict[str, int] = {"check_in": 0, "plan": 0, "train": 0}
-
-    def _meter(self, phase: str, args: tuple, result: Any) -> Any:
-        self.bytes[phase] += len(pickle.dumps(args, protocol=5)) + len(pickle.dumps(result, protocol=5))
-        return result
-
-    def check_in(self, round_idx: int, t: float) -> int:
-        return self._meter("check_in", (round_idx, t), super().check_in(round_idx, t))
-
-    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> JobPlan:
-        result = super().plan(round_idx, t, deadline, local_ranks)
-        return self._meter("plan", (round_idx, t, deadline, local_ranks), result)
-
-    def train(
-        self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
-    ) -> TrainReport:
-        result = super().train(round_idx, t, params, accepted, clip_norm)
-        return self._meter("train", (round_idx, t, accepted, clip_norm), result)
-
-
 def traffic(population: int, shards: int, goal: int, model: ModelConfig, rounds: int) -> dict:
     """Bytes per round between the coordinator and all shards, by phase, in-process."""
     from fleet.phones.population import shard_ranges
     from fleet.round.coordinator import Coordinator
 
     cfg = scale_config(population, shards, goal, model)
-    fleet = [_MeteredShard(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(population, shards))]
+    fleet = [MeteredShard(cfg, i, a, b) for i, (a, b) in enumerate(shard_ranges(population, shards))]
     coordinator = Coordinator(cfg, fleet, population)
     for _ in range(rounds):
         coordinator.run_round()
     out = {k: sum(s.bytes[k] for s in fleet) / rounds for k in ("check_in", "plan", "train")}
-    out["broadcast"] = float(coordinator.params.nbytes)
+    out["broadcast"] = float(coordinator.get_params().nbytes)
     return out
 
 
@@ -213,9 +182,47 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+@dataclass
+class _Sweep:
+    """The sweep's rows by (population, shards) and its extremes: what every summary compares."""
+
+    rows: list[dict]
+    goals: list[int]
+    at: dict[tuple[int, int], dict]
+    shard_counts: list[int]
+    lo_pop: int
+    hi_pop: int
+    lo_goal: int
+    hi_goal: int
+
+    @classmethod
+    def of(cls, rows: list[dict], goals: list[int]) -> _Sweep:
+        pops = sorted({r["population"] for r in rows})
+        at = {(r["population"], r["shards"]): r for r in rows}
+        shard_counts = sorted({r["shards"] for r in rows})
+        return cls(rows, goals, at, shard_counts, pops[0], pops[-1], goals[0], goals[-1])
+
+
 def report(rows: list[dict], goals: list[int], paper: int, traffic_rows: dict[int, dict]) -> None:
     """Print the tables, the growth with population and cohort, the paper estimate and the targets."""
     cores = os.cpu_count() or 1
+    _print_tables(rows, goals)
+    sweep = _Sweep.of(rows, goals)
+    print()
+    slopes = _print_growth(sweep)
+    if traffic_rows:
+        _print_traffic(traffic_rows)
+    if paper and slopes:
+        _print_paper(sweep, paper, slopes)
+    _print_memory_split(sweep)
+    print(f"\ntargets at {sweep.hi_pop:,} devices (load average {os.getloadavg()[0]:.1f} on {cores} cores):")
+    for s in sweep.shard_counts:
+        if (sweep.hi_pop, s) in sweep.at:
+            _print_targets(sweep, s)
+
+
+def _print_tables(rows: list[dict], goals: list[int]) -> None:
+    """Print the two raw tables, memory by fleet and round phases by goal, before any summary."""
     print(
         f"\n{'devices':>11} {'shards':>6} {'build s':>8} {'state B/dev':>11} {'total GiB':>9} "
         f"{'shards MiB':>10} {'coord MiB':>9} {'ray+drv MiB':>11} {'load':>5}"
@@ -241,14 +248,12 @@ def report(rows: list[dict], goals: list[int], paper: int, traffic_rows: dict[in
                 f"{x['aggregation_s']:>7.4f} {x['overhead_s']:>8.3f} {1e3 * x['train_per_device_s']:>9.2f}"
             )
 
-    pops = sorted({r["population"] for r in rows})
-    lo_pop, hi_pop = pops[0], pops[-1]
-    shard_counts = sorted({r["shards"] for r in rows})
-    at = {(r["population"], r["shards"]): r for r in rows}
-    lo_goal, hi_goal = goals[0], goals[-1]
+
+def _print_growth(sweep: _Sweep) -> dict[int, float]:
+    """Print how each phase grows with population and cohort; the shards' bytes per device by shard count."""
+    lo_pop, hi_pop, lo_goal, hi_goal, at = sweep.lo_pop, sweep.hi_pop, sweep.lo_goal, sweep.hi_goal, sweep.at
     slopes = {}
-    print()
-    for s in shard_counts:
+    for s in sweep.shard_counts:
         if hi_pop > lo_pop and (lo_pop, s) in at and (hi_pop, s) in at:
             a, b = at[(lo_pop, s)], at[(hi_pop, s)]
             # Only the shards hold devices: their slope is free of the noise of Ray's own processes.
@@ -262,7 +267,7 @@ def report(rows: list[dict], goals: list[int], paper: int, traffic_rows: dict[in
                 f"growth with population x{hi_pop / lo_pop:.0f} ({s} shard(s), goal {hi_goal}): {phases}; "
                 f"memory {slopes[s]:.1f} B per device in the shards ({session:.1f} over the session)"
             )
-    for s in shard_counts:
+    for s in sweep.shard_counts:
         if (hi_pop, s) in at and hi_goal != lo_goal:
             x, y = at[(hi_pop, s)]["goals"][lo_goal], at[(hi_pop, s)]["goals"][hi_goal]
             phases = ", ".join(f"{k[:-2]} {_ratio(y[k], x[k])}" for k in (*PHASES, "overhead_s"))
@@ -270,62 +275,69 @@ def report(rows: list[dict], goals: list[int], paper: int, traffic_rows: dict[in
                 f"growth with cohort x{hi_goal / lo_goal:.0f} ({hi_pop:,} devices, {s} shard(s)): trained "
                 f"{_ratio(y['reported'], x['reported'])}, {phases}"
             )
+    return slopes
 
-    if traffic_rows:
-        print("\nbytes per round, coordinator <-> all shards (pickled as Ray ships them):")
-        for pop, t in sorted(traffic_rows.items()):
-            print(
-                f"  {pop:>11,} devices: check-in {t['check_in']:,.0f}, plan {t['plan']:,.0f}, "
-                f"train {t['train']:,.0f} (+ one weight broadcast of {t['broadcast']:,.0f})"
-            )
 
-    if paper and slopes:
+def _print_traffic(traffic_rows: dict[int, dict]) -> None:
+    """Print the metered bytes per round, to show they do not grow with the population."""
+    print("\nbytes per round, coordinator <-> all shards (pickled as Ray ships them):")
+    for pop, t in sorted(traffic_rows.items()):
         print(
-            f"\non paper, {paper:,} devices (fixed cost + measured B/device x devices; check-in x devices):"
+            f"  {pop:>11,} devices: check-in {t['check_in']:,.0f}, plan {t['plan']:,.0f}, "
+            f"train {t['train']:,.0f} (+ one weight broadcast of {t['broadcast']:,.0f})"
         )
-        for s, slope in slopes.items():
-            big = at[(hi_pop, s)]
-            fixed = big["after"]["total"] - slope * hi_pop
-            grow = paper / hi_pop
-            x = big["goals"][hi_goal]
-            overhead = x["overhead_s"] + x["checkin_s"] * (grow - 1)
-            print(
-                f"  {s} shard(s): memory {(fixed + slope * paper) / GIB:.1f} GiB, check-in "
-                f"{x['checkin_s'] * grow:.2f} s, round overhead {overhead:.2f} s"
-            )
 
-    biggest = max((r for r in rows if r["population"] == hi_pop), key=lambda r: r["after"]["total"])
-    print(f"\nwhere the memory goes, {hi_pop:,} devices x {biggest['shards']} shard(s) (MiB, PSS):")
+
+def _print_paper(sweep: _Sweep, paper: int, slopes: dict[int, float]) -> None:
+    """Print the estimate for a population too large to build: fixed cost + slope x devices."""
+    print(f"\non paper, {paper:,} devices (fixed cost + measured B/device x devices; check-in x devices):")
+    for s, slope in slopes.items():
+        big = sweep.at[(sweep.hi_pop, s)]
+        fixed = big["after"]["total"] - slope * sweep.hi_pop
+        grow = paper / sweep.hi_pop
+        x = big["goals"][sweep.hi_goal]
+        overhead = x["overhead_s"] + x["checkin_s"] * (grow - 1)
+        print(
+            f"  {s} shard(s): memory {(fixed + slope * paper) / GIB:.1f} GiB, check-in "
+            f"{x['checkin_s'] * grow:.2f} s, round overhead {overhead:.2f} s"
+        )
+
+
+def _print_memory_split(sweep: _Sweep) -> None:
+    """Print where the largest session's memory goes, process by process."""
+    at_hi = (r for r in sweep.rows if r["population"] == sweep.hi_pop)
+    biggest = max(at_hi, key=lambda r: r["after"]["total"])
+    print(f"\nwhere the memory goes, {sweep.hi_pop:,} devices x {biggest['shards']} shard(s) (MiB, PSS):")
     procs = sorted(biggest["after"]["processes"].items(), key=lambda kv: -kv[1])
     print("  " + ", ".join(f"{name} {pss / MIB:.0f}" for name, pss in procs))
 
-    print(f"\ntargets at {hi_pop:,} devices (load average {os.getloadavg()[0]:.1f} on {cores} cores):")
-    for s in shard_counts:
-        if (hi_pop, s) not in at:
-            continue
-        big = at[(hi_pop, s)]
-        total = big["after"]["total"] / GIB
-        over = max(big["goals"][g]["overhead_s"] for g in goals)
+
+def _print_targets(sweep: _Sweep, s: int) -> None:
+    """Print the verdicts for `s` shards at the largest population: memory, overhead, proportionality."""
+    big = sweep.at[(sweep.hi_pop, s)]
+    total = big["after"]["total"] / GIB
+    over = max(big["goals"][g]["overhead_s"] for g in sweep.goals)
+    print(
+        f"  {s} shard(s): total memory {total:.2f} GiB < {MEMORY_TARGET_GIB:g} GiB: "
+        f"{_verdict(total < MEMORY_TARGET_GIB)}; round overhead {over:.3f} s < {OVERHEAD_TARGET_S:g} s: "
+        f"{_verdict(over < OVERHEAD_TARGET_S)}"
+    )
+    lo_goal, hi_goal, rows = sweep.lo_goal, sweep.hi_goal, sweep.rows
+    if hi_goal != lo_goal:
+        # Pooled over every population: training does not depend on it, and pooling evens out
+        # the noise of a shared machine.
+        per = {
+            g: sum(r["goals"][g]["training_sum_s"] for r in rows if r["shards"] == s)
+            / max(sum(r["goals"][g]["trained_sum"] for r in rows if r["shards"] == s), 1)
+            for g in (lo_goal, hi_goal)
+        }
+        rel = per[hi_goal] / per[lo_goal]
+        ok = abs(rel - 1.0) <= PROPORTIONAL_TOLERANCE
         print(
-            f"  {s} shard(s): total memory {total:.2f} GiB < {MEMORY_TARGET_GIB:g} GiB: "
-            f"{_verdict(total < MEMORY_TARGET_GIB)}; round overhead {over:.3f} s < {OVERHEAD_TARGET_S:g} s: "
-            f"{_verdict(over < OVERHEAD_TARGET_S)}"
+            f"  {s} shard(s): training s per trained device, goal {hi_goal} / goal {lo_goal} = {rel:.2f} "
+            f"({1e3 * per[hi_goal]:.1f} / {1e3 * per[lo_goal]:.1f} ms, all populations; "
+            f"proportional within {PROPORTIONAL_TOLERANCE:.0%}): {_verdict(ok)}"
         )
-        if hi_goal != lo_goal:
-            # Pooled over every population: training does not depend on it, and pooling evens out
-            # the noise of a shared machine.
-            per = {
-                g: sum(r["goals"][g]["training_sum_s"] for r in rows if r["shards"] == s)
-                / max(sum(r["goals"][g]["trained_sum"] for r in rows if r["shards"] == s), 1)
-                for g in (lo_goal, hi_goal)
-            }
-            rel = per[hi_goal] / per[lo_goal]
-            ok = abs(rel - 1.0) <= PROPORTIONAL_TOLERANCE
-            print(
-                f"  {s} shard(s): training s per trained device, goal {hi_goal} / goal {lo_goal} = {rel:.2f} "
-                f"({1e3 * per[hi_goal]:.1f} / {1e3 * per[lo_goal]:.1f} ms, all populations; "
-                f"proportional within {PROPORTIONAL_TOLERANCE:.0%}): {_verdict(ok)}"
-            )
 
 
 def main(argv: list[str]) -> None:

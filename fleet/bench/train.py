@@ -32,6 +32,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
@@ -110,7 +111,49 @@ class Fleet:
             ray.shutdown()
 
 
+@dataclass
+class _Yardsticks:
+    """What the rates are read against: the cores, GFLOP per update, the engine alone, the matmul."""
+
+    cores: int
+    gflop: float
+    alone: float
+    ref: float
+
+
+@dataclass
+class _Timed:
+    """What the timed rounds measured, kept apart from the printing that reads it."""
+
+    rounds: list[dict] = field(default_factory=list)  # the fleet's rounds
+    plain: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, peak bytes, params)
+    spread: list[float] = field(default_factory=list)  # the per-core baseline's round seconds
+    mem: dict = field(default_factory=dict)
+    per_core_bytes: int = 0
+    privacy: dict = field(default_factory=dict)
+
+
 def main(argv: list[str]) -> None:
+    args = _parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    gflop = update_gflop()
+    first, alone = _print_machine(args, cores, gflop)
+    timed = _timed_rounds(args, cores)
+    again = matmul_gflops(cores)
+    ref = max([first, again])
+    print(f"matmul again: {again:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
+
+    yard = _Yardsticks(cores, gflop, alone, ref)
+    fleet_ups = _print_fleet(args, timed, yard)
+    pct = tuple(100 * u * gflop / ref for u in fleet_ups)
+    verdict = [f"fleet at {pct[0]:.0f}% | {pct[1]:.0f}% of matmul rate >= 50%: {_pass(pct, 50)}"]
+    if timed.plain:
+        verdict.append(_print_plain(timed, yard, fleet_ups))
+    print("targets (mean | best round): " + "; ".join(verdict))
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, kept out of `main` so that the run reads as one page."""
     ap = argparse.ArgumentParser(prog="python -m fleet.bench train", description=__doc__)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -126,22 +169,28 @@ def main(argv: list[str]) -> None:
         choices=[k for k, m in MECHANISMS.items() if m.dp],
         help="the privacy mechanism the round runs",
     )
-    args = ap.parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
-    gflop = update_gflop()
+    return ap.parse_args(argv)
+
+
+def _print_machine(args: argparse.Namespace, cores: int, gflop: float) -> tuple[float, float]:
+    """Measure the yardsticks taken before the rounds: the first matmul and the engine alone."""
     gboard = ModelShape(10_000 + SPECIAL_TOKENS, 96, 670, 96, "cifg").num_params()
     print(
         f"W1: LSTM V={VOCAB} E=96 H=670 P=96, {ModelShape(VOCAB, 96, 670, 96, 'lstm').num_params():,} "
         f"params ({gflop:.2f} GFLOP per update); cifg_gboard: {gboard:,} params; {cores} cores; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    mm = [matmul_gflops(cores)]
-    print(f"matmul 2048^2 fp32, {cores} threads, best call: {mm[0]:.1f} GFLOP/s")
+    first = matmul_gflops(cores)
+    print(f"matmul 2048^2 fp32, {cores} threads, best call: {first:.1f} GFLOP/s")
     alone = engine_alone(
         50 if args.engine == "batched" or args.gpus_per_shard else 12, args.engine, args.gpus_per_shard
     )
     print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
+    return first, alone
 
+
+def _timed_rounds(args: argparse.Namespace, cores: int) -> _Timed:
+    """Alternate the baselines' rounds with the fleet's, so both see the same machine load."""
     pool = per_core = None
     baseline_pids: set[int] = set()
     if not args.no_baseline:
@@ -151,33 +200,34 @@ def main(argv: list[str]) -> None:
         per_core = PerCorePlain(50, 10_000, 0, cores)
         baseline_pids = {p.pid for p in per_core.procs}
     fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard, args.mechanism)
-    plain: list[tuple[float, int, int]] = []  # (seconds, peak bytes, params) per timed round
-    spread: list[float] = []  # the per-core baseline's round seconds
-    rounds: list[dict] = []
+    timed = _Timed()
     try:
         for r in range(args.warmup + args.rounds):
             p = pool.submit(_plain_round, r).result() if pool is not None else None
             q = per_core.round(r) if per_core is not None else None
             f = fleet.round()
             if r >= args.warmup:
-                rounds.append(f)
+                timed.rounds.append(f)
                 if p is not None:
-                    plain.append(p)
-                    spread.append(q)
+                    timed.plain.append(p)
+                    timed.spread.append(q)
         if pool is not None:
             baseline_pids.add(pool.submit(os.getpid).result())
-        mem = fleet.memory(exclude=baseline_pids)
-        per_core_bytes = per_core.peak_bytes() if per_core is not None else 0
+        timed.mem = fleet.memory(exclude=baseline_pids)
+        timed.per_core_bytes = per_core.peak_bytes() if per_core is not None else 0
     finally:
         fleet.close()
         if pool is not None:
             pool.shutdown()
         if per_core is not None:
             per_core.close()
-    mm.append(matmul_gflops(cores))
-    ref = max(mm)
-    print(f"matmul again: {mm[1]:.1f} GFLOP/s; reference {ref:.1f}; load average {os.getloadavg()[0]:.2f}")
+    timed.privacy = fleet.privacy
+    return timed
 
+
+def _print_fleet(args: argparse.Namespace, timed: _Timed, yard: _Yardsticks) -> tuple[float, float]:
+    """Print the fleet's rates, memory and aggregation cost; its updates/s (mean, best round)."""
+    rounds, mem, gflop = timed.rounds, timed.mem, yard.gflop
     # Two figures per side: the mean over the timed rounds, and the best round, which is what the
     # code can do when the shared machine leaves it alone (other users' load only slows rounds).
     fleet_ups = (
@@ -188,7 +238,7 @@ def main(argv: list[str]) -> None:
     shard_mib = ", ".join(f"{b / MIB:.0f}" for b in mem["shards"])
     print(
         f"fleet ({n_shards} shards x 1 thread, engine {args.engine}): {_rates(fleet_ups, gflop)}; "
-        f"{100 * fleet_ups[0] / (n_shards * alone):.0f}% of {n_shards} x engine alone; "
+        f"{100 * fleet_ups[0] / (n_shards * yard.alone):.0f}% of {n_shards} x engine alone; "
         f"reported {[x['reported'] for x in rounds]}; training "
         f"{100 * sum(x['train_s'] for x in rounds) / sum(x['s'] for x in rounds):.0f}% of round time; "
         f"peak memory of the Ray session (shards, coordinator, Ray's own processes) "
@@ -196,34 +246,36 @@ def main(argv: list[str]) -> None:
         f"this driver, which also ran the matmul and the engine-alone runs: {mem['driver'] / MIB:.0f} MiB"
     )
     agg = [x["aggregation_s"] * 1e3 for x in rounds]
-    trees = fleet.privacy.get("trees")
+    trees = timed.privacy.get("trees")
     held = f"; {len(trees)} tree(s), {trees[-1]['steps']} steps in the last" if trees else ""
     print(
         f"{args.mechanism} aggregation (noise, server step, ledger): {np.mean(agg):.1f} ms mean a round{held}"
     )
-    pct = tuple(100 * u * gflop / ref for u in fleet_ups)
-    verdict = [f"fleet at {pct[0]:.0f}% | {pct[1]:.0f}% of matmul rate >= 50%: {_pass(pct, 50)}"]
-    if plain:
-        plain_ups = (50 * len(plain) / sum(x[0] for x in plain), 50 / min(x[0] for x in plain))
-        print(
-            f"plain loop (nn.LSTM, {plain[-1][2]:,} params, {cores} threads, 1 process): "
-            f"{_rates(plain_ups, gflop)}; at {100 * plain_ups[0] * gflop / ref:.0f}% | "
-            f"{100 * plain_ups[1] * gflop / ref:.0f}% of matmul rate; peak {plain[-1][1] / MIB:.0f} MiB"
-        )
-        ratio = (fleet_ups[0] / plain_ups[0], fleet_ups[1] / plain_ups[1])
-        verdict.append(f"{ratio[0]:.2f}x | {ratio[1]:.2f}x plain loop >= 1.3x: {_pass(ratio, 1.3)}")
-        core_ups = (50 * len(spread) / sum(spread), 50 / min(spread))
-        print(
-            f"plain loop per core ({cores} processes x 1 thread, the fleet's layout): "
-            f"{_rates(core_ups, gflop)}; peak {per_core_bytes / MIB:.0f} MiB summed"
-        )
-        core_ratio = (fleet_ups[0] / core_ups[0], fleet_ups[1] / core_ups[1])
-        print(
-            f"fleet / plain loop: {ratio[0]:.2f}x against one process on all threads (engine and layout), "
-            f"{core_ratio[0]:.2f}x against one process per core (the engine alone); best rounds "
-            f"{ratio[1]:.2f}x and {core_ratio[1]:.2f}x"
-        )
-    print("targets (mean | best round): " + "; ".join(verdict))
+    return fleet_ups
+
+
+def _print_plain(timed: _Timed, yard: _Yardsticks, fleet_ups: tuple[float, float]) -> str:
+    """Print both plain loops' rates against the fleet's; the verdict on the 1.3x target."""
+    plain, spread, gflop, ref, cores = timed.plain, timed.spread, yard.gflop, yard.ref, yard.cores
+    plain_ups = (50 * len(plain) / sum(x[0] for x in plain), 50 / min(x[0] for x in plain))
+    print(
+        f"plain loop (nn.LSTM, {plain[-1][2]:,} params, {cores} threads, 1 process): "
+        f"{_rates(plain_ups, gflop)}; at {100 * plain_ups[0] * gflop / ref:.0f}% | "
+        f"{100 * plain_ups[1] * gflop / ref:.0f}% of matmul rate; peak {plain[-1][1] / MIB:.0f} MiB"
+    )
+    ratio = (fleet_ups[0] / plain_ups[0], fleet_ups[1] / plain_ups[1])
+    core_ups = (50 * len(spread) / sum(spread), 50 / min(spread))
+    print(
+        f"plain loop per core ({cores} processes x 1 thread, the fleet's layout): "
+        f"{_rates(core_ups, gflop)}; peak {timed.per_core_bytes / MIB:.0f} MiB summed"
+    )
+    core_ratio = (fleet_ups[0] / core_ups[0], fleet_ups[1] / core_ups[1])
+    print(
+        f"fleet / plain loop: {ratio[0]:.2f}x against one process on all threads (engine and layout), "
+        f"{core_ratio[0]:.2f}x against one process per core (the engine alone); best rounds "
+        f"{ratio[1]:.2f}x and {core_ratio[1]:.2f}x"
+    )
+    return f"{ratio[0]:.2f}x | {ratio[1]:.2f}x plain loop >= 1.3x: {_pass(ratio, 1.3)}"
 
 
 def _rates(ups: tuple[float, float], gflop: float) -> str:

@@ -266,7 +266,7 @@ class MemorizationConfig:
     track_every: int = 0  # rank exposure every this many rounds (0: final audit only)
     track_references: int = 1024  # candidates of that running rank (fixed for the run)
     audit: bool = True  # audit when training ends (fleet-audit RUN_DIR does it again)
-    plan_path: str | None = None  # set by fleet.runtime.driver: RUN_DIR/canaries/plan.npz, read by the shards
+    plan_path: str | None = None  # derived: the copy the actors get has RUN_DIR/canaries/plan.npz
 
 
 @dataclass

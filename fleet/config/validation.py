@@ -9,7 +9,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.config.schema import Config, ConfigError, DropoutConfig, FleetConfig
+from fleet.config.schema import Config, ConfigError, DropoutConfig, FleetConfig, TrainConfig
 
 
 def check_known_keys(obj: Any, prefix: str = "") -> None:
@@ -216,6 +216,21 @@ def validate(cfg: Config) -> None:
     if cfg.task.name == "nwp":
         validate_data(cfg)
     _choice(cfg.rng, "rng", ("reproducible", "secure"))
+    _validate_model(cfg)
+    _validate_task(cfg)
+    _choice(cfg.privacy.telemetry, "privacy.telemetry", ("full", "private"))
+    _validate_train(cfg.train)
+    _validate_ray(cfg)
+    _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
+    validate_dropout(cfg.dropout)
+    if cfg.ray.num_cpus is not None:
+        _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1 (got {cfg.ray.num_cpus})")
+    validate_memorization(cfg)
+    check_known_keys(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The engine and the device it trains on (a GPU device needs a GPU engine and GPU shards)."""
     m = cfg.model
     _choice(m.engine, "model.engine", ("auto", "fused", "reference", "batched"))
     _check(
@@ -235,6 +250,10 @@ def validate(cfg: Config) -> None:
             "model.device",
             f"{m.device!r} needs a GPU for each shard: set ray.gpus_per_shard (1, or a fraction)",
         )
+
+
+def _validate_task(cfg: Config) -> None:
+    """A built-in task, or a user's `module:Class` that imports (on every node)."""
     if ":" not in cfg.task.name:  # "module:Class" plugs in a user's own task
         _choice(cfg.task.name, "task.name", ("nwp", "mean"))
     else:
@@ -246,8 +265,10 @@ def validate(cfg: Config) -> None:
                 f"task.name: cannot import {module!r} ({e}); put it on PYTHONPATH (on every node)"
             ) from None
         _check(found, "task.name", f"module {module!r} has no {name!r}")
-    _choice(cfg.privacy.telemetry, "privacy.telemetry", ("full", "private"))
-    t = cfg.train
+
+
+def _validate_train(t: TrainConfig) -> None:
+    """Local and server optimisation, evaluation, checkpoints and the divergence guards."""
     _check(t.rounds >= 0, "train.rounds", f"must be >= 0 (got {t.rounds})")
     _check(t.client_epochs >= 1, "train.client_epochs", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -260,6 +281,10 @@ def validate(cfg: Config) -> None:
     _check(t.guard_window >= 1, "train.guard_window", "must be >= 1")
     _check(t.divergence_rounds >= 1, "train.divergence_rounds", "must be >= 1")
     _check(t.max_pure_noise_rounds >= 0, "train.max_pure_noise_rounds", "must be >= 0")
+
+
+def _validate_ray(cfg: Config) -> None:
+    """Shards, their resources, and how long to wait for placement and recovery."""
     _check(cfg.ray.shards >= 0, "ray.shards", "must be >= 0")
     _check(cfg.ray.cpus_per_shard > 0, "ray.cpus_per_shard", f"must be > 0 (got {cfg.ray.cpus_per_shard})")
     _check(
@@ -270,9 +295,3 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     _check(cfg.ray.recovery_timeout_s > 0, "ray.recovery_timeout_s", "must be > 0")
-    _choice(cfg.tracking.mode, "tracking.mode", ("offline", "online", "disabled"))
-    validate_dropout(cfg.dropout)
-    if cfg.ray.num_cpus is not None:
-        _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1 (got {cfg.ray.num_cpus})")
-    validate_memorization(cfg)
-    check_known_keys(cfg)

@@ -190,21 +190,33 @@ def schedule_privacy(
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = bin_index(device_eps / nominal, RATIO_EDGES)
         block_cols = {k: v[s : s + block] for k, v in cols.items()}
-        for name, values in attribute_values(block_cols).items():
-            b, g = bin_index(values, bins[name]), groups[name]
-            m = len(g["eps_sum"])
-            g["ratio_hist"] += np.bincount(b * nr + ratio, minlength=m * nr).reshape(m, nr)
-            g["eps_sum"] += np.bincount(b, weights=device_eps, minlength=m)
-            np.maximum.at(g["eps_max"], b, device_eps)
-    # Blocks share patterns: one entry per distinct pattern, its devices summed over the blocks.
+        _add_to_groups(groups, bins, block_cols, device_eps, ratio)
     if not found:
         found.append((rows, np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+    return _merge_patterns(found, nb) | groups
+
+
+def _add_to_groups(
+    groups: dict, bins: dict, cols: dict[str, np.ndarray], device_eps: np.ndarray, ratio: np.ndarray
+) -> None:
+    """A block of devices' epsilons into each attribute bin's histogram (over epsilon / nominal),
+    sum and max: the per-attribute summaries are kept without any per-device array."""
+    nr = len(RATIO_EDGES) - 1
+    for name, values in attribute_values(cols).items():
+        b, g = bin_index(values, bins[name]), groups[name]
+        m = len(g["eps_sum"])
+        g["ratio_hist"] += np.bincount(b * nr + ratio, minlength=m * nr).reshape(m, nr)
+        g["eps_sum"] += np.bincount(b, weights=device_eps, minlength=m)
+        np.maximum.at(g["eps_max"], b, device_eps)
+
+
+def _merge_patterns(found: list[tuple], nb: int) -> dict:
+    """Blocks share patterns: one entry per distinct pattern, its devices summed over the blocks."""
     patterns, eps, rounds, counts = (np.concatenate(x) for x in zip(*found, strict=True))
     keys = np.ascontiguousarray(patterns).view(np.dtype((np.void, 8 * nb))).ravel()
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     counts = np.bincount(inverse.ravel(), weights=counts, minlength=len(first)).astype(np.int64)
-    out = {"patterns": patterns[first], "eps": eps[first], "rounds": rounds[first], "counts": counts}
-    return out | groups
+    return {"patterns": patterns[first], "eps": eps[first], "rounds": rounds[first], "counts": counts}
 
 
 def _pattern_privacy(

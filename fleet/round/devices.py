@@ -3,9 +3,11 @@ population; known before any actor starts (the driver, the planner and the audit
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from fleet.config import Config, ConfigError
+from fleet.config import Config, ConfigError, FleetConfig
 from fleet.phones import population
 
 
@@ -30,3 +32,24 @@ def fleet_size(cfg: Config) -> int:
             raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
         return int(corpus.num_devices)
     return population.population_size(cfg.fleet)
+
+
+def device_columns(cfg: Config, start: int, stop: int, corpus: Any = None) -> dict[str, np.ndarray]:
+    """The columns of population rows [start, stop), as the shards and the canary plan both read
+    them: a Parquet population's, or the generated ones; where the corpus defines the fleet, its
+    device ids and example counts replace the generated ones (speed, schedule... stay synthetic)."""
+    f = cfg.fleet
+    if f.path:
+        return population.load(f.path, start, stop, f.availability.model)
+    cols = population.generate(f, cfg.seed, start, stop)
+    if corpus_defines_devices(cfg):
+        ids, counts = corpus.device_table(start, stop)
+        if np.any(counts <= 0):
+            raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
+        cols["device_id"], cols["num_examples"] = ids, counts.astype(np.int32)
+    return cols
+
+
+def memory_eligible(f: FleetConfig, cols: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows with the memory to train the model (fleet.min_memory_gb)."""
+    return cols["memory_bytes"] >= f.min_memory_gb * population.GB

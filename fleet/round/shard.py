@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config import Config, ConfigError, FleetConfig
+from fleet.config import Config, FleetConfig
 from fleet.learning.tasks import make_task
-from fleet.phones import availability, dropout, population
+from fleet.phones import availability, dropout
 from fleet.phones import participation as participation_shard
 from fleet.phones.timing import Reason, job_seconds, plan
 from fleet.privacy.clipping import clip
 from fleet.privacy.mechanisms import limit_rounds
 from fleet.round import checkpoint
-from fleet.round.devices import corpus_defines_devices
+from fleet.round.devices import device_columns, memory_eligible
 from fleet.round.protocol import JobPlan, Mix, TrainReport
 
 NEVER = np.iinfo(np.int32).min // 2  # the release index of a device never counted
@@ -63,20 +63,10 @@ class ShardCore:
         self.task = make_task(cfg, role="client")
         if "torch" in sys.modules:  # a torch task: one thread per shard process, measured faster on CPU
             sys.modules["torch"].set_num_threads(1)
-        if f.path:
-            self.cols = population.load(f.path, start, stop, f.availability.model)
-        else:
-            self.cols = population.generate(f, cfg.seed, start, stop)
-            if corpus_defines_devices(cfg):
-                # The corpus's devices are the fleet: their ids and example counts replace the
-                # generated ones; the other columns (speed, schedule...) stay synthetic.
-                ids, counts = self.task.corpus.device_table(start, stop)
-                if np.any(counts <= 0):
-                    raise ConfigError(f"data.path: {int(np.sum(counts <= 0))} device(s) have no examples")
-                self.cols["device_id"], self.cols["num_examples"] = ids, counts.astype(np.int32)
+        self.cols = device_columns(cfg, start, stop, getattr(self.task, "corpus", None))
         self.n = stop - start
         self.avail = availability.make(f.availability, self.cols, cfg.seed, t0)
-        self.eligible = self.cols["memory_bytes"] >= f.min_memory_gb * population.GB
+        self.eligible = memory_eligible(f, self.cols)
         # float64: at t ~ 1e7 s float32 would round a participation time by up to a second, and a
         # device could come back that much before its limit ends.
         self.last_participation = np.full(self.n, -np.inf, dtype=np.float64)

@@ -119,7 +119,7 @@ def train(
     import ray
 
     cfg, run_dir, config_dict, pop = _prepare(cfg, Path(run_dir), config_dict, overrides)
-    hooks.call(hooks.BEFORE_START, hooks.Run(cfg, run_dir))  # e.g. the canary plan the shards read
+    cfg = hooks.before_start(cfg, run_dir)  # e.g. the canary plan the shards read
     started = init_ray(cfg, run_dir)
     wall0 = time.perf_counter()
     actors = ExitStack()  # the shards, the coordinator and their placement group, released at the end

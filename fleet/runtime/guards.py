@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.config import Config
+from fleet.config import Config, TrainConfig
 from fleet.privacy.mechanisms import cohort_size
 
 
@@ -39,7 +39,7 @@ class Verdict:
 
 
 class Guard:
-    def __init__(self, train: Any):
+    def __init__(self, train: TrainConfig):
         self.t = train
         self.best_loss = math.inf
         self.high_loss = 0
@@ -50,7 +50,20 @@ class Guard:
         self.warned: set[str] = set()
 
     def check(self, line: dict) -> Verdict:
+        """What a round's line says: stop (why), or warnings, each given once."""
         v = Verdict()
+        self._loss(line, v)
+        self._below_baseline(line, v)
+        self._exhaustion(line, v)
+        self._signal_to_noise(line, v)
+        self._pure_noise(line, v)
+        self._explain_stop(v)
+        v.warnings = [w for w in v.warnings if w not in self.warned or "released noise alone" in w]
+        self.warned.update(v.warnings)
+        return v
+
+    def _loss(self, line: dict, v: Verdict) -> None:
+        """A non-finite loss, or one over divergence_factor x its best for divergence_rounds."""
         t = self.t
         loss = line.get("train_loss")
         if loss is not None and line.get("released") and line.get("reported", 1) > 0:
@@ -64,6 +77,10 @@ class Guard:
                     f"{t.divergence_factor:g}x its best ({self.best_loss:.4g}) for {self.high_loss} rounds"
                 )
             self.best_loss = min(self.best_loss, loss) if math.isfinite(loss) else self.best_loss
+
+    def _below_baseline(self, line: dict, v: Verdict) -> None:
+        """After the warm-up, a metric worse than the unigram baseline's."""
+        t = self.t
         if line.get("round", 0) + 1 >= t.guard_warmup_rounds:
             for key, value in line.items():
                 base = line.get(f"unigram_{key}")
@@ -77,6 +94,9 @@ class Guard:
                         f"{key} is {value:.4g} after round {line['round']}, "
                         f"below the unigram baseline's {base:.4g}"
                     )
+
+    def _exhaustion(self, line: dict, v: Verdict) -> None:
+        """The participation limit leaving q_r = 1 (warned once)."""
         waiting, available = line.get("waiting_for_limit"), line.get("available")
         if line.get("q") == 1.0 and waiting and available is not None and not self.exhausted:
             self.exhausted = True
@@ -87,6 +107,10 @@ class Guard:
                 "faster than planned) and may fall short of min_reports; raise the population, or lower "
                 "fleet.goal, fleet.overselect or the limit (fleet.min_separation_hours or _rounds)"
             )
+
+    def _signal_to_noise(self, line: dict, v: Verdict) -> None:
+        """Released rounds whose update is mostly noise, guard_window in a row."""
+        t = self.t
         snr = line.get("signal_to_noise")
         if snr is not None and line.get("released"):
             self.snr.append(snr)
@@ -97,6 +121,10 @@ class Guard:
                     f"(now {snr:.3g}): the noise moves the model more than the updates do; raise fleet.goal, "
                     "or lower privacy.noise_multiplier or train.server_lr"
                 )
+
+    def _pure_noise(self, line: dict, v: Verdict) -> None:
+        """Released rounds with no valid update; max_pure_noise_rounds in a row stop."""
+        t = self.t
         if line.get("released"):
             self.pure_noise = self.pure_noise + 1 if line.get("pure_noise") else 0
             if line.get("pure_noise"):
@@ -106,6 +134,10 @@ class Guard:
                     f"{self.pure_noise} released rounds in a row had no valid update (NaN or Inf): "
                     "check train.client_lr and the task"
                 )
+
+    def _explain_stop(self, v: Verdict) -> None:
+        """A stop says the signal-to-noise where it is low; off stop_on_divergence, it warns instead."""
+        t = self.t
         if v.stop and self.snr:
             recent = sorted(self.snr[-t.guard_window :])[len(self.snr[-t.guard_window :]) // 2]
             if recent < 0.1:
@@ -118,9 +150,6 @@ class Guard:
         if v.stop and not t.stop_on_divergence:
             v.warnings.append(f"diverging: {v.stop} (train.stop_on_divergence=false: going on)")
             v.stop = None
-        v.warnings = [w for w in v.warnings if w not in self.warned or "released noise alone" in w]
-        self.warned.update(v.warnings)
-        return v
 
 
 def progress(lines: list[dict], top: int = 2) -> tuple[int, int, list[tuple[str, int]]]:

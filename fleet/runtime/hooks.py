@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fleet.config import Config
 
-# Before the actors start (what the shards must read when they are built).
+# Before the actors start (what the shards must read when they are built); each returns the
+# config the actors get (a copy naming what it wrote), or None to leave it as it is.
 BEFORE_START = ("fleet.audits.memorization:before_start",)
 # After every logged round, with the released weights (e.g. the canaries' exposure over training).
 DURING_TRAINING = ("fleet.audits.memorization:during_training",)
@@ -47,7 +48,19 @@ class Run:
     weights: Callable[[], Any] | None = None
 
 
+def _hook(path: str) -> Callable[[Run], Any]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def call(hooks: Sequence[str], run: Run) -> None:
     for path in hooks:
-        module, _, name = path.partition(":")
-        getattr(importlib.import_module(module), name)(run)
+        _hook(path)(run)
+
+
+def before_start(cfg: Config, run_dir: Path) -> Config:
+    """The BEFORE_START hooks in turn, each given the config the previous one returned; the last
+    is the config the actors are built with."""
+    for path in BEFORE_START:
+        cfg = _hook(path)(Run(cfg, run_dir)) or cfg
+    return cfg

@@ -64,12 +64,14 @@ from fleet.audits.memorization.scoring import (
 )
 from fleet.audits.memorization.statistics import CHANCE_BITS, above_control, mean_interval
 from fleet.audits.memorization.track import TRACK_FILE, during_training, read_track
+from fleet.config import Config
 from fleet.learning.data.canaries import CanaryCorpus, CanaryPlan
 
 
-def before_start(run) -> None:
-    """Hook: write the canary plan the shards read (RUN_DIR/canaries/), if canaries are planted."""
-    prepare(run.cfg, run.run_dir)
+def before_start(run) -> Config:
+    """Hook: write the canary plan the shards read (RUN_DIR/canaries/), if canaries are planted;
+    the actors get the config that names it."""
+    return prepare(run.cfg, run.run_dir)
 
 
 def after_training(run) -> None:

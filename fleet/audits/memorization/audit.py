@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,12 @@ def run_audit(run_dir: str | Path, cfg: Config, figures: bool = True, summary: d
     `fleet.runtime.driver.train`), the figures and a few aggregates are logged to it. `summary`,
     the run's own (or summary.json), gives the model's recall to set beside the exposures.
     """
-    from fleet.atomic import write_json
     from fleet.learning.data.corpus import make_corpus
-    from fleet.learning.model import build_model, set_flat
 
     run_dir = Path(run_dir)
     m = cfg.memorization
     plan = CanaryPlan.load(plan_file(run_dir))
-    weights, committed = load_weights(run_dir)
-    model = build_model(cfg.model)
-    set_flat(model, weights)
-    model.eval()
+    model, committed = _released_model(run_dir, cfg)
     corpus = make_corpus(cfg)
     vocab = corpus.vocab()
 
@@ -123,10 +119,56 @@ def run_audit(run_dir: str | Path, cfg: Config, figures: bool = True, summary: d
         bootstrap=m.bootstrap, generic_prefixes=generic,
     )  # fmt: skip
     trained = times_trained(run_dir, plan.device_rows, committed)
-    devices, insertions = plan.devices(), plan.insertions()
 
     def words(ids: np.ndarray) -> str:
         return " ".join(vocab[int(i)] for i in ids)
+
+    canaries = _canary_rows(plan, got, trained, words)
+    result = {
+        "run_dir": str(run_dir),
+        "label": run_label(run_dir, cfg),
+        "arm": arm(cfg),
+        "round": committed,
+        "recall@1": final_recall(run_dir, summary),
+        "references": m.references,
+        "max_exposure": math.log2(m.references + 1),
+        "samples": m.samples,
+        "bootstrap": m.bootstrap,
+        "beam_width": m.beam_width,
+        "generic_prefixes": [words(p) for p in generic],
+        "secret_words": int(plan.secrets.shape[1]),
+        "secret_dist": m.secret_dist,
+        "secret_space": secret_space(corpus, m.secret_dist, int(plan.secrets.shape[1])),
+        "interval": INTERVAL,
+        "test": TEST,
+        "canaries": canaries,
+        "groups": group_table(canaries),
+    }
+    _write_outputs(run_dir, result, figures)
+    return result
+
+
+def _released_model(run_dir: Path, cfg: Config) -> tuple[Any, int]:
+    """The model the run released at its last checkpoint, in eval mode, and that round: what the
+    canaries are scored against."""
+    from fleet.learning.model import build_model, set_flat
+
+    weights, committed = load_weights(run_dir)
+    model = build_model(cfg.model)
+    set_flat(model, weights)
+    model.eval()
+    return model, committed
+
+
+def _canary_rows(
+    plan: CanaryPlan,
+    got: dict[str, np.ndarray],
+    trained: np.ndarray | None,
+    words: Callable[[np.ndarray], str],
+) -> list[dict]:
+    """One JSON row per canary: its plan, its scores from `measure` and (when the shards' state
+    is in the checkpoint) how often its devices trained; NaN bounds become None for JSON."""
+    devices, insertions = plan.devices(), plan.insertions()
 
     def number(x: float) -> float | None:
         return None if math.isnan(x) else float(x)
@@ -160,26 +202,14 @@ def run_audit(run_dir: str | Path, cfg: Config, figures: bool = True, summary: d
             row["devices_trained"] = int(np.count_nonzero(trained[mine]))
             row["times_trained"] = int((trained[mine] * plan.device_insertions[mine]).sum())
         canaries.append(row)
-    result = {
-        "run_dir": str(run_dir),
-        "label": run_label(run_dir, cfg),
-        "arm": arm(cfg),
-        "round": committed,
-        "recall@1": final_recall(run_dir, summary),
-        "references": m.references,
-        "max_exposure": math.log2(m.references + 1),
-        "samples": m.samples,
-        "bootstrap": m.bootstrap,
-        "beam_width": m.beam_width,
-        "generic_prefixes": [words(p) for p in generic],
-        "secret_words": int(plan.secrets.shape[1]),
-        "secret_dist": m.secret_dist,
-        "secret_space": secret_space(corpus, m.secret_dist, int(plan.secrets.shape[1])),
-        "interval": INTERVAL,
-        "test": TEST,
-        "canaries": canaries,
-        "groups": group_table(canaries),
-    }
+    return canaries
+
+
+def _write_outputs(run_dir: Path, result: dict, figures: bool) -> None:
+    """The audit's files in the run dir (JSON, group CSV, and unless `figures` is off the plots,
+    also logged to an active W&B run)."""
+    from fleet.atomic import write_json
+
     write_json(run_dir / RESULT_FILE, result)
     write_csv(run_dir / GROUPS_FILE, result["groups"])
     if figures:
@@ -188,7 +218,6 @@ def run_audit(run_dir: str | Path, cfg: Config, figures: bool = True, summary: d
         if "memorization/over_training" in figs:
             figs["memorization/over_training"].savefig(run_dir / TRACK_PLOT_FILE, dpi=100)
         log_to_wandb(result, figs)
-    return result
 
 
 GROUP_FIELDS = (

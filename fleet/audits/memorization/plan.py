@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from fleet import rng
 from fleet.config import Config, ConfigError
 from fleet.learning.data.canaries import CanaryPlan
 from fleet.learning.data.vocab import NUM_SPECIAL
-from fleet.phones import population
+from fleet.round.devices import device_columns, memory_eligible
 
 PLAN_DIR = "canaries"
 PLAN_FILE = "plan.npz"
@@ -146,11 +147,8 @@ def _choose_devices(
 def _row_info(cfg: Config, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(device id, examples, eligible) of population rows, as the shards build them.
 
-    Mirrors `ShardCore.__init__`: a Parquet population or the generated one, with an Arrow
-    corpus's own ids and counts when the corpus defines the fleet.
+    Read as the shards read them (`device_columns`), a few rows at a time.
     """
-    from fleet.round.devices import corpus_defines_devices
-
     f = cfg.fleet
     ids = np.zeros(len(rows), dtype=np.int64)
     counts = np.zeros(len(rows), dtype=np.int64)
@@ -159,16 +157,10 @@ def _row_info(cfg: Config, corpus: Any, rows: np.ndarray) -> tuple[np.ndarray, n
     for c in np.unique(chunk):
         sel = np.flatnonzero(chunk == c)
         lo, hi = int(rows[sel].min()), int(rows[sel].max()) + 1
-        if f.path:
-            cols = population.load(f.path, lo, hi, f.availability.model)
-        else:
-            cols = population.generate(f, cfg.seed, lo, hi)
-        c_ids, c_counts = cols["device_id"], cols["num_examples"]
-        if corpus_defines_devices(cfg):
-            c_ids, c_counts = corpus.device_table(lo, hi)
+        cols = device_columns(cfg, lo, hi, corpus)
         at = rows[sel] - lo
-        ids[sel], counts[sel] = c_ids[at], c_counts[at]
-        eligible[sel] = cols["memory_bytes"][at] >= f.min_memory_gb * population.GB
+        ids[sel], counts[sel] = cols["device_id"][at], cols["num_examples"][at]
+        eligible[sel] = memory_eligible(f, cols)[at]
     return ids, counts, eligible
 
 
@@ -176,15 +168,15 @@ def plan_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / PLAN_DIR / PLAN_FILE
 
 
-def prepare(cfg: Config, run_dir: str | Path) -> Path | None:
-    """Before the actors start: write the run's canary plan (once; a resumed run keeps its plan)
-    and point the shards at it through `memorization.plan_path`. None without canaries."""
+def prepare(cfg: Config, run_dir: str | Path) -> Config:
+    """Before the actors start: write the run's canary plan (once; a resumed run keeps its plan).
+    Returns the config the actors get: a copy whose `memorization.plan_path` points at the plan
+    (the validated config itself is never written); `cfg` as it is without canaries."""
     if not planted(cfg):
-        return None
+        return cfg
     path = plan_file(run_dir)
     if not path.exists():
         from fleet.learning.data.corpus import make_corpus
 
         make_plan(cfg, make_corpus(cfg)).save(path)
-    cfg.memorization.plan_path = str(path)
-    return path
+    return replace(cfg, memorization=replace(cfg.memorization, plan_path=str(path)))

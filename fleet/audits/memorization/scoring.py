@@ -223,6 +223,26 @@ def measure(
     """
     g = np.random.default_rng(seed)
     candidates = draw_words(g, word_p, (max(references, samples), secrets.shape[1]))
+    out = _exposures(model, prefixes, secrets, word_p, candidates, references, samples, g, bootstrap)
+    out["saturated"] = out["rank"] == 1
+    out.update(_extraction(model, prefixes, secrets, beam_width, generic_prefixes))
+    return out
+
+
+def _exposures(
+    model: Any,
+    prefixes: np.ndarray,
+    secrets: np.ndarray,
+    word_p: np.ndarray,
+    candidates: np.ndarray,
+    references: int,
+    samples: int,
+    g: np.random.Generator,
+    bootstrap: int,
+) -> dict[str, np.ndarray]:
+    """`measure`'s exposure arrays: the candidates are scored once per distinct prefix and shared
+    by its canaries, the bootstrap fits (drawn from `g` after the candidates, in prefix order)
+    made only for a prefix with a saturated canary."""
     k = len(secrets)
     cap = secret_bits(secrets, word_p)
     out = {
@@ -250,13 +270,25 @@ def measure(
                 fits = fits or bootstrap_fits(cand[:samples], g, bootstrap)
                 lo_hi = bootstrap_interval(lp, fits, cap[c])
                 out["exposure_extrapolated_lo"][c], out["exposure_extrapolated_hi"][c] = lo_hi
-    out["saturated"] = out["rank"] == 1
+    return out
+
+
+def _extraction(
+    model: Any,
+    prefixes: np.ndarray,
+    secrets: np.ndarray,
+    beam_width: int,
+    generic_prefixes: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """`measure`'s extraction arrays: whether beam search from each canary's own prefix brings up
+    its secret (top beam, any of the `beam_width`), and how many generic prefixes do."""
     beams, _ = beam_search(model, prefixes, secrets.shape[1], beam_width)
-    out["extracted"] = np.all(beams[:, 0] == secrets, axis=1)
-    out["extracted_top_b"] = np.any(np.all(beams == secrets[:, None, :], axis=2), axis=1)
-    out["top_beam"] = beams[:, 0]
     generic = (
         np.zeros((0, prefixes.shape[1]), dtype=np.int32) if generic_prefixes is None else generic_prefixes
     )
-    out["generic_hits"] = generic_extraction(model, generic, secrets, beam_width)
-    return out
+    return {
+        "extracted": np.all(beams[:, 0] == secrets, axis=1),
+        "extracted_top_b": np.any(np.all(beams == secrets[:, None, :], axis=2), axis=1),
+        "top_beam": beams[:, 0],
+        "generic_hits": generic_extraction(model, generic, secrets, beam_width),
+    }

@@ -127,7 +127,7 @@ class CanaryCorpus:
             if not source:
                 raise ConfigError(
                     "memorization.plan_path: no canary plan; fleet.runtime.driver.train writes it "
-                    "(fleet.audits.memorization.prepare(cfg, run_dir) when building shards by hand)"
+                    "(cfg = fleet.audits.memorization.prepare(cfg, run_dir) when building shards by hand)"
                 )
             plan = source if isinstance(source, CanaryPlan) else CanaryPlan.load(source)
             if plan.seq_len != self.seq_len:
