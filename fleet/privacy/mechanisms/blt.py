@@ -90,9 +90,6 @@ class BLTFTRL(LimitedMechanism):
     def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         p, t = cfg.privacy, cfg.train
-        self.clip_norm = p.clip_norm
-        self.std = p.noise_multiplier * p.clip_norm
-        self.limit = self.limit_rounds(cfg)
         self.dim = len(init_params)
         self.server = server(init_params)
         self.stream = blt.Stream(self.planned(cfg), self.dim)

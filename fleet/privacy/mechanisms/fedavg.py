@@ -29,7 +29,7 @@ from fleet.privacy.accountant import Accountant, epsilon_of, noise_for_epsilon, 
 from fleet.privacy.mechanisms.base import (
     ArgumentError,
     Cohort,
-    Mechanism,
+    ServerModel,
     ShardSums,
     check,
     check_gaussian,
@@ -50,7 +50,7 @@ ASSUMES = (
 )
 
 
-class GaussianFedAvg(Mechanism):
+class GaussianFedAvg(ServerModel):
     """DP-FedAvg with Poisson or fixed-size sampling, fixed or adaptive clipping."""
 
     name = "dp_fedavg"
@@ -250,17 +250,6 @@ class GaussianFedAvg(Mechanism):
         noised = float(self.noise.add(centred, self.plan.count_std, r, "count_noise")[0])
         fraction = noised / self.cfg.fleet.goal + 0.5
         self.clip_norm = float(self.clip_norm * math.exp(-p.clip_lr * (fraction - p.target_quantile)))
-
-    @property
-    def params(self) -> np.ndarray:
-        return self.server.params()
-
-    # ---- state ----------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {"server": self.server.state()}
-
-    def _load(self, state: dict) -> None:
-        self.server.load_state(state["server"])
 
     # ---- what it says ---------------------------------------------------------------------
     def summary(self) -> dict:

@@ -48,9 +48,6 @@ class TreeFTRL(LimitedMechanism):
     def __init__(self, cfg: Config, population: int, init_params: np.ndarray, noise, server, state_dir):
         super().__init__(cfg, population, init_params, noise, server, state_dir)
         p, t = cfg.privacy, cfg.train
-        self.clip_norm = p.clip_norm
-        self.std = p.noise_multiplier * p.clip_norm
-        self.limit = self.limit_rounds(cfg)
         # Each node's multiplier, with the sensitivity the noise source says to account.
         sens = noise.accounted_sensitivity(p.clip_norm, len(init_params), self.std) if self.std > 0 else 1.0
         self.accounted = self.std / sens

@@ -45,6 +45,15 @@ class LimitedMechanism(Mechanism):
 
     limit: int
 
+    def __init__(self, cfg: Config, *rest: Any):
+        """A fixed clip, noise of z x clip a release, and the limit in released rounds: what every
+        mechanism resting on the limit shares."""
+        super().__init__(cfg, *rest)  # (population, init_params, noise, server, state_dir)
+        p = cfg.privacy
+        self.clip_norm = p.clip_norm
+        self.std = p.noise_multiplier * p.clip_norm
+        self.limit = self.limit_rounds(cfg)
+
     @classmethod
     def limit_rounds(cls, cfg: Config) -> int:
         return enforced_separation(cfg)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fleet.config import Config
-from fleet.privacy.mechanisms.base import Cohort, Mechanism, ShardSums, choice, sampled_cohort
+from fleet.privacy.mechanisms.base import Cohort, ServerModel, ShardSums, choice, sampled_cohort
 from fleet.privacy.sampled import SAMPLINGS
 
 
@@ -27,7 +27,7 @@ class PlainRelease:
         return asdict(self)
 
 
-class NoDP(Mechanism):
+class NoDP(ServerModel):
     """FedAvg without privacy."""
 
     name = "none"
@@ -63,16 +63,6 @@ class NoDP(Mechanism):
         self.server.step((sums.total / self.cfg.fleet.goal).astype(np.float32))  # as DP-FedAvg, z = 0
         self._commit()
         return {}
-
-    @property
-    def params(self) -> np.ndarray:
-        return self.server.params()
-
-    def _state(self) -> dict:
-        return {"server": self.server.state()}
-
-    def _load(self, state: dict) -> None:
-        self.server.load_state(state["server"])
 
     def summary(self) -> dict:
         return {"dp": False, "epsilon": None, "covers": "nothing: no DP (privacy=none)"}
