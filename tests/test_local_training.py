@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fleet.config import ModelConfig
-from fleet.learning.engines import BatchedEngine, FusedEngine, ReferenceEngine, make_engine
+from fleet.learning.engines import BatchedEngine, FusedEngine, LocalSGD, ReferenceEngine, make_engine
 from fleet.learning.model import PAD_ID, ModelShape, NWPModel, get_flat
 
 
@@ -26,7 +26,7 @@ def _setup(cell: str, vocab: int = 40) -> tuple[ModelShape, np.ndarray, np.ndarr
 def test_fused_matches_reference(cell: str, pad_id: int | None):
     shape, params, tokens = _setup(cell)
     # 13 examples in batches of 5: a short last batch; 2 epochs: state carried across epochs.
-    args = (tokens, 2, 5, 0.7)
+    args = (tokens, LocalSGD(2, 5, 0.7))
     d_ref, l_ref = ReferenceEngine(shape, pad_id).train_device(params, *args, np.random.default_rng(3))
     fused = FusedEngine(shape, pad_id)
     d_fu, l_fu = fused.train_device(params, *args, np.random.default_rng(3))
@@ -42,9 +42,9 @@ def test_fused_matches_reference(cell: str, pad_id: int | None):
 def test_batch_order_comes_from_the_rng():
     shape, params, tokens = _setup("cifg")
     eng = FusedEngine(shape)
-    a, _ = eng.train_device(params, tokens, 1, 4, 0.5, np.random.default_rng(0))
-    b, _ = eng.train_device(params, tokens, 1, 4, 0.5, np.random.default_rng(1))
-    c, _ = eng.train_device(params, tokens, 1, 4, 0.5, np.random.default_rng(0))
+    a, _ = eng.train_device(params, tokens, LocalSGD(1, 4, 0.5), np.random.default_rng(0))
+    b, _ = eng.train_device(params, tokens, LocalSGD(1, 4, 0.5), np.random.default_rng(1))
+    c, _ = eng.train_device(params, tokens, LocalSGD(1, 4, 0.5), np.random.default_rng(0))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, c)
 
@@ -53,7 +53,7 @@ def test_all_pad_device_does_not_move():
     shape, params, tokens = _setup("cifg")
     tokens[:, 1:] = PAD_ID
     for eng in (FusedEngine(shape), ReferenceEngine(shape)):
-        delta, loss = eng.train_device(params, tokens, 1, 4, 0.5, np.random.default_rng(0))
+        delta, loss = eng.train_device(params, tokens, LocalSGD(1, 4, 0.5), np.random.default_rng(0))
         assert not np.any(delta) and np.isnan(loss)
 
 
@@ -78,12 +78,13 @@ def _batched_matches_reference(device: str, cell: str, pad_id: int | None) -> No
     cohort[2][:, 1:] = PAD_ID
     ref = ReferenceEngine(shape, pad_id)
     want = [
-        ref.train_device(params, t, 2, 4, 0.7, np.random.default_rng(10 + j)) for j, t in enumerate(cohort)
+        ref.train_device(params, t, LocalSGD(2, 4, 0.7), np.random.default_rng(10 + j))
+        for j, t in enumerate(cohort)
     ]
     # Groups of 2: the cohort crosses group boundaries, and results must stay in cohort order.
     engine = BatchedEngine(shape, pad_id, device, group=2)
     jobs = ((t, np.random.default_rng(10 + j)) for j, t in enumerate(cohort))
-    got = list(engine.train_devices(params, jobs, 2, 4, 0.7))
+    got = list(engine.train_devices(params, jobs, LocalSGD(2, 4, 0.7)))
     assert len(got) == len(cohort)
     for j, ((d_want, l_want), (d_got, l_got)) in enumerate(zip(want, got, strict=True)):
         assert d_got.dtype == np.float32 and d_got.shape == params.shape
@@ -115,12 +116,12 @@ def test_a_finished_device_is_not_moved_by_the_rows_it_rides_along_on():
     cohort = _cohort(shape, [2, 40])
     lr = 1e22  # one step leaves weights ~1e20: the next forward pass overflows to inf
     want = [
-        ReferenceEngine(shape).train_device(params, t, 1, 4, lr, np.random.default_rng(j))
+        ReferenceEngine(shape).train_device(params, t, LocalSGD(1, 4, lr), np.random.default_rng(j))
         for j, t in enumerate(cohort)
     ]
     got = list(
         BatchedEngine(shape).train_devices(
-            params, ((t, np.random.default_rng(j)) for j, t in enumerate(cohort)), 1, 4, lr
+            params, ((t, np.random.default_rng(j)) for j, t in enumerate(cohort)), LocalSGD(1, 4, lr)
         )
     )
     assert np.all(np.isfinite(want[0][0])) and np.abs(want[0][0]).max() > 1e19
@@ -133,14 +134,14 @@ def test_token_ids_out_of_range_are_refused_before_training():
         tokens[3, 2] = bad
         for engine in (FusedEngine(shape), ReferenceEngine(shape), BatchedEngine(shape)):
             with pytest.raises(ValueError, match="tokens: ids must be in"):
-                engine.train_device(params, tokens, 1, 4, 0.5, np.random.default_rng(0))
+                engine.train_device(params, tokens, LocalSGD(1, 4, 0.5), np.random.default_rng(0))
 
 
 def test_batched_refuses_mixed_sequence_lengths():
     shape, params, tokens = _setup("cifg")
     jobs = [(tokens, np.random.default_rng(0)), (tokens[:, :5], np.random.default_rng(1))]
     with pytest.raises(ValueError, match="same sequence length"):
-        list(BatchedEngine(shape).train_devices(params, jobs, 1, 4, 0.5))
+        list(BatchedEngine(shape).train_devices(params, jobs, LocalSGD(1, 4, 0.5)))
 
 
 def test_make_engine():

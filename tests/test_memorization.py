@@ -18,7 +18,7 @@ from fleet.audits.cli import main
 from fleet.config import ConfigError, validate
 from fleet.learning.data.corpus import make_corpus
 from fleet.learning.data.vocab import NUM_SPECIAL
-from fleet.learning.engines import FusedEngine
+from fleet.learning.engines import FusedEngine, LocalSGD
 from fleet.learning.model import NWPModel, get_flat, set_flat
 from fleet.phones import population
 from fleet.round import checkpoint
@@ -122,7 +122,7 @@ def test_a_canary_trained_many_times_is_exposed_and_extracted_an_unseen_one_is_n
     model = NWPModel(cfg.model.vocab_size + NUM_SPECIAL, 16, 32, 16, init_scale=1.0)
     engine = FusedEngine(model.shape)
     params = get_flat(model)
-    delta, _ = engine.train_device(params, data, 6, 16, 1.0, np.random.default_rng(0))
+    delta, _ = engine.train_device(params, data, LocalSGD(6, 16, 1.0), np.random.default_rng(0))
     set_flat(model, params + delta)
     model.eval()
 

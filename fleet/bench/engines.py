@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from fleet.learning.engines import BatchedEngine, Engine, FusedEngine, ReferenceEngine
+from fleet.learning.engines import BatchedEngine, Engine, FusedEngine, LocalSGD, ReferenceEngine
 from fleet.learning.model import SPECIAL_TOKENS, ModelShape, NWPModel, get_flat
 
 MODELS = {
@@ -46,7 +46,7 @@ def _rate(engine: Engine, params: np.ndarray, devices: list[np.ndarray]) -> floa
     """Updates/s over one pass of all devices (one epoch, batch 16, lr 0.5)."""
     jobs = ((t, np.random.default_rng(j)) for j, t in enumerate(devices))
     t0 = time.perf_counter()
-    for _ in engine.train_devices(params, jobs, 1, BATCH, 0.5):
+    for _ in engine.train_devices(params, jobs, LocalSGD(1, BATCH, 0.5)):
         pass
     return len(devices) / (time.perf_counter() - t0)
 

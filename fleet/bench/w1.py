@@ -22,7 +22,7 @@ from fleet.config import (
     TrackingConfig,
     TrainConfig,
 )
-from fleet.learning.engines import make_engine
+from fleet.learning.engines import LocalSGD, make_engine
 from fleet.learning.model import SPECIAL_TOKENS, build_model, get_flat, job_flops, model_bytes
 from fleet.phones.timing import JobCost
 
@@ -102,7 +102,7 @@ class W1Task:
             (w1_tokens(dev), rng.device_generator(self.cfg.seed, "w1_order", round_idx, int(dev)))
             for dev in device_ids
         )
-        return self.engine.train_devices(params, jobs, t.client_epochs, t.batch_size, t.client_lr)
+        return self.engine.train_devices(params, jobs, LocalSGD(t.client_epochs, t.batch_size, t.client_lr))
 
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """W1 measures speed only: no held-out set."""

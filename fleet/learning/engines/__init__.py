@@ -42,7 +42,7 @@ import torch
 
 from fleet.config import ConfigError, ModelConfig
 from fleet.learning.engines.batched import BatchedEngine
-from fleet.learning.engines.common import Engine
+from fleet.learning.engines.common import Engine, LocalSGD
 from fleet.learning.engines.fused import FusedEngine
 from fleet.learning.engines.reference import ReferenceEngine
 from fleet.learning.model import PAD_ID, ModelShape
@@ -113,6 +113,7 @@ __all__ = [
     "BatchedEngine",
     "Engine",
     "FusedEngine",
+    "LocalSGD",
     "ReferenceEngine",
     "make_engine",
     "resolve_device",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from fleet.learning.engines.common import batches, check_inputs
+from fleet.learning.engines.common import LocalSGD, batches, check_inputs
 from fleet.learning.model import PAD_ID, ModelShape
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,12 @@ class BatchedEngine:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def train_device(
-        self,
-        params: np.ndarray,
-        tokens: np.ndarray,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        rng: np.random.Generator,
+        self, params: np.ndarray, tokens: np.ndarray, sgd: LocalSGD, rng: np.random.Generator
     ) -> tuple[np.ndarray, float]:
-        return next(self.train_devices(params, [(tokens, rng)], epochs, batch_size, lr))
+        return next(self.train_devices(params, [(tokens, rng)], sgd))
 
     def train_devices(
-        self,
-        params: np.ndarray,
-        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
-        epochs: int,
-        batch_size: int,
-        lr: float,
+        self, params: np.ndarray, jobs: Iterable[tuple[np.ndarray, np.random.Generator]], sgd: LocalSGD
     ) -> Iterator[tuple[np.ndarray, float]]:
         jobs = iter(jobs)
         base = None
@@ -76,17 +65,13 @@ class BatchedEngine:
                 check_inputs(params, tokens, self.shape)
             if base is None:
                 base = torch.from_numpy(np.array(params, dtype=np.float32)).to(self.device)
-            deltas, losses = self._train_group(base, chunk, epochs, batch_size, lr)
+            deltas, losses = self._train_group(base, chunk, sgd)
             yield from zip(deltas, losses, strict=True)
 
     def _train_group(
-        self,
-        base: torch.Tensor,
-        chunk: list[tuple[np.ndarray, np.random.Generator]],
-        epochs: int,
-        batch_size: int,
-        lr: float,
+        self, base: torch.Tensor, chunk: list[tuple[np.ndarray, np.random.Generator]], sgd: LocalSGD
     ) -> tuple[np.ndarray, list[float]]:
+        epochs, batch_size, lr = sgd
         width = {tokens.shape[1] for tokens, _ in chunk}
         if len(width) != 1:
             raise ValueError(f"tokens: every device of a group needs the same sequence length, got {width}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -19,29 +19,26 @@ log = logging.getLogger(__name__)
 TINY = float(torch.finfo(torch.float32).tiny)
 
 
+class LocalSGD(NamedTuple):
+    """A device's local training: plain minibatch SGD, `epochs` passes over its examples in
+    batches of `batch_size`, step `lr` (the task's train.client_epochs, batch_size, client_lr)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+
+
 class Engine(Protocol):
     def train_device(
-        self,
-        params: np.ndarray,
-        tokens: np.ndarray,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        rng: np.random.Generator,
+        self, params: np.ndarray, tokens: np.ndarray, sgd: LocalSGD, rng: np.random.Generator
     ) -> tuple[np.ndarray, float]:
         """tokens: int array (n, seq_len+1) = [bos, w1..w_seq_len]; input tokens[:, :-1], target
         tokens[:, 1:]; pad targets are excluded from the loss (mean cross-entropy over non-pad
-        targets per batch). Plain minibatch SGD with lr, E epochs, batches of batch_size in an
-        order given by rng.permutation(n) each epoch. Returns (delta = local - params as flat
-        float32, mean training loss)."""
+        targets per batch). `sgd`: minibatch SGD, batches in an order given by rng.permutation(n)
+        each epoch. Returns (delta = local - params as flat float32, mean training loss)."""
 
     def train_devices(
-        self,
-        params: np.ndarray,
-        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
-        epochs: int,
-        batch_size: int,
-        lr: float,
+        self, params: np.ndarray, jobs: Iterable[tuple[np.ndarray, np.random.Generator]], sgd: LocalSGD
     ) -> Iterator[tuple[np.ndarray, float]]:
         """`train_device` for each (tokens, rng) of a cohort, results in the cohort's order. `jobs`
         is consumed lazily, as far as the engine needs, so a shard never holds the whole cohort's
@@ -52,15 +49,10 @@ class OneAtATime:
     """`train_devices` for engines that train devices one after another."""
 
     def train_devices(
-        self,
-        params: np.ndarray,
-        jobs: Iterable[tuple[np.ndarray, np.random.Generator]],
-        epochs: int,
-        batch_size: int,
-        lr: float,
+        self, params: np.ndarray, jobs: Iterable[tuple[np.ndarray, np.random.Generator]], sgd: LocalSGD
     ) -> Iterator[tuple[np.ndarray, float]]:
         for tokens, order in jobs:
-            yield self.train_device(params, tokens, epochs, batch_size, lr, order)
+            yield self.train_device(params, tokens, sgd, order)
 
 
 def batches(n: int, epochs: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from fleet.learning.engines.common import TINY, OneAtATime, batches, check_inputs
+from fleet.learning.engines.common import TINY, LocalSGD, OneAtATime, batches, check_inputs
 from fleet.learning.model import PAD_ID, ModelShape
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,9 @@ class FusedEngine(OneAtATime):
         return self._cache[(t, b)]
 
     def train_device(
-        self,
-        params: np.ndarray,
-        tokens: np.ndarray,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        rng: np.random.Generator,
+        self, params: np.ndarray, tokens: np.ndarray, sgd: LocalSGD, rng: np.random.Generator
     ) -> tuple[np.ndarray, float]:
+        epochs, batch_size, lr = sgd
         check_inputs(params, tokens, self.shape)
         params = np.asarray(params, dtype=np.float32)
         self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from fleet.learning.engines.common import OneAtATime, batches, check_inputs
+from fleet.learning.engines.common import LocalSGD, OneAtATime, batches, check_inputs
 from fleet.learning.model import PAD_ID, ModelShape, NWPModel, get_flat, set_flat
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,9 @@ class ReferenceEngine(OneAtATime):
         )
 
     def train_device(
-        self,
-        params: np.ndarray,
-        tokens: np.ndarray,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        rng: np.random.Generator,
+        self, params: np.ndarray, tokens: np.ndarray, sgd: LocalSGD, rng: np.random.Generator
     ) -> tuple[np.ndarray, float]:
+        epochs, batch_size, lr = sgd
         check_inputs(params, tokens, self.shape)
         set_flat(self.model, params)
         tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy

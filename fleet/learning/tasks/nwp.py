@@ -70,6 +70,8 @@ class NWPTask:
     def client_updates(
         self, params: np.ndarray, device_ids: np.ndarray, num_examples: np.ndarray, round_idx: int
     ) -> Iterator[tuple[np.ndarray, float]]:
+        from fleet.learning.engines import LocalSGD
+
         t = self.cfg.train
         jobs = (
             (
@@ -78,7 +80,7 @@ class NWPTask:
             )
             for dev, n in zip(device_ids, num_examples, strict=True)
         )
-        return self.engine.train_devices(params, jobs, t.client_epochs, t.batch_size, t.client_lr)
+        return self.engine.train_devices(params, jobs, LocalSGD(t.client_epochs, t.batch_size, t.client_lr))
 
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """Loss, perplexity and recall@1/@3 (pad excluded; with and without oov) on held-out devices."""
