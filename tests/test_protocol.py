@@ -42,3 +42,18 @@ def test_merge_mix_adds_the_shards_counts():
     b = {"tz": {"+1": 3}, "speed": [0, 1, 4]}
     assert merge_mix([a, b]) == {"tz": {"+1": 5, "-5": 1}, "speed": [1, 3, 4]}
     assert merge_mix([]) == {"tz": {}, "speed": []}
+
+
+@pytest.mark.parametrize("where", ["fleet.round.shard:ShardCore", "fleet.bench._metered_shard:MeteredShard"])
+def test_every_shard_class_takes_the_protocols_calls(where):
+    """A shard class whose call differs from the protocol (a parameter the coordinator now sends,
+    missing) fails here rather than mid-run, as the scale bench's metered shard once did."""
+    import importlib
+    import inspect
+
+    from fleet.round.protocol import Shard
+
+    module, _, name = where.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    for call in ("check_in", "plan", "train"):
+        assert inspect.signature(getattr(cls, call)) == inspect.signature(getattr(Shard, call)), call

@@ -14,13 +14,16 @@ Nothing in either direction names a device (docs/ARCHITECTURE.md, invariant 3): 
 arrival times by rank, one sum, histograms. Every reply carries the shard's `incarnation`, which
 changes when Ray restarts it, so the coordinator sees a restart even when no call failed.
 
-The replies are frozen dataclasses rather than dicts: a field added on one side and forgotten on
-the other is an AttributeError in the fast tests, not a missing key in a run.
+The requests are the `Shard` protocol's signatures, which every shard class keeps to the letter
+(a fast test compares them); the replies are frozen dataclasses rather than dicts: a field added
+on one side and forgotten on the other is an AttributeError in the fast tests, not a missing key
+in a run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -66,3 +69,16 @@ def merge_mix(mixes: list[Mix]) -> Mix:
             tz[k] = tz.get(k, 0) + v
     speed = np.sum([m["speed"] for m in mixes], axis=0).astype(int).tolist() if mixes else []
     return {"tz": tz, "speed": speed}
+
+
+class Shard(Protocol):
+    """The three calls of a round, as the coordinator makes them (`fleet.round.calls.call_all`
+    passes their arguments by position, in this order)."""
+
+    def check_in(self, round_idx: int, t: float, release_idx: int | None = None) -> int: ...
+
+    def plan(self, round_idx: int, t: float, deadline: float, local_ranks: np.ndarray) -> JobPlan: ...
+
+    def train(
+        self, round_idx: int, t: float, params: np.ndarray, accepted: np.ndarray, clip_norm: float | None
+    ) -> TrainReport: ...
