@@ -96,13 +96,22 @@ def check_delta_for(cfg: Config, population: int) -> float:
     publishes one random device's data in the clear meets the guarantee, so it promises nothing
     (and dp-accounting's conversions break down on such deltas)."""
     delta = run_delta(cfg.privacy, population)
+    problem = delta_problem(delta, population)
     check(
-        delta < 1.0 / population,
+        problem is None,
         "privacy.delta",
-        f"{delta:.3g} is not below 1 / population = {1.0 / population:.3g}: a guarantee that may "
-        "fail with that probability may fail for a whole device; leave it unset for 1 / N^1.1",
+        f"{problem}: a guarantee that may fail with that probability may fail for a whole device; "
+        "leave it unset for 1 / N^1.1",
     )
     return delta
+
+
+def delta_problem(delta: float, population: int) -> str | None:
+    """Why `delta` promises nothing for a fleet of `population` devices, or None (the one rule,
+    for the run's config and for `fleet-privacy`'s flags)."""
+    if delta < 1.0 / population:
+        return None
+    return f"{delta:.3g} is not below 1 / population = {1.0 / population:.3g}"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from fleet.privacy.mechanisms.base import (
     choice,
     cohort_size,
     default_delta,
+    delta_problem,
     run_delta,
     sampled_cohort,
 )
@@ -190,8 +191,8 @@ class GaussianFedAvg(ServerModel):
         if args.overselect is not None and args.overselect < 1:
             raise ArgumentError("--overselect must be >= 1")
         delta = args.delta if args.delta is not None else default_delta(args.population)
-        if delta >= 1.0 / args.population:
-            raise ArgumentError(f"--delta: {delta:g} is not below 1 / population = {1 / args.population:.3g}")
+        if problem := delta_problem(delta, args.population):
+            raise ArgumentError(f"--delta: {problem}")
         k = cohort_size(args) if args.overselect else args.goal
         q = min(1.0, k / args.population)
         # Under replace-one (fixed_size) the sum's sensitivity is 2S: the accounted multiplier is z/2.
