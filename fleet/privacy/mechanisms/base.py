@@ -404,20 +404,3 @@ class Mechanism(ABC):
             "seed in the config; use rng=secure)"
         )
         return {"covers": covers, "guarantee": guarantee, "public": PUBLIC_WORLD}
-
-
-class ServerModel(Mechanism):
-    """A mechanism whose released model is its server optimizer's (DP-FedAvg, the no-DP baseline):
-    the model, and all the state kept beside the ledger, are the optimizer's."""
-
-    server: ModelStep
-
-    @property
-    def params(self) -> np.ndarray:
-        return self.server.params()
-
-    def _state(self) -> dict:
-        return {"server": self.server.state()}
-
-    def _load(self, state: dict) -> None:
-        self.server.load_state(state["server"])

@@ -29,7 +29,6 @@ from fleet.privacy.accountant import Accountant, epsilon_of, noise_for_epsilon, 
 from fleet.privacy.mechanisms.base import (
     ArgumentError,
     Cohort,
-    ServerModel,
     ShardSums,
     check,
     check_gaussian,
@@ -40,6 +39,7 @@ from fleet.privacy.mechanisms.base import (
     run_delta,
     sampled_cohort,
 )
+from fleet.privacy.mechanisms.server_model import ServerModel
 from fleet.privacy.sampled import SampledRelease
 
 # What the amplification accounting takes for granted and the simulator does not always give

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fleet.config import Config
-from fleet.privacy.mechanisms.base import Cohort, ServerModel, ShardSums, choice, sampled_cohort
+from fleet.privacy.mechanisms.base import Cohort, ShardSums, choice, sampled_cohort
+from fleet.privacy.mechanisms.server_model import ServerModel
 from fleet.privacy.sampled import SAMPLINGS
 
 
