@@ -100,3 +100,48 @@ def test_arrow_corpus_defines_the_fleet(tmp_path):
     coord = Coordinator(cfg, [shard], pop)
     line = coord.run_round()
     assert line["reported"] >= 1
+
+
+def test_bf16_training_leaves_the_privacy_path_in_fp32(monkeypatch):
+    """Whatever the engine's precision, what privacy rests on is fp32 or wider: each device's
+    update reaches the clip as fp32, its norm is taken in float64, the clipped update is fp32 and
+    within the bound, the sum and the noise are float64; and the noise and the ledger are the same
+    as an fp32 run's (same seed), so precision changes the model, never the mechanism."""
+    import fleet.round.shard as shard_module
+    from fleet.privacy.noise import NoiseSource
+
+    seen: dict[str, list] = {"clip": [], "noise": []}
+    real_clip, real_add = shard_module.clip, NoiseSource.add
+
+    def clip(delta, clip_norm):
+        clipped, norm = real_clip(delta, clip_norm)
+        exact = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+        seen["clip"].append((delta.dtype, norm, exact, clipped.dtype, float(np.linalg.norm(clipped))))
+        return clipped, norm
+
+    def add(self, x, std, round_idx, stream):
+        out = real_add(self, x, std, round_idx, stream)
+        seen["noise"].append((np.asarray(x).dtype, out.dtype, float(np.linalg.norm(out - x))))
+        return out
+
+    monkeypatch.setattr(shard_module, "clip", clip)
+    monkeypatch.setattr(NoiseSource, "add", add)
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        seen["clip"].clear(), seen["noise"].clear()
+        cfg = make_cfg(*SMALL_NWP, "fleet.goal=10", "privacy.clip_norm=0.05", f"model.precision={precision}")
+        shards, coord = in_process_fleet(cfg)
+        assert {s.task.engine.precision for s in shards} == {precision}
+        lines = [coord.run_round() for _ in range(2)]
+        runs[precision] = (lines, list(seen["noise"]), coord.get_params().copy())
+        assert len(seen["clip"]) >= 10
+        for d_type, norm, exact, c_type, c_norm in seen["clip"]:
+            assert d_type == np.float32 and c_type == np.float32
+            assert norm == exact  # the norm the clip uses is the float64 one
+            assert c_norm <= 0.05 * (1 + 1e-6)
+        assert all(x == np.float64 and out == np.float64 for x, out, _ in seen["noise"])
+    (l_b, n_b, p_b), (l_f, n_f, p_f) = runs["bf16"], runs["fp32"]
+    assert [x["epsilon"] for x in l_b] == [x["epsilon"] for x in l_f]
+    assert [x["reported"] for x in l_b] == [x["reported"] for x in l_f]
+    assert [n for *_, n in n_b] == pytest.approx([n for *_, n in n_f], rel=1e-9)  # the same noise
+    assert not np.array_equal(p_b, p_f)  # and the model did train in bf16

@@ -93,6 +93,11 @@ class ModelConfig:
     engine: str = "auto"  # auto (batched on a GPU, fused on CPU) | fused | reference | batched
     device: str = "auto"  # auto (cuda when the shard has a GPU, see ray.gpus_per_shard) | cpu | cuda[:N]
     batch_devices: int = 32  # batched engine: devices trained in lockstep
+    # The local-training matmuls: auto (bf16 where the hardware has it and the model's GEMMs are
+    # large enough to gain, see fleet.learning.engines.resolve_precision) | fp32 | bf16. The
+    # weights a device starts from, its update, the clip, the sum and the noise are fp32 or wider
+    # in every mode.
+    precision: str = "auto"
     init_scale: float = 0.1
 
 

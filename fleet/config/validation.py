@@ -233,6 +233,13 @@ def _validate_model(cfg: Config) -> None:
     """The engine and the device it trains on (a GPU device needs a GPU engine and GPU shards)."""
     m = cfg.model
     _choice(m.engine, "model.engine", ("auto", "fused", "reference", "batched"))
+    _choice(m.precision, "model.precision", ("auto", "fp32", "bf16"))
+    _check(
+        not (m.precision == "bf16" and m.engine == "reference"),
+        "model.precision",
+        "the reference engine is the plain fp32 one the others are tested against; "
+        "use model.engine=auto, fused or batched for bf16",
+    )
     _check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(m.device)) is not None,
         "model.device",

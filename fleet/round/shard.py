@@ -359,11 +359,14 @@ class ShardCore:
 
 
 def _engine_name(task: Any) -> str | None:
-    """The task's local-training engine and where it runs ("FusedEngine on cpu"), if it has one."""
+    """The task's local-training engine, its precision and where it runs ("FusedEngine bf16 on
+    cpu"), if it has one."""
     engine = getattr(task, "engine", None)
     if engine is None:
         return None
-    return f"{type(engine).__name__} on {getattr(engine, 'device', 'cpu')}"
+    precision = getattr(engine, "precision", None)
+    name = type(engine).__name__ + (f" {precision}" if precision else "")
+    return f"{name} on {getattr(engine, 'device', 'cpu')}"
 
 
 def _ray_context(ask: str, default: Any) -> Any:

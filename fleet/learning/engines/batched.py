@@ -34,6 +34,7 @@ class BatchedEngine:
         device: str = "cpu",
         group: int = 32,
         deterministic: bool = True,
+        precision: str = "fp32",
     ):
         if group < 1:
             raise ValueError(f"model.batch_devices: must be >= 1 (got {group})")
@@ -41,6 +42,7 @@ class BatchedEngine:
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.group = group
+        self.precision = precision
         self._slices = shape.param_slices()
         if deterministic and self.device.type == "cuda":
             # Reproducible mode promises the same model run after run (and across a resume). On
@@ -90,7 +92,10 @@ class BatchedEngine:
         loss_sum = torch.zeros(d, dtype=torch.float64, device=self.device)
         count = torch.zeros(d, dtype=torch.int64, device=self.device)
         for step in range(k):
-            loss, nll_sum, n = self._loss(flat, tok_t[step], valid_t[step])
+            # bf16: autocast runs the matmuls in bf16 and keeps the loss in fp32; the weights
+            # (`flat`) and so their gradients and the update stay fp32.
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                loss, nll_sum, n = self._loss(flat, tok_t[step], valid_t[step])
             loss.backward()
             with torch.no_grad():
                 # Only devices with targets in this step move, as in the reference engine, which

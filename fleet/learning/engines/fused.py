@@ -27,6 +27,7 @@ class _Views:
         self.tc, self.h, self.r, self.dr = buf["tc"], buf["h"], buf["r"], buf["dr"]
         self.dx, self.logits, self.dh, self.dc = buf["dx"], buf["logits"], buf["dh"], buf["dc"]
         self.dc3 = self.dc.unsqueeze(1)  # dc broadcast over the gate blocks it scales
+        self.lo = {k[3:]: v for k, v in buf.items() if k.startswith("lo_")}  # bf16 mode's
         self.z2 = self.z.view(t * b, -1)
         self.m2 = self.m.view(t * b, -1)
         self.dr2 = self.dr.view(t * b, -1)
@@ -77,11 +78,18 @@ class FusedEngine(OneAtATime):
     block and "all timesteps at once" is a plain 2-D matrix of time * batch rows.
     """
 
-    def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID):
+    def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID, precision: str = "fp32"):
         self.shape = shape
         self.pad_id = pad_id
         self.flat = torch.empty(shape.num_params())
         self.w = {name: self.flat[part].view(s) for name, (part, s) in shape.param_slices().items()}
+        # bf16: the big all-timestep GEMMs read a bf16 copy of the weights, refreshed from the fp32
+        # master after every step; everything else (the master, the update, the recurrence, the
+        # softmax and the loss) stays fp32.
+        self.precision = precision
+        self.low = precision == "bf16"
+        self.flat_lo = self.flat.to(torch.bfloat16) if self.low else self.flat
+        self.w_lo = {name: self.flat_lo[part].view(s) for name, (part, s) in shape.param_slices().items()}
         self._cap = (0, 0)  # (seq_len, batch rows) the buffers are sized for
         self._buf: dict[str, torch.Tensor] = {}
         self._cache: dict[tuple[int, int], _Views] = {}
@@ -102,9 +110,28 @@ class FusedEngine(OneAtATime):
             "r": (t + 1, b, s.proj_dim),  # projected outputs; r[0] = 0
             "dr": (t, b, s.proj_dim),
             "dx": (t * b, s.embed_dim),
-            "logits": (t * b, s.vocab_total),  # logits, then probabilities, then their gradient
+            # logits, then probabilities, then their gradient (bf16 mode: a bf16 buffer instead)
+            "logits": (0,) if self.low else (t * b, s.vocab_total),
             "dh": (b, s.hidden_dim),
             "dc": (b, s.hidden_dim),
+        }
+
+    def _low_shapes(self, t: int, b: int) -> dict[str, tuple[int, ...]]:
+        """bf16 operands and products of the big GEMMs (bf16 mode only)."""
+        s = self.shape
+        gh = s.gates * s.hidden_dim
+        if not self.low:
+            return {}
+        return {
+            "x": (t * b, s.embed_dim),
+            "z": (t * b, gh),  # input-to-gates, then the gates' gradients
+            "out": (t * b, s.proj_dim),
+            "logits": (t * b, s.vocab_total),
+            "dr": (t * b, s.proj_dim),
+            "dx": (t * b, s.embed_dim),
+            "g_emb": (s.vocab_total, s.embed_dim),
+            "g_x": (s.embed_dim, gh),
+            "g_r": (s.proj_dim, gh),
         }
 
     def _views(self, t: int, b: int) -> _Views:
@@ -116,9 +143,12 @@ class FusedEngine(OneAtATime):
         if t > self._cap[0] or b > self._cap[1]:
             self._cap = (max(t, self._cap[0]), max(b, self._cap[1]))
             self._buf = {k: torch.empty(math.prod(v)) for k, v in self._shapes(*self._cap).items()}
+            lo = self._low_shapes(*self._cap).items()
+            self._buf.update({f"lo_{k}": torch.empty(math.prod(v), dtype=torch.bfloat16) for k, v in lo})
             self._cache.clear()
         if (t, b) not in self._cache:
-            bufs = {k: self._buf[k][: math.prod(v)].view(v) for k, v in self._shapes(t, b).items()}
+            shapes = self._shapes(t, b) | {f"lo_{k}": v for k, v in self._low_shapes(t, b).items()}
+            bufs = {k: self._buf[k][: math.prod(v)].view(v) for k, v in shapes.items()}
             self._cache[(t, b)] = _Views(bufs, self.shape, t, b)
         return self._cache[(t, b)]
 
@@ -129,12 +159,16 @@ class FusedEngine(OneAtATime):
         check_inputs(params, tokens, self.shape)
         params = np.asarray(params, dtype=np.float32)
         self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only
+        if self.low:
+            self.flat_lo.copy_(self.flat)
         tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
         loss_sum, count = 0.0, 0
         with torch.no_grad():
             for rows in batches(len(tok), epochs, batch_size, rng):
                 tm = tok[torch.from_numpy(rows)].t()  # (seq_len + 1, batch), time-major
                 loss, n = self._step(tm[:-1].reshape(-1), tm[1:].reshape(-1), len(rows), lr)
+                if self.low:
+                    self.flat_lo.copy_(self.flat)
                 loss_sum += loss
                 count += n
         return self.flat.numpy() - params, loss_sum / count if count else math.nan
@@ -150,14 +184,25 @@ class FusedEngine(OneAtATime):
             if n == 0:
                 return 0.0, 0
             pad_rows = pad.nonzero().squeeze(1) if n < t * b else None
-        w, v = self.w, self._views(t, b)
-        emb = w["embedding"]
+        v = self._views(t, b)
+        self._forward(v, inp)
+        nll_sum = self._output_layer(v, target, pad_rows, n, lr)
+        self._backward_through_time(v, inp, lr)
+        return nll_sum, n
 
+    def _forward(self, v: _Views, inp: torch.Tensor) -> None:
+        """Embedding, input-to-gates and the recurrence, into the views' buffers."""
+        w, emb = self.w, self.w["embedding"]
         # Forward. Input-to-gates for all steps in one GEMM; then the recurrence. tanh(x) is
         # computed as 2 sigmoid(2x) - 1: one sigmoid over all gates costs less than a separate
         # tanh, which is several times slower per element than sigmoid in PyTorch on CPU.
-        torch.index_select(emb, 0, inp, out=v.x)
-        torch.addmm(w["bias"], v.x, w["w_x"], out=v.z2)
+        if self.low:
+            torch.index_select(self.w_lo["embedding"], 0, inp, out=v.lo["x"])
+            torch.mm(v.lo["x"], self.w_lo["w_x"], out=v.lo["z"])
+            torch.add(v.lo["z"], w["bias"], out=v.z2)
+        else:
+            torch.index_select(emb, 0, inp, out=v.x)
+            torch.addmm(w["bias"], v.x, w["w_x"], out=v.z2)
         v.c[0].zero_()
         v.r[0].zero_()
         cifg = self.shape.cell == "cifg"
@@ -179,21 +224,39 @@ class FusedEngine(OneAtATime):
             torch.mul(o, tc, out=h)
             torch.mm(h, w_p, out=r1)
 
-        # Output layer and softmax cross-entropy, all steps at once, in one buffer.
-        logits = v.logits
-        torch.mm(v.out, emb.t(), out=logits)
+    def _output_layer(
+        self, v: _Views, target: torch.Tensor, pad_rows: torch.Tensor | None, n: int, lr: float
+    ) -> float:
+        """Logits, softmax cross-entropy and its gradient; the embedding's output-layer update and
+        dr = d loss / d r for the backward through time. Returns the summed loss."""
+        emb = self.w["embedding"]
+        # Output layer and softmax cross-entropy, all steps at once, in one buffer. In bf16 mode
+        # the buffer is bf16: the softmax kernel computes in fp32 and rounds its output once,
+        # which is the rounding the backward GEMMs' bf16 operand needs anyway.
+        if self.low:
+            logits = v.lo["logits"]
+            v.lo["out"].copy_(v.out)
+            torch.mm(v.lo["out"], self.w_lo["embedding"].t(), out=logits)
+        else:
+            logits = v.logits
+            torch.mm(v.out, emb.t(), out=logits)
         torch.softmax(logits, 1, out=logits)
-        p_target = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        p_target = logits.gather(1, target.unsqueeze(1)).squeeze(1).float()
         nll = -torch.log(p_target.clamp(min=TINY))
-        logits[v.rows, target] = p_target - 1.0  # d(loss_sum)/d(logits) = p - onehot
+        logits[v.rows, target] = (p_target - 1.0).to(logits.dtype)  # d(loss_sum)/d(logits) = p - onehot
         if pad_rows is not None:
             nll[pad_rows] = 0.0
             logits.index_fill_(0, pad_rows, 0.0)
-        torch.addmm(v.dr2, logits, emb, beta=0.0, alpha=1.0 / n, out=v.dr2)
-        emb.addmm_(logits.t(), v.out, alpha=-lr / n)
-
-        self._backward_through_time(v, inp, lr)
-        return float(nll.sum()), n
+        if self.low:
+            lo = v.lo
+            torch.mm(lo["logits"], self.w_lo["embedding"], out=lo["dr"])
+            torch.mul(lo["dr"], 1.0 / n, out=v.dr2)
+            torch.mm(lo["logits"].t(), lo["out"], out=lo["g_emb"])
+            emb.add_(lo["g_emb"], alpha=-lr / n)
+        else:
+            torch.addmm(v.dr2, logits, emb, beta=0.0, alpha=1.0 / n, out=v.dr2)
+            emb.addmm_(logits.t(), v.out, alpha=-lr / n)
+        return float(nll.sum())
 
     def _backward_through_time(self, v: _Views, inp: torch.Tensor, lr: float) -> None:
         """Gate gradients step by step from dr (already d loss / d r_t from the output layer), then
@@ -241,9 +304,28 @@ class FusedEngine(OneAtATime):
 
         dz = v.m2
         w["w_p"].addmm_(v.h2.t(), v.dr2, alpha=-lr)
+        if self.low:
+            self._weight_updates_low(v, inp, lr)
+            return
         if v.r_mid is not None:
             w["w_r"].addmm_(v.r_mid.t(), v.m_mid, alpha=-lr)
         torch.mm(dz, w["w_x"].t(), out=v.dx)
         w["w_x"].addmm_(v.x.t(), dz, alpha=-lr)
         w["bias"].sub_(dz.sum(0), alpha=lr)
+        w["embedding"].index_add_(0, inp, v.dx, alpha=-lr)
+
+    def _weight_updates_low(self, v: _Views, inp: torch.Tensor, lr: float) -> None:
+        """The gates' weight updates of bf16 mode: bf16 GEMMs, added to the fp32 master."""
+        w, lo, dz = self.w, v.lo, v.m2
+        lo["z"].copy_(dz)
+        rows = len(inp) // v.dh.shape[0]  # steps t; gate gradients of steps >= 1 pair with r_{s-1}
+        b = v.dh.shape[0]
+        if rows > 1:
+            torch.mm(lo["out"][: (rows - 1) * b].t(), lo["z"][b:], out=lo["g_r"])
+            w["w_r"].add_(lo["g_r"], alpha=-lr)
+        torch.mm(lo["z"], self.w_lo["w_x"].t(), out=lo["dx"])
+        torch.mm(lo["x"].t(), lo["z"], out=lo["g_x"])
+        w["w_x"].add_(lo["g_x"], alpha=-lr)
+        w["bias"].sub_(dz.sum(0), alpha=lr)
+        v.dx.copy_(lo["dx"])
         w["embedding"].index_add_(0, inp, v.dx, alpha=-lr)

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 class ReferenceEngine(OneAtATime):
     """Plain eager PyTorch, one device at a time: the ground truth for every other engine."""
 
+    precision = "fp32"
+
     def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID):
         self.shape = shape
         self.pad_id = pad_id
