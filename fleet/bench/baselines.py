@@ -18,14 +18,19 @@ from fleet.bench.w1 import EXAMPLES, VOCAB, W1Task, peak_rss, w1_config, w1_toke
 
 
 # ---- measurements ----------------------------------------------------------------------------
-def matmul_gflops(threads: int, seconds: float = 3.0) -> float:
-    """fp32 GFLOP/s of a 2048 x 2048 matmul on `threads` threads: the best of the calls made in
-    `seconds`, that is the rate when other users leave the machine alone (a high reference)."""
+def matmul_gflops(
+    threads: int, seconds: float = 3.0, dtype: str = "fp32", shape: tuple[int, int, int] = (2048, 2048, 2048)
+) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) matmul in `dtype` (fp32 or bf16) on `threads` threads, 2048^3
+    by default: the best of the calls made in `seconds`, that is the rate when other users leave
+    the machine alone (a high reference)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    c = torch.empty(2048, 2048)
+    m, k, n = shape
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(m, k).to(kind), torch.randn(k, n).to(kind)
+    c = torch.empty(m, n, dtype=kind)
     for _ in range(2):
         torch.mm(a, b, out=c)
     best, t_end = math.inf, time.perf_counter() + seconds
@@ -33,7 +38,7 @@ def matmul_gflops(threads: int, seconds: float = 3.0) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
 
 
 class PlainLoop:
@@ -179,14 +184,14 @@ def _plain_round(r: int) -> tuple[float, int, int]:
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, params
 
 
-def engine_alone(devices: int, engine: str, gpus: float) -> float:
+def engine_alone(devices: int, engine: str, gpus: float, precision: str = "fp32") -> float:
     """Updates/s of the engine in this process on one thread, outside the round: what one shard
     could do with the machine to itself, to tell engine speed from round overhead and imbalance.
     A warm-up pass (buffers, kernels) comes first; then `devices` devices are timed."""
     import torch
 
     torch.set_num_threads(1)
-    task = W1Task(w1_config(1, 1, engine, gpus), "client")
+    task = W1Task(w1_config(1, 1, engine, gpus, precision=precision), "client")
     params = task.init_params()
     warm = getattr(task.engine, "group", 1)
     for _ in task.client_updates(params, np.arange(warm), np.full(warm, EXAMPLES), 0):

@@ -57,12 +57,20 @@ _plain: PlainLoop | None = None
 class Fleet:
     """W1 through the real round on a local Ray: Coordinator + one ShardCore actor per core."""
 
-    def __init__(self, shards: int, engine: str, rounds: int, gpus_per_shard: float, mechanism: str):
+    def __init__(
+        self,
+        shards: int,
+        engine: str,
+        rounds: int,
+        gpus_per_shard: float,
+        mechanism: str,
+        precision: str = "fp32",
+    ):
         import ray
 
         from fleet.runtime.placement import init_ray, start_actors
 
-        cfg = w1_config(shards, rounds, engine, gpus_per_shard, mechanism)
+        cfg = w1_config(shards, rounds, engine, gpus_per_shard, mechanism, precision)
         validate(cfg)
         # Ray runs its workers at niceness 15 by default; on a shared machine that would hand the
         # fleet's cores to anyone else's work while the baseline runs at 0. Same priority for both.
@@ -160,6 +168,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--shards", type=int, default=0, help="0: as many as the cores (and GPUs) hold")
     ap.add_argument("--engine", default="auto", choices=["auto", "fused", "reference", "batched"])
     ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="local training's (fp32: the plain loops' own; `python -m fleet.bench w1` compares the two)",
+    )
+    ap.add_argument(
         "--gpus-per-shard", type=float, default=0.0, help="> 0: shards train on CUDA (batched engine)"
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain nn.LSTM loop")
@@ -183,9 +197,13 @@ def _print_machine(args: argparse.Namespace, cores: int, gflop: float) -> tuple[
     first = matmul_gflops(cores)
     print(f"matmul 2048^2 fp32, {cores} threads, best call: {first:.1f} GFLOP/s")
     alone = engine_alone(
-        50 if args.engine == "batched" or args.gpus_per_shard else 12, args.engine, args.gpus_per_shard
+        50 if args.engine == "batched" or args.gpus_per_shard else 12,
+        args.engine,
+        args.gpus_per_shard,
+        args.precision,
     )
-    print(f"engine {args.engine} alone, 1 thread: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
+    what = f"engine {args.engine} {args.precision} alone, 1 thread"
+    print(f"{what}: {alone:.2f} updates/s, {alone * gflop:.1f} GFLOP/s")
     return first, alone
 
 
@@ -199,7 +217,14 @@ def _timed_rounds(args: argparse.Namespace, cores: int) -> _Timed:
         )
         per_core = PerCorePlain(50, 10_000, 0, cores)
         baseline_pids = {p.pid for p in per_core.procs}
-    fleet = Fleet(args.shards, args.engine, args.warmup + args.rounds, args.gpus_per_shard, args.mechanism)
+    fleet = Fleet(
+        args.shards,
+        args.engine,
+        args.warmup + args.rounds,
+        args.gpus_per_shard,
+        args.mechanism,
+        args.precision,
+    )
     timed = _Timed()
     try:
         for r in range(args.warmup + args.rounds):
@@ -237,7 +262,8 @@ def _print_fleet(args: argparse.Namespace, timed: _Timed, yard: _Yardsticks) -> 
     n_shards = len(mem["shards"])
     shard_mib = ", ".join(f"{b / MIB:.0f}" for b in mem["shards"])
     print(
-        f"fleet ({n_shards} shards x 1 thread, engine {args.engine}): {_rates(fleet_ups, gflop)}; "
+        f"fleet ({n_shards} shards x 1 thread, engine {args.engine} {args.precision}): "
+        f"{_rates(fleet_ups, gflop)}; "
         f"{100 * fleet_ups[0] / (n_shards * yard.alone):.0f}% of {n_shards} x engine alone; "
         f"reported {[x['reported'] for x in rounds]}; training "
         f"{100 * sum(x['train_s'] for x in rounds) / sum(x['s'] for x in rounds):.0f}% of round time; "

@@ -160,7 +160,7 @@ class FusedEngine(OneAtATime):
         params = np.asarray(params, dtype=np.float32)
         self.flat.numpy()[:] = params  # a numpy copy: the broadcast weights may be read-only
         if self.low:
-            self.flat_lo.copy_(self.flat)
+            self._refresh_low()
         tok = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a writable copy
         loss_sum, count = 0.0, 0
         with torch.no_grad():
@@ -168,10 +168,15 @@ class FusedEngine(OneAtATime):
                 tm = tok[torch.from_numpy(rows)].t()  # (seq_len + 1, batch), time-major
                 loss, n = self._step(tm[:-1].reshape(-1), tm[1:].reshape(-1), len(rows), lr)
                 if self.low:
-                    self.flat_lo.copy_(self.flat)
+                    self._refresh_low()
                 loss_sum += loss
                 count += n
         return self.flat.numpy() - params, loss_sum / count if count else math.nan
+
+    def _refresh_low(self) -> None:
+        """The bf16 copies of the weights the bf16 GEMMs read (the recurrence reads fp32)."""
+        for name in ("embedding", "w_x"):
+            self.w_lo[name].copy_(self.w[name])
 
     def _step(self, inp: torch.Tensor, target: torch.Tensor, b: int, lr: float) -> tuple[float, int]:
         """One SGD step on a time-major batch; returns (summed loss, counted targets)."""
