@@ -8,6 +8,7 @@ stay well under it; `python -m fleet.bench scale` measures the whole session.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import tiny_mean
 
 from fleet import rng
@@ -85,3 +86,17 @@ def test_the_scale_bench_meters_each_round_call():
     assert set(out) == {"check_in", "plan", "train", "broadcast"}
     assert all(v > 0 for v in out.values()), out
     assert out["train"] > out["check_in"]  # a sum of updates outweighs two counts
+
+
+@pytest.mark.slow
+def test_the_w1_bench_sets_fp32_and_bf16_side_by_side(capsys):
+    """`python -m fleet.bench w1` runs end to end and prints both precisions' matmul rates and
+    engine rates and their ratio against the target (the figures themselves are the bench's)."""
+    from fleet.bench import w1
+
+    w1.main(["--devices", "1", "--passes", "1", "--rounds", "0"])
+    out = capsys.readouterr().out
+    for shape in w1.STEP_SHAPES:
+        assert f"matmul {shape}, 1 thread: fp32 " in out and " bf16 " in out
+    assert "engine fused fp32 alone" in out and "engine fused bf16 alone" in out
+    assert "bf16 / fp32, engine alone:" in out and "target >= 1.8x" in out

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fleet import rng
-from fleet.bench.w1 import EXAMPLES, VOCAB, W1Task, peak_rss, w1_config, w1_tokens
+from fleet.bench._workload import EXAMPLES, VOCAB, W1Task, peak_rss, w1_config, w1_tokens
 
 
 # ---- measurements ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from fleet.bench._workload import MIB, VOCAB, peak_rss, update_gflop, w1_config
 from fleet.bench.baselines import (
     PerCorePlain,
     PlainLoop,
@@ -45,7 +46,6 @@ from fleet.bench.baselines import (
     engine_alone,
     matmul_gflops,
 )
-from fleet.bench.w1 import MIB, VOCAB, peak_rss, update_gflop, w1_config
 from fleet.learning.model import SPECIAL_TOKENS, ModelShape
 from fleet.privacy.mechanisms import MECHANISMS, validate
 
