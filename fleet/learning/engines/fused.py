@@ -323,10 +323,10 @@ class FusedEngine(OneAtATime):
         """The gates' weight updates of bf16 mode: bf16 GEMMs, added to the fp32 master."""
         w, lo, dz = self.w, v.lo, v.m2
         lo["z"].copy_(dz)
-        rows = len(inp) // v.dh.shape[0]  # steps t; gate gradients of steps >= 1 pair with r_{s-1}
         b = v.dh.shape[0]
-        if rows > 1:
-            torch.mm(lo["out"][: (rows - 1) * b].t(), lo["z"][b:], out=lo["g_r"])
+        t = len(inp) // b
+        if t > 1:  # w_r's gradient pairs r_{s-1} (rows of `out` before the last step) with dz_s
+            torch.mm(lo["out"][: (t - 1) * b].t(), lo["z"][b:], out=lo["g_r"])
             w["w_r"].add_(lo["g_r"], alpha=-lr)
         torch.mm(lo["z"], self.w_lo["w_x"].t(), out=lo["dx"])
         torch.mm(lo["x"].t(), lo["z"], out=lo["g_x"])
