@@ -84,8 +84,8 @@ class FusedEngine(OneAtATime):
         self.flat = torch.empty(shape.num_params())
         self.w = {name: self.flat[part].view(s) for name, (part, s) in shape.param_slices().items()}
         # bf16: the big all-timestep GEMMs read a bf16 copy of the weights, refreshed from the fp32
-        # master after every step; everything else (the master, the update, the recurrence, the
-        # softmax and the loss) stays fp32.
+        # master after every step. The master, the update, the recurrence and the loss stay fp32,
+        # and the softmax is computed in fp32 (stored once, rounded, as the bf16 GEMMs' operand).
         self.precision = precision
         self.low = precision == "bf16"
         self.flat_lo = self.flat.to(torch.bfloat16) if self.low else self.flat
@@ -118,10 +118,10 @@ class FusedEngine(OneAtATime):
 
     def _low_shapes(self, t: int, b: int) -> dict[str, tuple[int, ...]]:
         """bf16 operands and products of the big GEMMs (bf16 mode only)."""
-        s = self.shape
-        gh = s.gates * s.hidden_dim
         if not self.low:
             return {}
+        s = self.shape
+        gh = s.gates * s.hidden_dim
         return {
             "x": (t * b, s.embed_dim),
             "z": (t * b, gh),  # input-to-gates, then the gates' gradients
