@@ -101,7 +101,7 @@ class FusedEngine(OneAtATime):
         s = self.shape
         gh = s.gates * s.hidden_dim
         return {
-            "x": (t * b, s.embed_dim),  # embedded inputs
+            "x": (0,) if self.low else (t * b, s.embed_dim),  # embedded inputs (bf16 mode: lo_x)
             "z": (t, b, gh),  # gates, after their activations
             "m": (t, b, gh),  # backward multipliers of the gates, then gate gradients
             "c": (t + 1, b, s.hidden_dim),  # cell states; c[0] = 0
