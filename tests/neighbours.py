@@ -198,7 +198,7 @@ def run(
 def _counted(shards, target: int, line: dict) -> bool:
     """Whether the target was in this round's sum (from the shards' private state: harness only)."""
     for s in shards:
-        rows = np.flatnonzero(s.cols["device_id"] == target)
+        rows = np.flatnonzero(np.asarray(s.cols["device_id"]) == target)
         if len(rows) and s.last_release is not None and int(s.last_release[rows[0]]) == Neighbour.LEAF:
             return True
     return False

@@ -24,6 +24,51 @@ def test_generation_is_independent_of_the_row_range():
     assert whole["device_id"].min() > 2**40  # large random ids
 
 
+@pytest.mark.parametrize("id_mode", ["index", "random"])
+def test_derived_columns_are_the_generated_ones_bit_for_bit(id_mode):
+    """A shard keeps most columns `Derived` (generated when read); whatever rows are asked, in
+    whatever order or form, they must be exactly the rows `generate` holds."""
+    f = FleetConfig(id_mode=id_mode, timezones=[-8.0, 1.0, 5.5], failure_prob_mean=0.05)
+    whole = population.generate(f, 3, 0, 5000)
+    cols = population.columns(f, 3, 1000, 5000)
+    assert set(cols) == set(population.COLUMNS)
+    picks = np.random.default_rng(0).integers(0, 4000, size=300)
+    mask = np.zeros(4000, dtype=bool)
+    mask[picks] = True
+    for k, col in cols.items():
+        ref = whole[k][1000:]
+        assert isinstance(col, np.ndarray) == (k in population.HELD)
+        assert len(col) == 4000
+        np.testing.assert_array_equal(np.asarray(col), ref)
+        np.testing.assert_array_equal(col[picks], ref[picks])  # scattered, repeated, unsorted
+        np.testing.assert_array_equal(col[mask], ref[mask])
+        np.testing.assert_array_equal(col[17:3001:7], ref[17:3001:7])
+        np.testing.assert_array_equal(col[np.array([-1, -4000])], ref[[-1, -4000]])
+        assert col[123] == ref[123] and col[123].dtype == ref.dtype
+        if not isinstance(col, np.ndarray):
+            assert col.nbytes == 0
+            with pytest.raises(IndexError):
+                col[np.array([4000])]
+            with pytest.raises(TypeError, match="Derived"):  # never a silent False
+                col == ref[0]  # noqa: B015
+            with pytest.raises(TypeError):
+                ref < col  # noqa: B015
+
+
+def test_a_shard_holds_only_what_a_check_in_reads():
+    """The shard's state is the held columns, the schedule and participation: no per-device id,
+    speed or memory column (the cohort's are generated at plan time)."""
+    cfg = tiny_mean("fleet.population=3000", "fleet.availability.model=diurnal")
+    shard = ShardCore(cfg, 0, 1000, 3000)
+    held = {k for k, v in shard.cols.items() if isinstance(v, np.ndarray)}
+    assert held == set(population.HELD)
+    whole = population.generate(cfg.fleet, cfg.seed, 0, 3000)
+    np.testing.assert_array_equal(
+        shard.eligible, whole["memory_bytes"][1000:] >= cfg.fleet.min_memory_gb * population.GB
+    )
+    assert shard.info()["state_bytes"] / 2000 <= 28
+
+
 def test_distributions_as_configured():
     f = FleetConfig(low_memory_share=0.2, examples_max=300)
     c = population.generate(f, 0, 0, 50_000)

@@ -37,7 +37,8 @@ def one_device_lines(telemetry: str, rounds: int = 25) -> tuple[dict[str, list[d
         for _ in range(rounds):
             out[update].append({k: v for k, v in coord.run_round().items() if k not in ("wall_s", "timing")})
         if update == "push":  # an invalid update ("nan") is never counted
-            counted = int(shards[0].participations[shards[0].cols["device_id"] == OneDevice.TARGET].sum())
+            ids = np.asarray(shards[0].cols["device_id"])
+            counted = int(shards[0].participations[ids == OneDevice.TARGET].sum())
     return out, counted
 
 

@@ -51,7 +51,9 @@ def test_a_million_devices_cost_well_under_the_budget(ray_session):
             ray.kill(s, no_restart=True)
     state = infos[1]["state_bytes"] / DEVICES
     resident = (pss[1] - pss[0]) / (DEVICES - 1000)
-    assert state <= 64, state  # tens of bytes a device: columns, schedule, participation
+    # Held a device: time zone 4, nightly probability 2, schedule 8, the day's coins 2,
+    # eligibility 1, participation 10 (27); every other column is `Derived`, generated when read.
+    assert state <= 28, state
     assert resident < BUDGET / 2, (resident, state)  # the other half: fixed costs of processes
 
 

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 
 GIB = 2**30
+TARGET_GIB = 2.0  # the default (10 million phones, everything on) on one machine
 DEFAULT = ["fleet=gboard_es", "train.rounds=10", "train.eval_every=5", "train.checkpoint_every=5"]
 
 
@@ -87,7 +88,10 @@ def main(argv: list[str]) -> None:
         print(out[-3000:])
         raise SystemExit(f"fleet-train exited with {proc.returncode}")
     print(f"finished in {wall:.0f} s (load average {os.getloadavg()[0]:.2f})")
-    print(f"peak PSS of the whole run: {peak / GIB:.2f} GiB, {peak_at:.0f} s in")
+    verdict = ""
+    if not args.overrides:
+        verdict = f" < {TARGET_GIB:g} GiB: {'PASS' if peak < TARGET_GIB * GIB else 'FAIL'}"
+    print(f"peak PSS of the whole run: {peak / GIB:.2f} GiB, {peak_at:.0f} s in{verdict}")
     print("  at the peak: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(kinds_at_peak.items())))
     print(
         "  each kind's own peak: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(peak_by_kind.items()))

@@ -18,6 +18,8 @@ from fleet.phones import population
 from fleet.phones.availability import HOUR
 
 ATTRIBUTES = ("timezone", "speed", "memory", "examples")
+# The population columns they are read from (only these are generated, where columns are `Derived`).
+ATTRIBUTE_COLUMNS = ("tz_offset_hours", "flops", "memory_bytes", "num_examples")
 
 # Per-device epsilon over the nominal one: an exact-zero bin (never available), then 16 bins per
 # doubling from 1/256 to 256, then an overflow bin.
@@ -87,7 +89,7 @@ def participation(
         out["count_hist_eligible"] = _add(out["count_hist_eligible"], np.bincount(p[ok]))
         out["last_hour_utc"] += np.bincount(hour_utc.astype(np.int64), minlength=24)
         out["last_hour_local"] += np.bincount(hour_local.astype(np.int64), minlength=24)
-        block_cols = {k: v[s : s + block] for k, v in cols.items()}
+        block_cols = {k: cols[k][s : s + block] for k in ATTRIBUTE_COLUMNS}
         for name, values in attribute_values(block_cols).items():
             b, m, g = bin_index(values, bins[name]), len(bins[name]) - 1, out[name]
             g["devices"] += np.bincount(b, minlength=m)
@@ -189,7 +191,7 @@ def schedule_privacy(
         device_eps = eps[inverse.ravel()]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = bin_index(device_eps / nominal, RATIO_EDGES)
-        block_cols = {k: v[s : s + block] for k, v in cols.items()}
+        block_cols = {k: cols[k][s : s + block] for k in ATTRIBUTE_COLUMNS}
         _add_to_groups(groups, bins, block_cols, device_eps, ratio)
     if not found:
         found.append((rows, np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))

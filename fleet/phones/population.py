@@ -1,9 +1,11 @@
 """The device table: one row per phone, generated from distributions or loaded from Parquet.
 
-A phone is a row, never an object: each shard holds its contiguous range of rows as numpy columns
-(about 40 bytes a device), so 10 million phones fit in a few hundred MB. Generation is keyed by
-(seed, row index) through `fleet.rng`, so a shard builds its own rows without the driver ever
-holding the whole table, and the rows do not depend on how many shards there are.
+A phone is a row, never an object: each shard holds its contiguous range of rows as numpy columns.
+Generation is keyed by (seed, row index) through `fleet.rng`, so a shard builds its own rows
+without the driver ever holding the whole table, the rows do not depend on how many shards there
+are, and any row can be generated again: a shard holds only the `HELD` columns (6 of the 40 bytes
+a device) and reads the others as `Derived` columns, for the rows it needs. A Parquet population
+is held whole (its rows cannot be generated).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ COLUMNS: dict[str, np.dtype] = {
 # Schedule parameters only the diurnal model reads; a Parquet fleet for another model may omit them.
 DIURNAL_COLUMNS = ("start_hour", "window_hours", "nightly_prob")
 
+# What a shard holds of a synthetic population: the columns every check-in reads for every device
+# (the time zone, for outages; the nightly probability, for each day's coin). The rest are
+# `Derived`: read only for a cohort, or once at build time, or by the audit block by block.
+HELD = ("tz_offset_hours", "nightly_prob")
+
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) row ranges, as equal as possible."""
@@ -52,7 +59,7 @@ def _lognormal(seed: int, stream: str, idx: np.ndarray, median: float, sigma: fl
 
 
 def generate(cfg: FleetConfig, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows [start, stop) of the synthetic population described by `cfg`.
+    """Rows [start, stop) of the synthetic population described by `cfg`, every column held.
 
     Built block by block into the final columns: a block's float64 draws take about 100 bytes a
     row before the cast, and a shard of 5 million rows would otherwise hold them all at once
@@ -61,60 +68,136 @@ def generate(cfg: FleetConfig, seed: int, start: int, stop: int) -> dict[str, np
     cols = {k: np.empty(stop - start, dtype=dt) for k, dt in COLUMNS.items()}
     for a in range(start, stop, GENERATE_BLOCK):
         b = min(a + GENERATE_BLOCK, stop)
-        for k, v in _generate_block(cfg, seed, a, b).items():
-            cols[k][a - start : b - start] = v
+        idx = np.arange(a, b, dtype=np.int64)
+        for k in COLUMNS:
+            cols[k][a - start : b - start] = column_values(cfg, seed, k, idx)
     return cols
 
 
-def _generate_block(cfg: FleetConfig, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    idx = np.arange(start, stop, dtype=np.int64)
+def columns(
+    cfg: FleetConfig, seed: int, start: int, stop: int, held: tuple[str, ...] = HELD
+) -> dict[str, np.ndarray | Derived]:
+    """Rows [start, stop) as a shard keeps them: the `held` columns in memory, the others as
+    `Derived` columns that generate the rows asked for, the same values bit for bit."""
+    out: dict[str, np.ndarray | Derived] = {k: Derived(cfg, seed, k, start, stop) for k in COLUMNS}
+    if held:
+        cols = {k: np.empty(stop - start, dtype=COLUMNS[k]) for k in held}
+        for a in range(start, stop, GENERATE_BLOCK):
+            b = min(a + GENERATE_BLOCK, stop)
+            idx = np.arange(a, b, dtype=np.int64)
+            for k in held:
+                cols[k][a - start : b - start] = column_values(cfg, seed, k, idx)
+        out.update(cols)
+    return out
+
+
+class Derived:
+    """A population column that is not held in memory: indexing it generates the rows asked for.
+
+    A synthetic row is a function of (seed, row index), so a column that a round reads only for
+    its cohort (speeds, memory, failure probability, examples, the id) costs nothing per device
+    until read; a shard of 50 million phones keeps about 6 of its 40 bytes of columns a device.
+    Supports what the shards ask of a column: a slice, an index or boolean array, `len`, and
+    `numpy.asarray` (the whole range, generated block by block).
+    """
+
+    nbytes = 0  # nothing held per device
+    # Arithmetic and comparisons would have to generate the whole range: refused (TypeError),
+    # never a silent `False` for `column == value`. Say `numpy.asarray(column)` to get it all.
+    __array_ufunc__ = None
+    __hash__ = None  # type: ignore[assignment]
+
+    def _refuse(self, other: object) -> bool:
+        raise TypeError(f"{self.name} is a Derived column: index it, or numpy.asarray it first")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+
+    def __init__(self, cfg: FleetConfig, seed: int, name: str, start: int, stop: int):
+        self.cfg, self.seed, self.name = cfg, seed, name
+        self.start, self.n = start, stop - start
+        self.dtype = COLUMNS[name]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice | np.ndarray | int) -> np.ndarray:
+        if isinstance(key, slice):
+            rows = np.arange(*key.indices(self.n), dtype=np.int64)
+        else:
+            rows = np.asarray(key)
+            if rows.dtype == bool:
+                if rows.shape != (self.n,):
+                    raise IndexError(f"boolean index of shape {rows.shape} for {self.n} rows")
+                rows = np.flatnonzero(rows)
+            rows = rows.astype(np.int64, copy=False)
+            if rows.size and (rows.min() < -self.n or rows.max() >= self.n):
+                raise IndexError(f"row index out of range for {self.n} rows")
+            rows = np.where(rows < 0, rows + self.n, rows)
+        values = column_values(self.cfg, self.seed, self.name, self.start + rows.ravel())
+        return values.reshape(rows.shape)[()] if rows.ndim == 0 else values.reshape(rows.shape)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = np.empty(self.n, dtype=self.dtype)
+        for a in range(0, self.n, GENERATE_BLOCK):
+            out[a : a + GENERATE_BLOCK] = self[a : a + GENERATE_BLOCK]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def column_values(cfg: FleetConfig, seed: int, name: str, idx: np.ndarray) -> np.ndarray:
+    """Column `name` of rows `idx` (any rows, any order), in its in-memory dtype.
+
+    Every draw is keyed by (seed, stream, row), elementwise: a row's value does not depend on
+    which other rows are generated with it, which `Derived` columns rest on.
+    """
     a = cfg.availability
-    cols: dict[str, np.ndarray] = {}
-    if cfg.id_mode == "random":
-        # Large random 63-bit ids (unique with overwhelming probability): what a real fleet's
-        # opaque identifiers look like, and what the secrecy tests search outputs for.
-        cols["device_id"] = (rng.hash64(seed, "device_id", 0, idx) >> np.uint64(1)).astype(np.int64)
-    else:
-        cols["device_id"] = idx.copy()
-
-    zones = np.asarray(cfg.timezones, dtype=np.float64)
-    weights = np.asarray(cfg.timezone_weights or [1.0] * len(zones), dtype=np.float64)
-    cum = np.cumsum(weights / weights.sum())
-    zi = np.searchsorted(cum, rng.uniform(seed, "timezone", 0, idx), side="right")
-    cols["tz_offset_hours"] = zones[np.minimum(zi, len(zones) - 1)]
-
-    night = rng.uniform(seed, "night_share", 0, idx) < a.night_share
-    night_start = a.start_hour_mean + a.start_hour_std * rng.normal(seed, "start_hour", 0, idx)
-    any_start = 24.0 * rng.uniform(seed, "start_hour_day", 0, idx)
-    cols["start_hour"] = np.mod(np.where(night, night_start, any_start), 24.0)
-    cols["window_hours"] = np.clip(
-        _lognormal(seed, "window_hours", idx, a.window_hours_median, a.window_hours_sigma), 0.25, 23.0
-    )
-    cols["nightly_prob"] = a.nightly_prob_min + (a.nightly_prob_max - a.nightly_prob_min) * rng.uniform(
-        seed, "nightly_prob", 0, idx
-    )
-
-    cols["flops"] = _lognormal(seed, "flops", idx, cfg.compute_flops_median, cfg.compute_flops_sigma)
-    cols["downlink"] = _lognormal(seed, "downlink", idx, cfg.downlink_median, cfg.downlink_sigma)
-    cols["uplink"] = _lognormal(seed, "uplink", idx, cfg.uplink_median, cfg.uplink_sigma)
-
-    low = rng.uniform(seed, "low_memory", 0, idx) < cfg.low_memory_share
-    low_mem = (0.5 + (cfg.min_memory_gb - 0.5) * rng.uniform(seed, "memory_low", 0, idx)) * GB
-    high_mem = (
-        np.maximum(
-            _lognormal(seed, "memory", idx, cfg.memory_gb_median, cfg.memory_gb_sigma), cfg.min_memory_gb
+    if name == "device_id":
+        if cfg.id_mode == "random":
+            # Large random 63-bit ids (unique with overwhelming probability): what a real fleet's
+            # opaque identifiers look like, and what the secrecy tests search outputs for.
+            v = (rng.hash64(seed, "device_id", 0, idx) >> np.uint64(1)).astype(np.int64)
+        else:
+            v = idx.copy()
+    elif name == "tz_offset_hours":
+        zones = np.asarray(cfg.timezones, dtype=np.float64)
+        weights = np.asarray(cfg.timezone_weights or [1.0] * len(zones), dtype=np.float64)
+        cum = np.cumsum(weights / weights.sum())
+        zi = np.searchsorted(cum, rng.uniform(seed, "timezone", 0, idx), side="right")
+        v = zones[np.minimum(zi, len(zones) - 1)]
+    elif name == "start_hour":
+        night = rng.uniform(seed, "night_share", 0, idx) < a.night_share
+        night_start = a.start_hour_mean + a.start_hour_std * rng.normal(seed, "start_hour", 0, idx)
+        any_start = 24.0 * rng.uniform(seed, "start_hour_day", 0, idx)
+        v = np.mod(np.where(night, night_start, any_start), 24.0)
+    elif name == "window_hours":
+        v = np.clip(
+            _lognormal(seed, "window_hours", idx, a.window_hours_median, a.window_hours_sigma), 0.25, 23.0
         )
-        * GB
-    )
-    cols["memory_bytes"] = np.where(low, np.minimum(low_mem, cfg.min_memory_gb * GB * 0.999), high_mem)
-
-    # Exponential per-device failure probability with the configured mean (heavy right tail).
-    u = rng.uniform(seed, "failure_prob", 0, idx)
-    cols["failure_prob"] = np.minimum(-cfg.failure_prob_mean * np.log1p(-u), 0.95)
-
-    ex = np.ceil(_lognormal(seed, "examples", idx, cfg.examples_median, cfg.examples_sigma))
-    cols["num_examples"] = np.clip(ex, 1, cfg.examples_max)
-    return {k: np.asarray(v).astype(COLUMNS[k], copy=False) for k, v in cols.items()}
+    elif name == "nightly_prob":
+        u = rng.uniform(seed, "nightly_prob", 0, idx)
+        v = a.nightly_prob_min + (a.nightly_prob_max - a.nightly_prob_min) * u
+    elif name == "flops":
+        v = _lognormal(seed, "flops", idx, cfg.compute_flops_median, cfg.compute_flops_sigma)
+    elif name == "downlink":
+        v = _lognormal(seed, "downlink", idx, cfg.downlink_median, cfg.downlink_sigma)
+    elif name == "uplink":
+        v = _lognormal(seed, "uplink", idx, cfg.uplink_median, cfg.uplink_sigma)
+    elif name == "memory_bytes":
+        low = rng.uniform(seed, "low_memory", 0, idx) < cfg.low_memory_share
+        low_mem = (0.5 + (cfg.min_memory_gb - 0.5) * rng.uniform(seed, "memory_low", 0, idx)) * GB
+        high = _lognormal(seed, "memory", idx, cfg.memory_gb_median, cfg.memory_gb_sigma)
+        v = np.where(
+            low, np.minimum(low_mem, cfg.min_memory_gb * GB * 0.999), np.maximum(high, cfg.min_memory_gb) * GB
+        )
+    elif name == "failure_prob":
+        # Exponential per-device failure probability with the configured mean (heavy right tail).
+        u = rng.uniform(seed, "failure_prob", 0, idx)
+        v = np.minimum(-cfg.failure_prob_mean * np.log1p(-u), 0.95)
+    elif name == "num_examples":
+        ex = np.ceil(_lognormal(seed, "examples", idx, cfg.examples_median, cfg.examples_sigma))
+        v = np.clip(ex, 1, cfg.examples_max)
+    else:
+        raise KeyError(name)
+    return np.asarray(v).astype(COLUMNS[name], copy=False)
 
 
 def to_table(cols: dict[str, np.ndarray]) -> pa.Table:

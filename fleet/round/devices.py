@@ -34,14 +34,15 @@ def fleet_size(cfg: Config) -> int:
     return population.population_size(cfg.fleet)
 
 
-def device_columns(cfg: Config, start: int, stop: int, corpus: Any = None) -> dict[str, np.ndarray]:
+def device_columns(cfg: Config, start: int, stop: int, corpus: Any = None) -> dict[str, Any]:
     """The columns of population rows [start, stop), as the shards and the canary plan both read
-    them: a Parquet population's, or the generated ones; where the corpus defines the fleet, its
-    device ids and example counts replace the generated ones (speed, schedule... stay synthetic)."""
+    them: a Parquet population's (all held), or the generated ones (most `Derived`: generated
+    again when read); where the corpus defines the fleet, its device ids and example counts replace
+    the generated ones (speed, schedule... stay synthetic)."""
     f = cfg.fleet
     if f.path:
         return population.load(f.path, start, stop, f.availability.model)
-    cols = population.generate(f, cfg.seed, start, stop)
+    cols = population.columns(f, cfg.seed, start, stop)
     if corpus_defines_devices(cfg):
         ids, counts = corpus.device_table(start, stop)
         if np.any(counts <= 0):
@@ -50,6 +51,6 @@ def device_columns(cfg: Config, start: int, stop: int, corpus: Any = None) -> di
     return cols
 
 
-def memory_eligible(f: FleetConfig, cols: dict[str, np.ndarray]) -> np.ndarray:
+def memory_eligible(f: FleetConfig, cols: dict[str, Any]) -> np.ndarray:
     """The rows with the memory to train the model (fleet.min_memory_gb)."""
-    return cols["memory_bytes"] >= f.min_memory_gb * population.GB
+    return np.asarray(cols["memory_bytes"]) >= f.min_memory_gb * population.GB
