@@ -59,26 +59,20 @@ def _lognormal(seed: int, stream: str, idx: np.ndarray, median: float, sigma: fl
 
 
 def generate(cfg: FleetConfig, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows [start, stop) of the synthetic population described by `cfg`, every column held.
-
-    Built block by block into the final columns: a block's float64 draws take about 100 bytes a
-    row before the cast, and a shard of 5 million rows would otherwise hold them all at once
-    (0.5 GB above its 40 bytes a row). Rows are keyed by index, so blocks change nothing.
-    """
-    cols = {k: np.empty(stop - start, dtype=dt) for k, dt in COLUMNS.items()}
-    for a in range(start, stop, GENERATE_BLOCK):
-        b = min(a + GENERATE_BLOCK, stop)
-        idx = np.arange(a, b, dtype=np.int64)
-        for k in COLUMNS:
-            cols[k][a - start : b - start] = column_values(cfg, seed, k, idx)
-    return cols
+    """Rows [start, stop) of the synthetic population described by `cfg`, every column held."""
+    return columns(cfg, seed, start, stop, held=tuple(COLUMNS))  # type: ignore[return-value]
 
 
 def columns(
     cfg: FleetConfig, seed: int, start: int, stop: int, held: tuple[str, ...] = HELD
 ) -> dict[str, np.ndarray | Derived]:
     """Rows [start, stop) as a shard keeps them: the `held` columns in memory, the others as
-    `Derived` columns that generate the rows asked for, the same values bit for bit."""
+    `Derived` columns that generate the rows asked for, the same values bit for bit.
+
+    Held columns are built block by block into their final arrays: a block's float64 draws take
+    about 100 bytes a row before the cast, and a shard of 5 million rows would otherwise hold them
+    all at once. Rows are keyed by index, so blocks change nothing.
+    """
     out: dict[str, np.ndarray | Derived] = {k: Derived(cfg, seed, k, start, stop) for k in COLUMNS}
     if held:
         cols = {k: np.empty(stop - start, dtype=COLUMNS[k]) for k in held}
