@@ -79,6 +79,27 @@ def test_fast_diurnal_check_in_is_the_definition():
         assert len(idx) > 1000 and np.all(av.window_end(t, idx) > t)
 
 
+def test_the_scale_bench_keeps_the_peak_and_prints_its_verdicts(ray_session, capsys):
+    """Two small fleets through the scale bench's measurement and report: the session's peak is
+    sampled (never below the snapshot after the rounds), the first round is kept apart, and the
+    verdicts name the round without training and its growth with the population."""
+    from fleet.bench._scale_report import report
+    from fleet.bench.scale import TINY, measure
+
+    rows = [measure(pop, 1, [5, 10], TINY, warmup=1, rounds=1) for pop in (20_000, 40_000)]
+    for r in rows:
+        assert r["peak"]["total"] >= r["after"]["total"] > 0
+        assert 0 < r["peak"]["shards"] < r["peak"]["total"]
+        assert r["first"]["checkin_s"] >= 0 and r["first"]["overhead_s"] > 0
+        assert r["state_bytes_per_device"] <= 28
+        assert all(r["goals"][g]["overhead_max_s"] >= r["goals"][g]["overhead_s"] for g in (5, 10))
+    report(rows, [5, 10], 0, {})
+    out = capsys.readouterr().out
+    assert "20,000 devices x 1 shard(s): round without training" in out
+    assert "grows x" in out and "for x2 devices (no faster than the population)" in out
+    assert "the first round without training" in out
+
+
 def test_the_scale_bench_meters_each_round_call():
     """The bench's traffic table: bytes of every round call, pickled as Ray ships them, by phase,
     and the weights once (the in-process metered shard keeps the real shard's call signatures)."""
