@@ -49,6 +49,8 @@ def test_derived_columns_are_the_generated_ones_bit_for_bit(id_mode):
             assert col.nbytes == 0
             with pytest.raises(IndexError):
                 col[np.array([4000])]
+            with pytest.raises(IndexError):
+                col[np.array([1.0])]
             with pytest.raises(TypeError, match="Derived"):  # never a silent False
                 col == ref[0]  # noqa: B015
             with pytest.raises(TypeError):

@@ -123,6 +123,8 @@ class Derived:
                 if rows.shape != (self.n,):
                     raise IndexError(f"boolean index of shape {rows.shape} for {self.n} rows")
                 rows = np.flatnonzero(rows)
+            elif not np.issubdtype(rows.dtype, np.integer):
+                raise IndexError(f"rows must be integers or a boolean mask, not {rows.dtype}")
             rows = rows.astype(np.int64, copy=False)
             if rows.size and (rows.min() < -self.n or rows.max() >= self.n):
                 raise IndexError(f"row index out of range for {self.n} rows")
