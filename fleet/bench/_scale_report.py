@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 
 from fleet.bench.fleet import GIB
+from fleet.round.coordinator import PHASES
 
 MIB = 1024**2
-PHASES = ("checkin_s", "sampling_s", "plan_s", "training_s", "aggregation_s")
 MEMORY_TARGETS_GIB = {10**7: 2.0, 10**8: 16.0}  # peak of the whole session, by population
 OVERHEAD_TARGET_S = 1.0
 PROPORTIONAL_TOLERANCE = 0.3

@@ -5,7 +5,7 @@ Why: the Spanish Gboard model (`experiment=gboard_es`) trained 2,000 rounds of 6
 scale on this machine, and projects the 2,000-round run from them, saying what is measured and
 what is assumed.
 
-What: the experiment's configuration, built here as Config dataclasses (10 million phones of
+What: the experiment's configuration, composed as `fleet-train` composes it (10 million phones of
 `fleet=gboard_es` by default, model cifg_gboard, DP-FedAvg with z = 7.0 and delta = 1e-10, at most
 one participation per 24 hours, goal 6,500), one shard per core, no tracking, no evaluation in
 the timed rounds. For each precision (fp32, bf16 where the CPU has it natively) it builds the
@@ -32,21 +32,11 @@ from typing import Any
 import numpy as np
 
 from fleet.bench.baselines import matmul_gflops
-from fleet.config import (
-    Config,
-    DataConfig,
-    FleetConfig,
-    ModelConfig,
-    PrivacyConfig,
-    RayConfig,
-    TaskConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from fleet.config import Config
 from fleet.learning.engines import bf16_supported
-from fleet.privacy.mechanisms import validate
+from fleet.round.coordinator import PHASES
+from fleet.runtime.cli import load_config
 
-PHASES = ("checkin_s", "sampling_s", "plan_s", "training_s", "aggregation_s")
 HEARTBEAT_S = 60.0  # a line while a round runs, so a 15-minute round is seen to be alive
 # NVIDIA H100 SXM5, dense (no 2:4 sparsity) peaks: NVIDIA H100 Tensor Core GPU Architecture
 # whitepaper (2022) and the H100 datasheet, whose tensor figures are quoted with sparsity (2x).
@@ -61,42 +51,25 @@ TF32_PEAK_FLOPS = 494.5e12
 
 
 def paper_config(population: int, goal: int, cores: int, precision: str) -> Config:
-    """`experiment=gboard_es` as dataclasses: fleet gboard_es, model cifg_gboard, DP-FedAvg with
-    z = 7.0 and delta = 1e-10, goal 6,500 and 24 hours between participations by default; here
-    with one shard per core, tracking and progress off, and no evaluation inside the timed rounds."""
-    cfg = Config(
-        fleet=FleetConfig(
-            name="gboard_es",
-            population=population,
-            timezones=[1.0, 0.0],
-            timezone_weights=[0.955, 0.045],
-            low_memory_share=0.12,
-            goal=goal,
-            overselect=1.3,
-            deadline_s=600.0,
-            min_separation_hours=24.0,
-        ),
-        model=ModelConfig(
-            name="cifg_gboard",
-            cell="cifg",
-            vocab_size=10_000,
-            embed_dim=96,
-            hidden_dim=670,
-            proj_dim=96,
-            seq_len=20,
-            precision=precision,
-        ),
-        privacy=PrivacyConfig(name="dp_fedavg", mechanism="dp_fedavg", noise_multiplier=7.0, delta=1e-10),
-        # The held-out set is built with the server's task but never evaluated here: kept small.
-        data=DataConfig(eval_examples=200),
-        task=TaskConfig(name="nwp"),
-        train=TrainConfig(rounds=2000, eval_every=10**9),
-        ray=RayConfig(num_cpus=cores, shards=cores, cpus_per_shard=1.0),
-        tracking=TrackingConfig(mode="disabled"),
-        progress=False,
+    """`experiment=gboard_es`, composed as `fleet-train` composes it (fleet gboard_es, model
+    cifg_gboard, DP-FedAvg with z = 7.0 and delta = 1e-10, 24 hours between participations), at
+    `population` and `goal`; here with one shard per core, tracking and progress off, and no
+    evaluation inside the timed rounds (the held-out set the server's task builds is kept small)."""
+    return load_config(
+        [
+            "experiment=gboard_es",
+            f"fleet.population={population}",
+            f"fleet.goal={goal}",
+            f"model.precision={precision}",
+            f"ray.num_cpus={cores}",
+            f"ray.shards={cores}",
+            "ray.cpus_per_shard=1.0",
+            "tracking=disabled",
+            "progress=false",
+            f"train.eval_every={10**9}",
+            "data.eval_examples=200",
+        ]
     )
-    validate(cfg)
-    return cfg
 
 
 def _trained_flops(core: Any) -> float:

@@ -39,10 +39,11 @@ import numpy as np
 import psutil
 
 from fleet.bench._metered_shard import MeteredShard
-from fleet.bench._scale_report import PHASES, report
+from fleet.bench._scale_report import report
 from fleet.bench.fleet import GIB, bench_config, session_pss_by_process
 from fleet.config import Config, DataConfig, ModelConfig, TaskConfig
 from fleet.privacy.mechanisms import validate
+from fleet.round.coordinator import PHASES
 
 MIB = 1024**2
 # The model of the test suite's small NWP runs: training is real but cheap, so a whole sweep fits

@@ -44,6 +44,9 @@ from fleet.round.sampling import Sampler, split_ranks
 from fleet.round.server import ServerOptimizer
 from fleet.round.shard import NORM_BINS, ShardCore
 
+# The round's timed phases: each round line's `timing` (wall seconds, telemetry).
+PHASES = ("checkin_s", "sampling_s", "plan_s", "training_s", "aggregation_s")
+
 # What a metrics line holds under `privacy.telemetry=private`: the release (the model is not in
 # the line), what is noised and accounted (the clip norm, moved by a noised count), and
 # evaluations of the released model on held-out devices. Not the epsilon: under a participation
@@ -175,7 +178,7 @@ class Coordinator:
         release, in that order (docs/ARCHITECTURE.md, steps 1-6); returns the round's line."""
         f = self.cfg.fleet
         mech = self.mechanism
-        timing = dict.fromkeys(("checkin_s", "sampling_s", "plan_s", "training_s", "aggregation_s"), 0.0)
+        timing = dict.fromkeys(PHASES, 0.0)
         with _timed(timing, "checkin_s"):
             counts = call_all(self.shards, "check_in", [(r, t, mech.releases)] * len(self.shards))
         total = int(sum(counts))
