@@ -186,6 +186,16 @@ if __name__ == "__main__":
     _train_on_two_nodes(Path(sys.argv[1]))
 
 
+def _wait_for_exec(*procs: subprocess.Popen) -> None:
+    """Until each child has exec'd: just after fork its cmdline is empty or still ours."""
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while any(psutil.Process(p.pid).cmdline()[1:2] != ["-c"] for p in procs):
+        assert time.monotonic() < deadline, "a child never exec'd"
+        time.sleep(0.01)
+
+
 def test_auto_refuses_a_ray_that_a_running_process_started_or_another_user_owns(tmp_path):
     """`ray.address=auto` takes the newest Ray on the host. The session directory says who
     started it (its name ends in the starter's pid) and whose it is (its owner)."""
@@ -196,6 +206,7 @@ def test_auto_refuses_a_ray_that_a_running_process_started_or_another_user_owns(
         [sys.executable, "-c", "import time; time.sleep(60)", "ray", "start", "--block"]
     )
     try:
+        _wait_for_exec(sleeper, standing)
         by_init = tmp_path / f"session_2026-12-02_10-00-00_000001_{sleeper.pid}"
         by_init.mkdir()
         assert f"process {sleeper.pid} started it with ray.init" in foreign_cluster(by_init)
