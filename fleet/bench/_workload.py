@@ -116,6 +116,7 @@ def w1_config(
     gpus_per_shard: float = 0.0,
     mechanism: str = "dp_fedavg",
     precision: str = "fp32",
+    kernels: str = "auto",
 ) -> Config:
     return Config(
         fleet=FleetConfig(
@@ -130,7 +131,7 @@ def w1_config(
             deadline_s=1e12,
             min_separation_hours=0.0,
         ),
-        model=replace(w1_model(), engine=engine, precision=precision),
+        model=replace(w1_model(), engine=engine, precision=precision, kernels=kernels),
         # A cohort of exactly 50 (fixed-size sampling, accounted by RDP), or DP-FTRL's tree.
         privacy=PrivacyConfig(
             enabled=True,

@@ -184,14 +184,16 @@ def _plain_round(r: int) -> tuple[float, int, int]:
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, params
 
 
-def engine_alone(devices: int, engine: str, gpus: float, precision: str = "fp32") -> float:
+def engine_alone(
+    devices: int, engine: str, gpus: float, precision: str = "fp32", kernels: str = "auto"
+) -> float:
     """Updates/s of the engine in this process on one thread, outside the round: what one shard
     could do with the machine to itself, to tell engine speed from round overhead and imbalance.
     A warm-up pass (buffers, kernels) comes first; then `devices` devices are timed."""
     import torch
 
     torch.set_num_threads(1)
-    task = W1Task(w1_config(1, 1, engine, gpus, precision=precision), "client")
+    task = W1Task(w1_config(1, 1, engine, gpus, precision=precision, kernels=kernels), "client")
     params = task.init_params()
     warm = getattr(task.engine, "group", 1)
     for _ in task.client_updates(params, np.arange(warm), np.full(warm, EXAMPLES), 0):

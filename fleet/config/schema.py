@@ -98,6 +98,9 @@ class ModelConfig:
     # weights a device starts from, its update, the clip, the sum and the noise are fp32 or wider
     # in every mode.
     precision: str = "auto"
+    # The fused engine's bf16 kernels: auto (native ones, built with the machine's C compiler on
+    # first use, where there is one; PyTorch's ops otherwise) | native (required) | torch.
+    kernels: str = "auto"
     init_scale: float = 0.1
 
 

@@ -234,6 +234,7 @@ def _validate_model(cfg: Config) -> None:
     m = cfg.model
     _choice(m.engine, "model.engine", ("auto", "fused", "reference", "batched"))
     _choice(m.precision, "model.precision", ("auto", "fp32", "bf16"))
+    _choice(m.kernels, "model.kernels", ("auto", "native", "torch"))
     _check(
         not (m.precision == "bf16" and m.engine == "reference"),
         "model.precision",

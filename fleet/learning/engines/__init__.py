@@ -41,9 +41,11 @@ import logging
 import torch
 
 from fleet.config import ConfigError, ModelConfig
+from fleet.learning.engines import native
 from fleet.learning.engines.batched import BatchedEngine
 from fleet.learning.engines.common import Engine, LocalSGD
 from fleet.learning.engines.fused import FusedEngine
+from fleet.learning.engines.fused_native import NativeFusedEngine
 from fleet.learning.engines.reference import ReferenceEngine
 from fleet.learning.model import PAD_ID, ModelShape
 
@@ -139,6 +141,17 @@ def make_engine(
         raise ConfigError(f"model.engine: {name!r} runs on CPU only; use model.engine=batched on {device}")
     if name == "reference":
         return ReferenceEngine(shape, pad_id)
+    if str(mcfg.kernels) == "native" and precision != "bf16":
+        raise ConfigError(
+            f"model.kernels=native: the native kernels are the fused engine's bf16 mode's, and this "
+            f"model trains in {precision} (model.precision={mcfg.precision}); use model.kernels=auto"
+        )
+    if precision == "bf16" and str(mcfg.kernels) != "torch":
+        lib = native.load()
+        if lib is not None:
+            return NativeFusedEngine(shape, lib, pad_id)
+        if str(mcfg.kernels) == "native":
+            raise ConfigError(f"model.kernels=native: {native.why_not()}; use model.kernels=auto or torch")
     return FusedEngine(shape, pad_id, precision)
 
 
@@ -147,6 +160,7 @@ __all__ = [
     "BatchedEngine",
     "Engine",
     "FusedEngine",
+    "NativeFusedEngine",
     "LocalSGD",
     "PRECISIONS",
     "ReferenceEngine",

@@ -28,6 +28,7 @@ class _Views:
         self.dx, self.logits, self.dh, self.dc = buf["dx"], buf["logits"], buf["dh"], buf["dc"]
         self.dc3 = self.dc.unsqueeze(1)  # dc broadcast over the gate blocks it scales
         self.lo = {k[3:]: v for k, v in buf.items() if k.startswith("lo_")}  # bf16 mode's
+        self.buf = buf  # every buffer by name, shaped, for a subclass's own
         self.z2 = self.z.view(t * b, -1)
         self.m2 = self.m.view(t * b, -1)
         self.dr2 = self.dr.view(t * b, -1)
@@ -167,8 +168,6 @@ class FusedEngine(OneAtATime):
             for rows in batches(len(tok), epochs, batch_size, rng):
                 tm = tok[torch.from_numpy(rows)].t()  # (seq_len + 1, batch), time-major
                 loss, n = self._step(tm[:-1].reshape(-1), tm[1:].reshape(-1), len(rows), lr)
-                if self.low:
-                    self._refresh_low()
                 loss_sum += loss
                 count += n
         return self.flat.numpy() - params, loss_sum / count if count else math.nan
@@ -334,3 +333,4 @@ class FusedEngine(OneAtATime):
         w["bias"].sub_(dz.sum(0), alpha=lr)
         v.dx.copy_(lo["dx"])
         w["embedding"].index_add_(0, inp, v.dx, alpha=-lr)
+        self._refresh_low()
