@@ -126,22 +126,35 @@ def test_bf16_training_leaves_the_privacy_path_in_fp32(monkeypatch):
 
     monkeypatch.setattr(shard_module, "clip", clip)
     monkeypatch.setattr(NoiseSource, "add", add)
+    from fleet.learning.engines import native
+
     runs = {}
-    for precision in ("bf16", "fp32"):
+    # bf16 on PyTorch's ops, bf16 on the native kernels where this machine can build them, fp32.
+    modes = [("bf16", "torch")] + [("bf16", "native")] * (native.load() is not None) + [("fp32", "auto")]
+    for precision, kernels in modes:
         seen["clip"].clear(), seen["noise"].clear()
-        cfg = make_cfg(*SMALL_NWP, "fleet.goal=10", "privacy.clip_norm=0.05", f"model.precision={precision}")
+        cfg = make_cfg(
+            *SMALL_NWP,
+            "fleet.goal=10",
+            "privacy.clip_norm=0.05",
+            f"model.precision={precision}",
+            f"model.kernels={kernels}",
+        )
         shards, coord = in_process_fleet(cfg)
         assert {s.task.engine.precision for s in shards} == {precision}
+        assert {s.task.engine.kernels for s in shards} == {"native" if kernels == "native" else "torch"}
         lines = [coord.run_round() for _ in range(2)]
-        runs[precision] = (lines, list(seen["noise"]), coord.get_params().copy())
+        runs[precision, kernels] = (lines, list(seen["noise"]), coord.get_params().copy())
         assert len(seen["clip"]) >= 10
         for d_type, norm, exact, c_type, c_norm in seen["clip"]:
             assert d_type == np.float32 and c_type == np.float32
             assert norm == exact  # the norm the clip uses is the float64 one
             assert c_norm <= 0.05 * (1 + 1e-6)
         assert all(x == np.float64 and out == np.float64 for x, out, _ in seen["noise"])
-    (l_b, n_b, p_b), (l_f, n_f, p_f) = runs["bf16"], runs["fp32"]
-    assert [x["epsilon"] for x in l_b] == [x["epsilon"] for x in l_f]
-    assert [x["reported"] for x in l_b] == [x["reported"] for x in l_f]
-    assert [n for *_, n in n_b] == pytest.approx([n for *_, n in n_f], rel=1e-9)  # the same noise
-    assert not np.array_equal(p_b, p_f)  # and the model did train in bf16
+    l_f, n_f, p_f = runs["fp32", "auto"]
+    for precision, kernels in modes[:-1]:
+        l_b, n_b, p_b = runs[precision, kernels]
+        assert [x["epsilon"] for x in l_b] == [x["epsilon"] for x in l_f]
+        assert [x["reported"] for x in l_b] == [x["reported"] for x in l_f]
+        assert [n for *_, n in n_b] == pytest.approx([n for *_, n in n_f], rel=1e-9)  # the same noise
+        assert not np.array_equal(p_b, p_f)  # and the model did train in bf16

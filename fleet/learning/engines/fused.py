@@ -79,6 +79,8 @@ class FusedEngine(OneAtATime):
     block and "all timesteps at once" is a plain 2-D matrix of time * batch rows.
     """
 
+    kernels = "torch"  # every op is PyTorch's (NativeFusedEngine: bf16 on kernels.c)
+
     def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID, precision: str = "fp32"):
         self.shape = shape
         self.pad_id = pad_id

@@ -1,0 +1,1 @@
+"""The round: the coordinator, the shard actors and the secret sampler between them."""

@@ -1,0 +1,2 @@
+"""Running and watching: the driver, Ray placement, checkpoints, the guards, W&B, reports and
+the command lines."""
