@@ -1,2 +1,0 @@
-"""Audits run after training: memorization (canaries), participation under real availability,
-and the dropout stress page."""

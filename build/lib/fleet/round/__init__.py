@@ -1,1 +1,0 @@
-"""The round: the coordinator, the shard actors and the secret sampler between them."""
