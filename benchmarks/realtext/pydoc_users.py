@@ -11,16 +11,14 @@ three consecutive paragraphs to a user. Usage:
 from __future__ import annotations
 
 import json
-import sys
-
 import pydoc_data.topics
+import sys
 
 
 def main(out: str) -> None:
     topics = pydoc_data.topics.topics
-    paragraphs = [
-        " ".join(p.split()) for key in sorted(topics) for p in topics[key].split("\n\n") if len(p.split()) >= 5
-    ]
+    chunks = (p for key in sorted(topics) for p in topics[key].split("\n\n"))
+    paragraphs = [" ".join(p.split()) for p in chunks if len(p.split()) >= 5]
     with open(out, "w") as f:
         for user in range(len(paragraphs) // 3):
             text = "\n".join(paragraphs[3 * user : 3 * user + 3])
