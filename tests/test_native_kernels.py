@@ -8,6 +8,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from fleet.learning.engines import (
     native,
 )
 from fleet.learning.model import PAD_ID, ModelShape, NWPModel, get_flat
+from fleet.round.shard import _engine_name
 
 ROUNDING = 2.0**-8  # one rounding to bf16 (8 significant bits) moves a value by at most this share
 
@@ -151,8 +153,8 @@ def test_native_engine_trains_like_the_reference(lib, cell: str, pad_id: int | N
 
 def test_make_engine_picks_kernels_and_says_why_not(monkeypatch, tmp_path):
     """bf16 takes the native kernels where they build; with no compiler it runs on PyTorch's ops
-    (and says why), `model.kernels=native` refuses to run without them, and asking for native
-    kernels in fp32 is refused by name rather than ignored."""
+    (and the start-up header says why), `model.kernels=native` refuses to run without them, and
+    asking for native kernels in fp32 is refused by name rather than ignored."""
     big = dict(vocab_size=300, embed_dim=8, hidden_dim=12, proj_dim=8, precision="bf16")
     monkeypatch.setattr(native, "_loaded", {})
     if native.load() is not None:
@@ -168,6 +170,7 @@ def test_make_engine_picks_kernels_and_says_why_not(monkeypatch, tmp_path):
     engine = make_engine(ModelConfig(**big), "fused")
     assert type(engine) is FusedEngine and engine.precision == "bf16"
     assert "no C compiler" in native.why_not()
+    assert "not the native kernels: no C compiler" in _engine_name(SimpleNamespace(engine=engine))
     with pytest.raises(ConfigError, match="model.kernels=native: no C compiler"):
         make_engine(ModelConfig(**big, kernels="native"), "fused")
 

@@ -366,6 +366,8 @@ def _engine_name(task: Any) -> str | None:
         return None
     precision = getattr(engine, "precision", None)
     name = type(engine).__name__ + (f" {precision}" if precision else "")
+    why = getattr(engine, "native_unavailable", None)
+    name += f" (PyTorch ops, not the native kernels: {why})" if why else ""
     return f"{name} on {getattr(engine, 'device', 'cpu')}"
 
 

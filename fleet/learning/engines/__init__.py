@@ -152,6 +152,9 @@ def make_engine(
             return NativeFusedEngine(shape, lib, pad_id)
         if str(mcfg.kernels) == "native":
             raise ConfigError(f"model.kernels=native: {native.why_not()}; use model.kernels=auto or torch")
+        engine = FusedEngine(shape, pad_id, precision)
+        engine.native_unavailable = native.why_not()  # the start-up header says so
+        return engine
     return FusedEngine(shape, pad_id, precision)
 
 

@@ -80,6 +80,7 @@ class FusedEngine(OneAtATime):
     """
 
     kernels = "torch"  # every op is PyTorch's (NativeFusedEngine: bf16 on kernels.c)
+    native_unavailable: str | None = None  # why bf16 runs here and not on the native kernels
 
     def __init__(self, shape: ModelShape, pad_id: int | None = PAD_ID, precision: str = "fp32"):
         self.shape = shape
