@@ -177,8 +177,9 @@ def test_make_engine_picks_kernels_and_says_why_not(monkeypatch, tmp_path):
 
 def test_build_is_cached_safe_to_race_and_leaves_the_fp_environment_alone(lib, tmp_path):
     """Two processes building into an empty cache at once both load a whole library and leave one
-    file; a later process reuses it without compiling; and loading it leaves the process's
-    floating-point environment as it was (no flush-to-zero: fp32 results elsewhere unchanged)."""
+    file; a later process reuses it without compiling; an unwritable cache falls back to the temp
+    dir; and loading leaves the process's floating-point environment as it was (no flush-to-zero:
+    fp32 results elsewhere unchanged)."""
     probe = (
         "import numpy as np, time; from fleet.learning.engines import native; t = time.perf_counter(); "
         "lib = native.load(); assert lib is not None, native.why_not(); "
@@ -193,3 +194,16 @@ def test_build_is_cached_safe_to_race_and_leaves_the_fp_environment_alone(lib, t
     stamp = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=120)
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    # A cache that cannot be written (here a file where the folder should be) falls back to a
+    # private folder in the temp dir rather than to PyTorch's ops.
+    (tmp_path / "blocked").write_text("")
+    where = "from fleet.learning.engines import native; print(native.load()._name)"
+    out = subprocess.run(
+        [sys.executable, "-c", where],
+        env={**env, "FLEET_CACHE_DIR": str(tmp_path / "blocked")},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"fleet-kernels-{os.getuid()}" in out.stdout

@@ -55,7 +55,8 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: $FLEET_CACHE_DIR, else $XDG_CACHE_HOME/fleet or ~/.cache/fleet."""
+    """Where built libraries are kept: $FLEET_CACHE_DIR, else $XDG_CACHE_HOME/fleet or ~/.cache/fleet
+    (below it, `kernels/`). Where that cannot be written, a private folder in the temp dir."""
     root = os.environ.get("FLEET_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
     base = Path(root) if root else Path.home() / ".cache"
     return (base if os.environ.get("FLEET_CACHE_DIR") else base / "fleet") / "kernels"
@@ -85,7 +86,15 @@ def _build(cc: str) -> Path:
     target = cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(target.parent)
+    except OSError:  # a read-only home (some cluster images): this user's own temporary folder
+        target = Path(tempfile.gettempdir()) / f"fleet-kernels-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     obj = tmp[:-3] + ".o"
