@@ -59,7 +59,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # faster in bf16 on PyTorch's ops and about 1.9x on the native kernels. Smaller models gain less
 # (the default job's cifg_small, 1,004 x 32: 1.08x on PyTorch's ops, 1.37x native, measured on
 # the AMX machine; 7% slower on PyTorch's ops on an earlier one), and below the line `auto` keeps
-# fp32 so that the default job's figures stay fp32, reproducible to the last digit on any CPU.
+# fp32 so that the default job's figures stay fp32, reproducible to the last digit.
 BF16_MIN_OUTPUT_WEIGHTS = 2**19
 
 
