@@ -42,13 +42,17 @@ def _p(t: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("gates", [3, 4])
-def test_cell_kernels_match_autograd(lib, gates: int):
+@pytest.mark.parametrize("first_step", [False, True])
+def test_cell_kernels_match_autograd(lib, gates: int, first_step: bool):
     """One timestep forward and backward against the same cell written in PyTorch and
-    differentiated by autograd, in float64: the kernels' only approximation is their exp."""
+    differentiated by autograd, in float64: the kernels' only approximation is their exp. The
+    first step has no recurrent input (zr is NULL)."""
     b, hd = 5, 37  # odd sizes: no vector width divides them
     g = torch.Generator().manual_seed(gates)
     zlo = (torch.randn(b, gates * hd, generator=g) * 3).to(torch.bfloat16)
     bias, zr = torch.randn(gates * hd, generator=g), torch.randn(b, gates * hd, generator=g)
+    if first_step:
+        zr.zero_()
     c0, dh, dc_next = (torch.randn(b, hd, generator=g) for _ in range(3))
 
     pre = (zlo.double() + bias.double() + zr.double()).requires_grad_()
@@ -60,7 +64,8 @@ def test_cell_kernels_match_autograd(lib, gates: int):
     (h * dh.double()).sum().add((c * dc_next.double()).sum()).backward()
 
     z, c1, tc, hh = (torch.empty(b, n) for n in (gates * hd, hd, hd, hd))
-    lib.cell_forward(b, hd, gates, _p(zlo), _p(bias), _p(zr), _p(z), _p(c0), _p(c1), _p(tc), _p(hh))
+    rec = None if first_step else _p(zr)
+    lib.cell_forward(b, hd, gates, _p(zlo), _p(bias), rec, _p(z), _p(c0), _p(c1), _p(tc), _p(hh))
     assert torch.allclose(hh.double(), h, atol=2e-5) and torch.allclose(c1.double(), c, atol=2e-5)
     m, mlo = torch.empty(b, gates * hd), torch.empty(b, gates * hd, dtype=torch.bfloat16)
     gbias, dc = torch.zeros(gates * hd), dc_next.clone()
@@ -151,6 +156,51 @@ def test_native_engine_trains_like_the_reference(lib, cell: str, pad_id: int | N
     assert np.array_equal(again, d)
 
 
+def test_native_engine_regrows_its_buffers_across_chunks_and_a_tiny_vocabulary(lib):
+    """A device after a smaller one (the buffers regrow), with more tokens a step (40 x 10 = 400)
+    than the softmax takes in one chunk (320) and fewer words (20) than its block (32): the same
+    update as a fresh engine's, and as the PyTorch-ops bf16 mode's within its own rounding."""
+    torch.manual_seed(1)
+    vocab = 20
+    shape = ModelShape(vocab, 8, 12, 8, "cifg")
+    params = get_flat(NWPModel(vocab, 8, 12, 8, "cifg", init_scale=0.3))
+    small = np.random.default_rng(2).integers(4, vocab, (9, 7))
+    big = np.random.default_rng(3).integers(4, vocab, (80, 11))
+    small[:, 0] = big[:, 0] = 1
+    big[5:9, 8:] = PAD_ID
+    sgd = LocalSGD(1, 40, 0.5)
+
+    def train(engine, tokens):
+        return engine.train_device(params, tokens, sgd, np.random.default_rng(4))
+
+    reused = NativeFusedEngine(shape, lib)
+    train(reused, small)
+    d, loss = train(reused, big)
+    fresh, fresh_loss = train(NativeFusedEngine(shape, lib), big)
+    assert np.array_equal(d, fresh) and loss == fresh_loss
+    ref, _ = train(ReferenceEngine(shape), big)
+    torch_bf16, _ = train(FusedEngine(shape, PAD_ID, "bf16"), big)
+    assert np.linalg.norm(d - torch_bf16) < 0.1 * np.linalg.norm(torch_bf16 - ref)
+
+
+def test_a_diverged_device_reports_a_nan_loss(lib):
+    """The kernels assume finite values, yet the run's divergence guard reads the loss: a device
+    whose weights are not finite reports NaN, as the PyTorch-ops engine does."""
+    torch.manual_seed(0)
+    shape = ModelShape(50, 8, 12, 8, "lstm")
+    params = get_flat(NWPModel(50, 8, 12, 8, "lstm", init_scale=0.3))
+    tokens = np.random.default_rng(1).integers(4, 50, (6, 5))
+    tokens[:, 0] = 1
+    eng = NativeFusedEngine(shape, lib)
+    _, loss = eng.train_device(params, tokens, LocalSGD(1, 3, 0.5), np.random.default_rng(0))
+    assert np.isfinite(loss)
+    for bad in (np.where(np.arange(len(params)) == 7, np.nan, params), params * 1e30):
+        d, loss = eng.train_device(
+            bad.astype(np.float32), tokens, LocalSGD(1, 3, 1e6), np.random.default_rng(0)
+        )
+        assert np.isnan(loss) and not np.isfinite(d).all()
+
+
 def test_make_engine_picks_kernels_and_says_why_not(monkeypatch, tmp_path):
     """bf16 takes the native kernels where they build; with no compiler it runs on PyTorch's ops
     (and the start-up header says why), `model.kernels=native` refuses to run without them, and
@@ -163,6 +213,8 @@ def test_make_engine_picks_kernels_and_says_why_not(monkeypatch, tmp_path):
     assert type(engine) is FusedEngine and engine.precision == "bf16"
     with pytest.raises(ConfigError, match="model.kernels=native.*fp32"):
         make_engine(ModelConfig(**{**big, "precision": "fp32"}, kernels="native"), "fused")
+    with pytest.raises(ConfigError, match="model.kernels=native.*batched engine"):
+        make_engine(ModelConfig(**big, kernels="native"), "batched")
 
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("CC", "no-such-cc")
@@ -207,3 +259,17 @@ def test_build_is_cached_safe_to_race_and_leaves_the_fp_environment_alone(lib, t
         timeout=120,
     )
     assert f"fleet-kernels-{os.getuid()}" in out.stdout
+    # A cache folder others can write to is refused (code is loaded from it): PyTorch's ops, and why.
+    shared = tmp_path / "shared"
+    (shared / "kernels").mkdir(parents=True)
+    (shared / "kernels").chmod(0o777)
+    why = "from fleet.learning.engines import native; print(native.load(), native.why_not())"
+    out = subprocess.run(
+        [sys.executable, "-c", why],
+        env={**env, "FLEET_CACHE_DIR": str(shared)},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.startswith("None") and "not this user's alone" in out.stdout

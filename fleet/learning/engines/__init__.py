@@ -137,6 +137,12 @@ def make_engine(
         raise ConfigError(f"model.engine: unknown value {name!r}; expected one of {', '.join(ENGINES)}")
     device = resolve_device(mcfg, gpus, name)
     precision = resolve_precision(mcfg, device, name)
+    if str(mcfg.kernels) == "native" and (name in ("batched", "reference") or device != "cpu"):
+        raise ConfigError(
+            "model.kernels=native: the native kernels are the fused CPU engine's bf16 mode's, and "
+            f"this model trains on the {'batched' if name == 'auto' else name} engine on {device}; "
+            "use model.kernels=auto"
+        )
     if name == "batched" or (name == "auto" and device != "cpu"):
         return BatchedEngine(shape, pad_id, device, int(mcfg.batch_devices), deterministic, precision)
     if device != "cpu":

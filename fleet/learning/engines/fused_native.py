@@ -22,9 +22,12 @@ that the PyTorch-ops version cannot make:
 from __future__ import annotations
 
 import ctypes
+import math
 
+import numpy as np
 import torch
 
+from fleet.learning.engines.common import LocalSGD
 from fleet.learning.engines.fused import FusedEngine, _Views
 from fleet.learning.model import PAD_ID, ModelShape
 
@@ -61,6 +64,19 @@ class NativeFusedEngine(FusedEngine):
             if not all(x.is_contiguous() for x in passed):
                 raise RuntimeError("NativeFusedEngine: a buffer the kernels read is not contiguous")
         return v
+
+    def train_device(
+        self, params: np.ndarray, tokens: np.ndarray, sgd: LocalSGD, rng: np.random.Generator
+    ) -> tuple[np.ndarray, float]:
+        """`FusedEngine.train_device`, with a diverged device's loss made NaN as in PyTorch.
+
+        The kernels assume finite values (they compile with -ffast-math and clamp their
+        exponentials), so a device whose weights went to inf or NaN can still report a finite
+        loss. The run's divergence guard reads the loss, so it is NaN whenever the weights are
+        not all finite (their sum, 0.2 ms, is finite exactly then, short of an overflow that is a
+        divergence too). Such an update is refused by the shard either way: it is not finite."""
+        delta, loss = super().train_device(params, tokens, sgd, rng)
+        return delta, loss if math.isfinite(float(self.flat.sum())) else math.nan
 
     def _refresh_low(self) -> None:
         """At a device's start: the bf16 copies and w_r^T from the fp32 masters it was given."""

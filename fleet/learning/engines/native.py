@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,14 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def _own(path: Path) -> None:
+    """Refuse a path that is a link, another user's, or writable by anyone else."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"{path} is not this user's alone (a link, another owner, or writable by others)")
+
+
+def _build(cc: str, rebuild: bool = False) -> Path:
     """The built library for this source, compiler and CPU: from the cache, or compiled into it.
 
     The file name is a hash of everything that changes the machine code, so a new source, a new
@@ -84,17 +92,20 @@ def _build(cc: str) -> Path:
         "\0".join([SOURCE.read_text(), cc, version, " ".join(COMPILE + LINK), _cpu_signature()]).encode()
     ).hexdigest()[:20]
     target = cache_dir() / f"kernels-{key}.so"
-    if target.exists():
-        return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
         if not os.access(target.parent, os.W_OK):
             raise PermissionError(target.parent)
     except OSError:  # a read-only home (some cluster images): this user's own temporary folder
         target = Path(tempfile.gettempdir()) / f"fleet-kernels-{os.getuid()}" / target.name
-        if target.exists():
-            return target
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+    # Code is loaded from here, so the folder and the file must be this user's alone: in a
+    # shared temp dir another user could otherwise plant a library under the predictable name.
+    _own(target.parent)
+    if target.exists() and not rebuild:
+        _own(target)
+        return target
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     obj = tmp[:-3] + ".o"
@@ -108,6 +119,7 @@ def _build(cc: str) -> Path:
                     errors = out.stderr.strip()
                     break
             else:
+                os.chmod(tmp, 0o700)  # the linker's mode follows the umask; this is code we load
                 os.replace(tmp, target)
                 return target
         raise RuntimeError(f"{cc} failed: {errors[-500:]}")
@@ -129,17 +141,25 @@ def load() -> ctypes.CDLL | None:
             raise RuntimeError("the kernels read bf16 as the high half of a little-endian fp32")
         if cc is None:
             raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
-        lib = ctypes.CDLL(str(_build(cc)))
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        if lib.fleet_kernels_abi() != ABI:
-            raise RuntimeError(f"kernels ABI {lib.fleet_kernels_abi()} != {ABI}")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        try:
+            lib = _bind(ctypes.CDLL(str(_build(cc))))
+        except (OSError, AttributeError):  # a cached file that does not load: build it again, once
+            lib = _bind(ctypes.CDLL(str(_build(cc, rebuild=True))))
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         _loaded["lib"] = str(exc)
         log.warning("native kernels unavailable, bf16 runs on PyTorch ops: %s", exc)
         return None
     _loaded["lib"] = lib
+    return lib
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare every kernel's signature (ctypes checks the arguments of each call against it)."""
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    if lib.fleet_kernels_abi() != ABI:
+        raise RuntimeError(f"kernels ABI {lib.fleet_kernels_abi()} != {ABI}")
     return lib
 
 
